@@ -1,0 +1,10 @@
+// One bind_<area> function per area of the core, each in csrc/bindings/<area>.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace moe_ext::bindings {
+
+void bind_permute_indices(pybind11::module_& m);
+
+}  // namespace moe_ext::bindings
