@@ -294,6 +294,14 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
                                               geometry.gpus_per_node, stop_load);
     LayerPlan relaxed = finish(geometry, load, relaxed_state, home, nullptr, lower_bound);
     if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(relaxed);
+    if (plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
+      // Even with primaries at home the node is too hot (its slots can only be
+      // filled with its own experts' replicas): place as in global mode.
+      SlotState global_state = pack_and_refine(geometry, items_from(counts, {}, false),
+                                               geometry.num_gpus, stop_load);
+      LayerPlan global = finish(geometry, load, global_state, home, nullptr, lower_bound);
+      if (global.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(global);
+    }
   }
   return plan;
 }
