@@ -25,6 +25,10 @@ import torch.distributed as dist
 
 __all__ = ["ParallelGroup"]
 
+# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class ParallelGroup:
     """The group of one family that this rank belongs to.
@@ -81,10 +85,13 @@ class ParallelGroup:
         if self.world_size == 1:
             return x
         dim = self._normalise_dim(x, dim, "all_gather")
-        gathered = torch.empty((self.world_size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(gathered, x.contiguous(), group=self.device_group)
+        x = x.contiguous()
+        # Backends gather into a tensor concatenated along dim 0: (world * d0, d1, ...).
+        gathered = torch.empty((self.world_size * x.shape[0],) + tuple(x.shape[1:]),
+                               dtype=x.dtype, device=x.device)
+        _all_gather_single(gathered, x, group=self.device_group)
         # (world, ..., x_dim, ...) -> (..., world, x_dim, ...) -> merge world into dim.
-        gathered = gathered.movedim(0, dim)
+        gathered = gathered.view((self.world_size,) + tuple(x.shape)).movedim(0, dim)
         shape = list(x.shape)
         shape[dim] *= self.world_size
         return gathered.reshape(shape)
@@ -103,7 +110,7 @@ class ParallelGroup:
         stacked = x.movedim(dim, 0).contiguous()
         output = torch.empty((stacked.shape[0] // self.world_size,) + tuple(stacked.shape[1:]),
                              dtype=x.dtype, device=x.device)
-        dist.reduce_scatter_tensor(output, stacked, group=self.device_group)
+        _reduce_scatter_single(output, stacked, group=self.device_group)
         return output.movedim(0, dim).contiguous()
 
     def all_to_all_single(self, x: torch.Tensor, output_split_sizes: Optional[Sequence[int]] = None,
