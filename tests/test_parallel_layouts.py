@@ -427,3 +427,25 @@ def test_config_is_immutable_and_group_layouts_checks_its_argument():
         config.tensor_parallel_size = 4  # frozen: a validated config stays valid
     with pytest.raises(ValueError, match="ParallelConfig"):
         group_layouts({"world_size": 4})
+
+
+def test_docs_rank_table_matches_group_layouts():
+    """docs/parallel_state.md's 16-rank table is what group_layouts builds."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "parallel_state.md").read_text()
+    table = text.split("<!-- layout-table")[1].split("<!-- end layout-table")[0]
+    rows = [[cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    header, body = rows[0], rows[1:]
+    config = ParallelConfig(16, 4, 4, oproj_tensor_parallel_size=2, lmhead_tensor_parallel_size=4,
+                            flashcomm2_oproj_tensor_parallel_size=2, layer_sharding=True,
+                            dynamic_eplb=True, pd_head_ratio=2, kv_producer=True, pd_tp_ratio=2)
+    layouts = group_layouts(config)
+    assert header[3:] == list(layouts) and len(body) == 16
+    for row in body:
+        rank = int(row[0])
+        assert (int(row[1]), int(row[2])) == (rank // 4, rank % 4)
+        for name, cell in zip(header[3:], row[3:]):
+            group_index, rank_in_group = (int(part) for part in cell.split("."))
+            assert layouts[name][group_index][rank_in_group] == rank, (name, rank)
