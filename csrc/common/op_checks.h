@@ -12,6 +12,18 @@
 #include <string>
 #include <utility>
 
+// Raise a Python ValueError. Torch's own TORCH_CHECK_VALUE crashed (SIGSEGV)
+// when thrown from an extension op on torch 2.11 (seen on the H100 machine,
+// scripts/probe/value_error_probe.py), while constructing c10::ValueError
+// directly works on every torch we tried: use this macro, never that one.
+#define MOE_CHECK_VALUE(cond, ...)                                                          \
+  do {                                                                                      \
+    if (C10_UNLIKELY(!(cond))) {                                                            \
+      throw ::c10::ValueError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},        \
+                              ::c10::str(__VA_ARGS__));                                     \
+    }                                                                                       \
+  } while (0)
+
 namespace moe_ext::ops {
 
 // Runs a core (torch-free) call, turning its std::invalid_argument into the
@@ -21,7 +33,7 @@ decltype(auto) call_core(Fn&& fn) {
   try {
     return std::forward<Fn>(fn)();
   } catch (const std::invalid_argument& error) {
-    TORCH_CHECK_VALUE(false, error.what());
+    MOE_CHECK_VALUE(false, error.what());
   }
 }
 
@@ -35,13 +47,13 @@ inline void check_dtype(const at::Tensor& tensor, const char* op, const char* na
 }
 
 inline void check_dim(const at::Tensor& tensor, const char* op, const char* name, int64_t dim) {
-  TORCH_CHECK_VALUE(tensor.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ",
+  MOE_CHECK_VALUE(tensor.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ",
                     tensor.sizes());
 }
 
 inline void check_same_device(const at::Tensor& tensor, const at::Tensor& like, const char* op,
                               const char* name, const char* like_name) {
-  TORCH_CHECK_VALUE(tensor.device() == like.device(), op, ": ", name, " is on ", tensor.device(),
+  MOE_CHECK_VALUE(tensor.device() == like.device(), op, ": ", name, " is on ", tensor.device(),
                     " but ", like_name, " is on ", like.device());
 }
 

@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
   MOE_CUDA_CHECK(op, cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                             tokens_per_expert_group.get_device()));
   const size_t shared_bytes = permute_indices_shared_bytes(experts_per_rank, num_ranks);
-  TORCH_CHECK_VALUE(shared_bytes + 8 * 1024 <= static_cast<size_t>(max_shared), op,
+  MOE_CHECK_VALUE(shared_bytes + 8 * 1024 <= static_cast<size_t>(max_shared), op,
                     ": num_ranks * experts_per_rank = ", num_ranks * experts_per_rank,
                     " is too large for the single-launch CUDA kernel on this GPU (needs ", shared_bytes,
                     " bytes of shared memory, the device offers ", max_shared, ")");
