@@ -87,7 +87,7 @@ permute_indices_kernel(const CountT* __restrict__ counts, int experts, int ranks
   }
   __syncthreads();
   MOE_DEVICE_CHECK(!any_negative,
-                   "generate_permute_indices: tokens_per_expert_group has a negative (or >= 2^31) count");
+                   "generate_permute_indices: tokens_per_expert_group has a negative count (or one >= 2^31)");
 
   // Expert-major inclusive scan of the counts: expert_cumulative[e * R + r].
   const long long tokens = block_scan(
