@@ -12,7 +12,7 @@ import argparse
 import importlib
 from typing import Sequence
 
-COMMANDS = ["info", "eplb"]
+COMMANDS = ["info", "eplb", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,113 @@
+"""The demo's settings, checked before any process is spawned."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["DemoConfig", "COMM_METHOD_CHOICES", "DEVICE_CHOICES"]
+
+COMM_METHOD_CHOICES = ("auto", "allgather", "native_allgather", "alltoall", "mc2", "dummy")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
+
+
+@dataclass
+class DemoConfig:
+    """Everything one demo run depends on (the JSON report echoes it).
+
+    The layer: ``num_experts`` logical experts in ``num_physical_experts =
+    num_experts + redundant_experts`` slots spread evenly over ``ranks``;
+    DeepSeek-like routing (sigmoid scores, grouped top-k over ``expert_groups``
+    groups keeping the best ``topk_group``, renormalised) and SwiGLU experts.
+    Each step every rank gets ``tokens_per_rank`` tokens; their topics follow
+    a Zipf law of exponent ``skew`` over the experts, so a few experts are hot.
+    """
+
+    ranks: int = 4
+    experts: int = 16
+    redundant_experts: int = 4
+    top_k: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    expert_groups: int = 4
+    topk_group: int = 2
+    tokens_per_rank: int = 128
+    steps: int = 40
+    rebalance_interval: int = 10
+    max_moves: Optional[int] = None  # slots per rebalance; None: a quarter of the slots
+    skew: float = 1.5
+    comm_method: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    tolerance: float = 1e-4
+    timeout: float = 300.0
+    # Hidden test hooks: make one rank die (os._exit) or corrupt its weights at a step.
+    kill_rank: Optional[int] = None
+    kill_step: Optional[int] = None
+    corrupt_rank: Optional[int] = None
+    corrupt_step: Optional[int] = None
+
+    @property
+    def num_physical_experts(self) -> int:
+        return self.experts + self.redundant_experts
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.num_physical_experts // self.ranks
+
+    @property
+    def move_bound(self) -> int:
+        """Most slots whose expert may change in one rebalance."""
+        if self.max_moves is not None:
+            return self.max_moves
+        return max(1, self.num_physical_experts // 4)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the argument for any impossible combination."""
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(message)
+
+        for name in ("ranks", "experts", "top_k", "hidden_size", "intermediate_size", "expert_groups",
+                     "topk_group", "tokens_per_rank", "steps", "rebalance_interval"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        need(isinstance(self.redundant_experts, int) and self.redundant_experts >= 0,
+             f"--redundant-experts must be an integer >= 0, got {self.redundant_experts!r}")
+        need(self.num_physical_experts % self.ranks == 0,
+             f"--experts + --redundant-experts ({self.experts} + {self.redundant_experts} = "
+             f"{self.num_physical_experts} expert slots) must be divisible by --ranks ({self.ranks})")
+        need(self.redundant_experts <= self.experts * (self.ranks - 1),
+             f"--redundant-experts must be at most experts * (ranks - 1) = {self.experts * (self.ranks - 1)} "
+             f"(no two replicas of one expert on a rank), got {self.redundant_experts}")
+        need(self.top_k <= self.experts, f"--top-k must be <= --experts ({self.experts}), got {self.top_k}")
+        need(self.experts % self.expert_groups == 0,
+             f"--expert-groups must divide --experts ({self.experts}), got {self.expert_groups}")
+        need(self.topk_group <= self.expert_groups,
+             f"--topk-group must be <= --expert-groups ({self.expert_groups}), got {self.topk_group}")
+        need(self.top_k <= self.topk_group * (self.experts // self.expert_groups),
+             f"--top-k ({self.top_k}) must be <= the experts of the --topk-group best groups "
+             f"({self.topk_group} * {self.experts // self.expert_groups})")
+        need(self.skew >= 0, f"--skew must be >= 0, got {self.skew}")
+        need(self.tolerance > 0, f"--tolerance must be > 0, got {self.tolerance}")
+        need(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
+        need(self.max_moves is None or self.max_moves >= 0, f"--max-moves must be >= 0, got {self.max_moves}")
+        need(self.comm_method in COMM_METHOD_CHOICES,
+             f"--comm-method must be one of {', '.join(COMM_METHOD_CHOICES)}, got {self.comm_method!r}")
+        need(self.comm_method != "dummy" or self.ranks == 1,
+             f"--comm-method dummy moves no tokens between ranks: it needs --ranks 1, got {self.ranks}")
+        need(self.comm_method != "mc2" or self.ranks >= 2,
+             f"--comm-method mc2 needs --ranks >= 2, got {self.ranks}")
+        need(self.device in DEVICE_CHOICES,
+             f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        for hook in ("kill", "corrupt"):
+            rank, step = getattr(self, f"{hook}_rank"), getattr(self, f"{hook}_step")
+            if rank is not None or step is not None:
+                need(rank is not None and step is not None and 0 <= rank < self.ranks and 0 <= step < self.steps,
+                     f"--{hook}-rank/--{hook}-step must both be given, rank in [0, {self.ranks}) and step in "
+                     f"[0, {self.steps}), got {rank!r}, {step!r}")
