@@ -263,6 +263,10 @@ scatter_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int6
   const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
   const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + token * vectors_per_row;
   const int32_t* destinations = expanded_row_idx + token * topk;
+  // Under expert parallelism many tokens have no local destination: skip their read.
+  bool needed = false;
+  for (int64_t k = 0; k < topk; ++k) needed = needed || destinations[k] >= 0;
+  if (!needed) return;
   const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
   for (int64_t first = lane; first < vectors_per_row; first += stride) {
     V values[kUnroll];
