@@ -22,7 +22,7 @@ inline void check_permute_args(const at::Tensor& hidden_states, const at::Tensor
   check_dim(topk_ids, op, "topk_ids", 2);
   check_index(topk_ids, op, "topk_ids");
   check_same_device(topk_ids, hidden_states, op, "topk_ids", "hidden_states");
-  TORCH_CHECK_VALUE(topk_ids.size(0) == hidden_states.size(0), op,
+  MOE_CHECK_VALUE(topk_ids.size(0) == hidden_states.size(0), op,
                     ": topk_ids and hidden_states must have the same number of tokens, got ",
                     topk_ids.size(0), " and ", hidden_states.size(0));
   if (expert_map.has_value()) {
@@ -46,22 +46,22 @@ inline int64_t check_unpermute_args(const at::Tensor& permuted, const at::Tensor
   check_dim(expanded_row_idx, op, "expanded_row_idx", 1);
   check_index(expanded_row_idx, op, "expanded_row_idx");
   check_same_device(expanded_row_idx, permuted, op, "expanded_row_idx", "permuted");
-  TORCH_CHECK_VALUE(topk >= 1, op, ": topk must be >= 1, got ", topk);
-  TORCH_CHECK_VALUE(expanded_row_idx.numel() % topk == 0, op, ": expanded_row_idx has ",
+  MOE_CHECK_VALUE(topk >= 1, op, ": topk must be >= 1, got ", topk);
+  MOE_CHECK_VALUE(expanded_row_idx.numel() % topk == 0, op, ": expanded_row_idx has ",
                     expanded_row_idx.numel(), " entries, not a multiple of topk = ", topk);
   const int64_t num_tokens = expanded_row_idx.numel() / topk;
   if (probs.has_value()) {
     check_dim(*probs, op, "probs", 2);
     check_floating(*probs, op, "probs");
     check_same_device(*probs, permuted, op, "probs", "permuted");
-    TORCH_CHECK_VALUE(probs->size(0) == num_tokens && probs->size(1) == topk, op,
+    MOE_CHECK_VALUE(probs->size(0) == num_tokens && probs->size(1) == topk, op,
                       ": probs must be [T, K] = [", num_tokens, ", ", topk,
                       "] to match expanded_row_idx (T * K = ", expanded_row_idx.numel(), "), got ",
-                      probs->sizes());
-    TORCH_CHECK_TYPE(probs->scalar_type() == permuted.scalar_type() ||
+                      shape_str(probs->sizes()));
+    MOE_CHECK_TYPE(probs->scalar_type() == permuted.scalar_type() ||
                          probs->scalar_type() == at::kFloat,
-                     op, ": probs must be float32 or the dtype of permuted (", permuted.scalar_type(),
-                     "), got ", probs->scalar_type());
+                     op, ": probs must be float32 or the dtype of permuted (",
+                   dtype_str(permuted.scalar_type()), "), got ", dtype_str(probs->scalar_type()));
   }
   return num_tokens;
 }

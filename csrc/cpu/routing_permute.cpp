@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(
 at::Tensor expert_histogram(const at::Tensor& topk_ids, int64_t num_experts) {
   constexpr const char* op = "expert_histogram";
   ops::check_index(topk_ids, op, "topk_ids");
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  MOE_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
   const at::Tensor ids = topk_ids.contiguous();
   at::Tensor counts = at::empty({num_experts}, ids.options().dtype(at::kLong));
   ops::call_core([&] {

@@ -52,9 +52,9 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& indices) {
 at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
   ops::check_rows_args(x, indices, op, "x");
-  TORCH_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
+  MOE_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
                     x.size(0), "), got ", indices.numel());
-  TORCH_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+  MOE_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
   const at::Tensor source = x.contiguous();
   const at::Tensor rows = indices.contiguous().to(at::kLong);
   at::Tensor inverse = at::empty({num_rows}, rows.options());

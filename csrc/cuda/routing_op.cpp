@@ -26,8 +26,9 @@ FloatType float_type(const at::Tensor& tensor) {
     case at::kHalf: return FloatType::kFloat16;
     case at::kBFloat16: return FloatType::kBFloat16;
     case at::kDouble: return FloatType::kFloat64;
-    default: TORCH_CHECK_TYPE(false, "moe_ext: unsupported floating type ", tensor.scalar_type());
+    default: break;
   }
+  MOE_THROW_C10(TypeError, "moe_ext: unsupported floating type ", ops::dtype_str(tensor.scalar_type()));
 }
 
 int64_t row_bytes(const at::Tensor& matrix) {
@@ -42,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(
     bool counts_cumsum) {
   constexpr const char* op = "moe_permute";
   ops::check_permute_args(hidden_states, topk_ids, num_experts, active_start, active_end, expert_map);
-  TORCH_CHECK_VALUE(active_end - active_start <= permute_max_active_experts(), op,
+  MOE_CHECK_VALUE(active_end - active_start <= permute_max_active_experts(), op,
                     ": the CUDA kernel supports at most ", permute_max_active_experts(),
                     " experts in the active range, got ", active_end - active_start);
   const c10::cuda::CUDAGuard device_guard(hidden_states.device());
@@ -96,13 +97,13 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad
   const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
   ops::check_dim(grad_output, op, "grad_output", 2);
   ops::check_same_device(grad_output, permuted, op, "grad_output", "permuted");
-  TORCH_CHECK_VALUE(grad_output.size(0) == num_tokens && grad_output.size(1) == permuted.size(1), op,
+  MOE_CHECK_VALUE(grad_output.size(0) == num_tokens && grad_output.size(1) == permuted.size(1), op,
                     ": grad_output must be [T, H] = [", num_tokens, ", ", permuted.size(1), "], got ",
-                    grad_output.sizes());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == permuted.scalar_type(), op,
-                   ": grad_output must have the dtype of permuted (", permuted.scalar_type(), "), got ",
-                   grad_output.scalar_type());
-  TORCH_CHECK_VALUE(expanded_row_idx.numel() <= kInt32Max, op,
+                    ops::shape_str(grad_output.sizes()));
+  MOE_CHECK_TYPE(grad_output.scalar_type() == permuted.scalar_type(), op,
+                   ": grad_output must have the dtype of permuted (", ops::dtype_str(permuted.scalar_type()), "), got ",
+                   ops::dtype_str(grad_output.scalar_type()));
+  MOE_CHECK_VALUE(expanded_row_idx.numel() <= kInt32Max, op,
                     ": expanded_row_idx must have fewer than 2^31 entries, got ", expanded_row_idx.numel());
   const c10::cuda::CUDAGuard device_guard(permuted.device());
   const at::Tensor source = permuted.contiguous();
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad
 at::Tensor expert_histogram(const at::Tensor& topk_ids, int64_t num_experts) {
   constexpr const char* op = "expert_histogram";
   ops::check_index(topk_ids, op, "topk_ids");
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  MOE_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
   const c10::cuda::CUDAGuard device_guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   at::Tensor counts = at::empty({num_experts}, ids.options().dtype(at::kLong));
@@ -156,10 +157,10 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& indices) {
 at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
   ops::check_rows_args(x, indices, op, "x");
-  TORCH_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
+  MOE_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
                     x.size(0), "), got ", indices.numel());
-  TORCH_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
-  TORCH_CHECK_VALUE(indices.numel() <= kInt32Max, op, ": indices must have fewer than 2^31 entries, got ",
+  MOE_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+  MOE_CHECK_VALUE(indices.numel() <= kInt32Max, op, ": indices must have fewer than 2^31 entries, got ",
                     indices.numel());
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor source = x.contiguous();
