@@ -82,13 +82,11 @@ int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t to
 template <typename IdT>
 void expert_histogram(const IdT* ids, int64_t count, int64_t num_experts, int64_t* counts) {
   MOE_CHECK_ARG(num_experts >= 1, "expert_histogram: num_experts must be >= 1, got ", num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) counts[e] = 0;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t id = static_cast<int64_t>(ids[i]);
-    MOE_CHECK_ARG(id >= 0 && id < num_experts, "expert_histogram: topk_ids must be in [0, num_experts=",
-                  num_experts, "), got ", id, " at flat index ", i);
+    if (id >= 0 && id < num_experts) ++counts[id];
   }
-  for (int64_t e = 0; e < num_experts; ++e) counts[e] = 0;
-  for (int64_t i = 0; i < count; ++i) ++counts[static_cast<int64_t>(ids[i])];
 }
 
 template <typename IndexT>

@@ -35,7 +35,7 @@ int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t to
                              int64_t* expert_tokens);
 
 // counts[e] = number of entries of ids equal to e, for e in [0, num_experts).
-// Ids outside [0, num_experts) are refused.
+// Ids outside [0, num_experts) (e.g. -1 padding) are not counted.
 template <typename IdT>
 void expert_histogram(const IdT* ids, int64_t count, int64_t num_experts, int64_t* counts);
 

@@ -164,10 +164,10 @@ def expert_histogram(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How many entries of ``topk_ids`` route to each expert: int64 ``[num_experts]``.
 
     What expert-load balancing records every step. ``topk_ids`` is int32 or
-    int64 of any shape, each value in ``[0, num_experts)``. One pass, no host
-    synchronisation. An id outside the range raises ``ValueError`` on CPU and
-    stops the kernel with a device-side assert on CUDA (it is never counted
-    out of bounds).
+    int64 of any shape. Ids outside ``[0, num_experts)`` - the ``-1`` of padded
+    or masked tokens - are not counted (unlike :func:`moe_permute`, which
+    refuses them: a load counter sees padding every step). One pass, no host
+    synchronisation (one launch up to 65536 ids; a memset and one launch above).
     """
     return torch.ops.moe_ext.expert_histogram(topk_ids, int(num_experts))
 
