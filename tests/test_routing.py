@@ -77,7 +77,8 @@ def test_permute_matches_reference(device, id_dtype, mode):
             kwargs["active_expert_range"] = (start, end)
         elif mode == "map":
             num_local = int(torch.randint(1, num_experts + 1, (1,), generator=generator))
-            kwargs["expert_map"] = random_expert_map(generator, num_experts, num_local)
+            expert_map = random_expert_map(generator, num_experts, num_local)
+            kwargs["expert_map"] = expert_map.long() if trial % 2 else expert_map
             kwargs["active_expert_range"] = (0, num_local)
         counts = "cumsum" if trial % 4 == 1 else "count"
         want = moe_permute_reference(hidden, ids, counts=counts, **kwargs)
@@ -88,18 +89,22 @@ def test_permute_matches_reference(device, id_dtype, mode):
         assert_permute_matches(got, want)
 
 
-@pytest.mark.parametrize("num_tokens,topk,num_experts,active,hidden_size", [
-    (70000, 2, 64, None, 4),             # many tokens, few columns
-    (8192, 8, 256, (32, 64), 16),        # EP 8: rank 1 of 8 keeps its 32 experts
-    (2048, 8, 512, (0, 512), 8),
+@pytest.mark.parametrize("num_tokens,topk,num_experts,active,hidden_size,use_map", [
+    (70000, 2, 64, None, 4, False),           # many tokens, few columns
+    (8192, 8, 256, (32, 64), 16, False),      # EP 8: rank 1 of 8 keeps its 32 experts
+    (8192, 8, 256, (0, 32), 16, True),        # the same through an expert map (EPLB placement)
+    (2048, 8, 512, (0, 512), 8, False),
+    (600, 8, 4000, (100, 3100), 8, False),    # a wide active range
 ])
-def test_permute_large_cases(device, num_tokens, topk, num_experts, active, hidden_size):
+def test_permute_large_cases(device, num_tokens, topk, num_experts, active, hidden_size, use_map):
     generator = torch.Generator().manual_seed(num_tokens)
     ids = random_routing(generator, num_tokens, topk, num_experts, skewed=True)
     hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(torch.bfloat16)
-    want = moe_permute_reference(hidden, ids, num_experts, active)
+    expert_map = random_expert_map(generator, num_experts, active[1]) if use_map else None
+    want = moe_permute_reference(hidden, ids, num_experts, active, expert_map)
     got = moe_permute(hidden.to(device), ids.to(device), num_experts=num_experts,
-                      active_expert_range=active)
+                      active_expert_range=active,
+                      expert_map=None if expert_map is None else expert_map.to(device))
     assert_permute_matches(got, want)
 
 
