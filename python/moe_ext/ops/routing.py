@@ -88,6 +88,8 @@ def moe_permute(
         synchronisation, as torch's own index checks do) and the offending
         row is never used as an index, so nothing is written out of bounds.
         Non-contiguous inputs are accepted (copied to contiguous first).
+        The CUDA kernel supports an active range of at most 8192 experts
+        (``ValueError`` beyond).
 
     Autograd: the gradient of ``hidden_states`` is
     ``moe_unpermute(grad_permuted, expanded_row_idx, topk=K)`` (a per-token
