@@ -1,0 +1,50 @@
+// CUDA glue of generate_permute_indices: host-side checks of everything that
+// does not need the counts' values, then one kernel launch on the current
+// stream. Checks on the values (negative counts, padded total above max_len)
+// happen in the kernel; see csrc/cuda/device_check.cuh.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common/op_checks.h"
+#include "core/permute_indices.h"
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/launchers.h"
+
+namespace moe_ext::cuda {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
+    const at::Tensor& tokens_per_expert_group, int64_t experts_per_rank, int64_t num_ranks,
+    int64_t max_len, int64_t alignment) {
+  constexpr const char* op = "generate_permute_indices";
+  ops::check_dim(tokens_per_expert_group, op, "tokens_per_expert_group", 1);
+  ops::check_dtype(tokens_per_expert_group, op, "tokens_per_expert_group", {at::kInt, at::kLong});
+  ops::call_core([&] {
+    core::check_permute_indices_shape(tokens_per_expert_group.numel(), experts_per_rank, num_ranks,
+                                      max_len, alignment);
+  });
+  const c10::cuda::CUDAGuard device_guard(tokens_per_expert_group.device());
+  int max_shared = 0;
+  MOE_CUDA_CHECK(op, cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                            tokens_per_expert_group.get_device()));
+  const size_t shared_bytes = permute_indices_shared_bytes(experts_per_rank, num_ranks);
+  TORCH_CHECK_VALUE(shared_bytes + 8 * 1024 <= static_cast<size_t>(max_shared), op,
+                    ": num_ranks * experts_per_rank = ", num_ranks * experts_per_rank,
+                    " is too large for the single-launch CUDA kernel on this GPU (needs ", shared_bytes,
+                    " bytes of shared memory, the device offers ", max_shared, ")");
+
+  const at::Tensor counts = tokens_per_expert_group.contiguous();
+  const auto int32_options = counts.options().dtype(at::kInt);
+  at::Tensor permuted_indices = at::empty({max_len}, int32_options);
+  at::Tensor m_sizes = at::empty({experts_per_rank}, int32_options);
+  at::Tensor m_offsets = at::empty({experts_per_rank}, int32_options);
+  MOE_CUDA_CHECK(op, launch_generate_permute_indices(
+                         counts.data_ptr(), counts.scalar_type() == at::kLong, experts_per_rank,
+                         num_ranks, max_len, alignment, permuted_indices.data_ptr<int32_t>(),
+                         m_sizes.data_ptr<int32_t>(), m_offsets.data_ptr<int32_t>(),
+                         c10::cuda::getCurrentCUDAStream()));
+  return {permuted_indices, m_sizes, m_offsets};
+}
+
+}  // namespace moe_ext::cuda
