@@ -8,6 +8,10 @@
 namespace moe_ext::core {
 namespace {
 
+// Plan columns are int32: every value stored is a row, a rank or an expert id,
+// all checked to fit before planning starts.
+inline int32_t narrow(int64_t value) { return static_cast<int32_t>(value); }
+
 void check_scalar_args(const TransferPlanArgs& args) {
   MOE_CHECK_ARG(args.num_layers >= 0, "plan_expert_transfer: num_layers must be >= 0, got ",
                 args.num_layers);
@@ -17,10 +21,10 @@ void check_scalar_args(const TransferPlanArgs& args) {
   MOE_CHECK_ARG(args.ranks_per_node >= 0,
                 "plan_expert_transfer: ranks_per_node must be >= 0 (0 = no node structure), got ",
                 args.ranks_per_node);
-  MOE_CHECK_ARG(args.num_logical_experts >= -1,
-                "plan_expert_transfer: num_logical_experts must be >= 0, or -1 for unknown, got ",
-                args.num_logical_experts);
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  MOE_CHECK_ARG(args.num_logical_experts >= -1 && args.num_logical_experts <= kMax,
+                "plan_expert_transfer: num_logical_experts must be in [0, 2^31), or -1 for unknown, got ",
+                args.num_logical_experts);
   MOE_CHECK_ARG(args.ep_size <= kMax / args.slots_per_rank,
                 "plan_expert_transfer: ep_size * slots_per_rank must fit in int32, got ", args.ep_size,
                 " * ", args.slots_per_rank);
@@ -56,7 +60,8 @@ int64_t check_ids(const int64_t* old_phy2log, const int64_t* new_phy2log,
   }
   if (args.num_logical_experts >= 0) return args.num_logical_experts;
   // Tables are indexed by expert id: refuse ids far beyond what the slots can hold.
-  const int64_t limit = std::max<int64_t>(int64_t{1} << 20, 64 * slots);
+  const int64_t limit = std::min<int64_t>(std::numeric_limits<int32_t>::max(),
+                                         std::max<int64_t>(int64_t{1} << 20, 64 * slots));
   MOE_CHECK_ARG(max_id < limit, "plan_expert_transfer: expert ids must be < ", limit,
                 " when num_logical_experts is not given, got ", max_id,
                 "; pass num_logical_experts");
@@ -86,6 +91,7 @@ struct Workspace {
   std::vector<int64_t> holder_rank, holder_row;
   std::vector<int64_t> send_load, by_holder_count_begin, send_count;
   std::vector<int64_t> order;        // pending receives, by holder count
+  std::vector<int64_t> node_of_rank;   // all 0 without a node structure
   std::vector<int64_t> receiver_rank;  // per pending receive of the layer
   std::vector<int64_t> sender_rank;
 };
@@ -110,14 +116,26 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
   plan.slots_per_rank = per_rank;
   const size_t groups = static_cast<size_t>(num_layers * ep);
   for (auto* offsets : {&plan.unchanged.offsets, &plan.local_copies.offsets, &plan.sends.offsets,
-                        &plan.receives.offsets, &plan.duplicate_fills.offsets}) {
-    offsets->reserve(groups + 1);
-    offsets->push_back(0);
-  }
+                        &plan.receives.offsets, &plan.duplicate_fills.offsets})
+    offsets->assign(groups + 1, 0);
   plan.buffer_rows.reserve(groups);
-  plan.unchanged.rows.reserve(static_cast<size_t>(num_layers * slots));
+  // Each list has at most one entry per slot: reserving that much only maps
+  // address space (pages are touched as entries are written) and saves every
+  // regrowth copy.
+  const size_t most = static_cast<size_t>(num_layers * slots);
+  for (auto* column : {&plan.unchanged.rows, &plan.local_copies.src_rows,
+                       &plan.local_copies.dst_rows, &plan.local_copies.buffer_rows,
+                       &plan.sends.experts, &plan.sends.src_rows, &plan.sends.dst_ranks,
+                       &plan.sends.dst_rows, &plan.receives.experts, &plan.receives.dst_rows,
+                       &plan.receives.src_ranks, &plan.receives.src_rows,
+                       &plan.receives.buffer_rows, &plan.duplicate_fills.src_rows,
+                       &plan.duplicate_fills.dst_rows})
+    column->reserve(most);
 
   Workspace ws(num_experts, slots, ep);
+  ws.node_of_rank.resize(static_cast<size_t>(ep));
+  for (int64_t rank = 0; rank < ep; ++rank)
+    ws.node_of_rank[static_cast<size_t>(rank)] = rpn > 0 ? rank / rpn : 0;
 
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     const int64_t* old_map = old_phy2log + layer * slots;
@@ -125,30 +143,33 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
 
     // Holders of each expert in the old map: (rank, first row on that rank), by rank.
     std::fill(ws.holder_begin.begin(), ws.holder_begin.end(), 0);
-    for (int64_t s = 0; s < slots; ++s) {
-      const int64_t e = old_map[s];
-      const int64_t stamp = layer * ep + s / per_rank;
-      if (e >= 0 && ws.holder_mark[static_cast<size_t>(e)] != stamp) {
-        ws.holder_mark[static_cast<size_t>(e)] = stamp;
-        ++ws.holder_begin[static_cast<size_t>(e + 1)];
+    for (int64_t rank = 0; rank < ep; ++rank) {
+      const int64_t stamp = layer * ep + rank;
+      for (int64_t s = rank * per_rank; s < (rank + 1) * per_rank; ++s) {
+        const int64_t e = old_map[s];
+        if (e >= 0 && ws.holder_mark[static_cast<size_t>(e)] != stamp) {
+          ws.holder_mark[static_cast<size_t>(e)] = stamp;
+          ++ws.holder_begin[static_cast<size_t>(e + 1)];
+        }
       }
     }
     for (int64_t e = 0; e < num_experts; ++e) {
       ws.holder_begin[static_cast<size_t>(e + 1)] += ws.holder_begin[static_cast<size_t>(e)];
       ws.holder_fill[static_cast<size_t>(e)] = ws.holder_begin[static_cast<size_t>(e)];
     }
-    for (int64_t s = 0; s < slots; ++s) {
-      const int64_t e = old_map[s];
-      if (e < 0) continue;
-      const int64_t rank = s / per_rank;
-      int64_t& fill = ws.holder_fill[static_cast<size_t>(e)];
-      // Ranks come in order, so a rank already listed is the last one listed.
-      if (fill > ws.holder_begin[static_cast<size_t>(e)] &&
-          ws.holder_rank[static_cast<size_t>(fill - 1)] == rank)
-        continue;
-      ws.holder_rank[static_cast<size_t>(fill)] = rank;
-      ws.holder_row[static_cast<size_t>(fill)] = s % per_rank;
-      ++fill;
+    for (int64_t rank = 0; rank < ep; ++rank) {
+      for (int64_t row = 0; row < per_rank; ++row) {
+        const int64_t e = old_map[rank * per_rank + row];
+        if (e < 0) continue;
+        int64_t& fill = ws.holder_fill[static_cast<size_t>(e)];
+        // Ranks come in order, so a rank already listed is the last one listed.
+        if (fill > ws.holder_begin[static_cast<size_t>(e)] &&
+            ws.holder_rank[static_cast<size_t>(fill - 1)] == rank)
+          continue;
+        ws.holder_rank[static_cast<size_t>(fill)] = rank;
+        ws.holder_row[static_cast<size_t>(fill)] = row;
+        ++fill;
+      }
     }
 
     // Classify every slot, rank by rank.
@@ -175,46 +196,47 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
         if (e < 0) continue;
         const size_t ue = static_cast<size_t>(e);
         if (old_map[base + row] == e) {
-          plan.unchanged.rows.push_back(row);
+          plan.unchanged.rows.push_back(narrow(row));
           continue;
         }
         if (ws.kept_mark[ue] == stamp) {
           // A row of this rank keeps e: copy from it after the exchange.
-          plan.local_copies.src_rows.push_back(ws.kept_row[ue]);
-          plan.local_copies.dst_rows.push_back(row);
+          plan.local_copies.src_rows.push_back(narrow(ws.kept_row[ue]));
+          plan.local_copies.dst_rows.push_back(narrow(row));
           plan.local_copies.buffer_rows.push_back(-1);
           continue;
         }
         if (ws.need_mark[ue] == stamp) {
-          plan.duplicate_fills.src_rows.push_back(ws.primary_row[ue]);
-          plan.duplicate_fills.dst_rows.push_back(row);
+          plan.duplicate_fills.src_rows.push_back(narrow(ws.primary_row[ue]));
+          plan.duplicate_fills.dst_rows.push_back(narrow(row));
           continue;
         }
         ws.need_mark[ue] = stamp;
         ws.primary_row[ue] = row;
         if (ws.old_mark[ue] == stamp) {
-          plan.local_copies.src_rows.push_back(ws.old_row[ue]);
-          plan.local_copies.dst_rows.push_back(row);
-          plan.local_copies.buffer_rows.push_back(buffer_rows++);
+          plan.local_copies.src_rows.push_back(narrow(ws.old_row[ue]));
+          plan.local_copies.dst_rows.push_back(narrow(row));
+          plan.local_copies.buffer_rows.push_back(narrow(buffer_rows++));
           continue;
         }
         MOE_CHECK_ARG(ws.holder_begin[ue + 1] > ws.holder_begin[ue], "plan_expert_transfer: layer ",
                       layer, ": logical expert ", e, " is placed by the new map at slot ",
                       base + row, " (rank ", rank, ", row ", row,
                       ") but no rank holds it in the old map; its weights would be lost");
-        plan.receives.experts.push_back(e);
-        plan.receives.dst_rows.push_back(row);
-        plan.receives.buffer_rows.push_back(buffer_rows++);
+        plan.receives.experts.push_back(narrow(e));
+        plan.receives.dst_rows.push_back(narrow(row));
+        plan.receives.buffer_rows.push_back(narrow(buffer_rows++));
         plan.receives.src_ranks.push_back(-1);  // chosen below, once the layer is classified
         plan.receives.src_rows.push_back(-1);
         ws.receiver_rank.push_back(rank);
       }
-      plan.buffer_rows.push_back(buffer_rows);
-      plan.unchanged.offsets.push_back(static_cast<int64_t>(plan.unchanged.rows.size()));
-      plan.local_copies.offsets.push_back(static_cast<int64_t>(plan.local_copies.dst_rows.size()));
-      plan.receives.offsets.push_back(static_cast<int64_t>(plan.receives.experts.size()));
-      plan.duplicate_fills.offsets.push_back(
-          static_cast<int64_t>(plan.duplicate_fills.dst_rows.size()));
+      plan.buffer_rows.push_back(narrow(buffer_rows));
+      const size_t group_end = static_cast<size_t>(stamp + 1);
+      plan.unchanged.offsets[group_end] = static_cast<int64_t>(plan.unchanged.rows.size());
+      plan.local_copies.offsets[group_end] = static_cast<int64_t>(plan.local_copies.dst_rows.size());
+      plan.receives.offsets[group_end] = static_cast<int64_t>(plan.receives.experts.size());
+      plan.duplicate_fills.offsets[group_end] =
+          static_cast<int64_t>(plan.duplicate_fills.dst_rows.size());
     }
 
     // Choose a sender for every receive: experts with fewer holders first.
@@ -241,14 +263,15 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
       const size_t p = static_cast<size_t>(ws.order[k]);
       const size_t i = layer_receive_begin + p;
       const int64_t receiver = ws.receiver_rank[p];
+      const int64_t receiver_node = ws.node_of_rank[static_cast<size_t>(receiver)];
       const size_t ue = static_cast<size_t>(plan.receives.experts[i]);
       int64_t best = -1;
       int64_t best_far = 0, best_load = 0, best_distance = 0;
       for (int64_t h = ws.holder_begin[ue]; h < ws.holder_begin[ue + 1]; ++h) {
         const int64_t rank = ws.holder_rank[static_cast<size_t>(h)];
-        const int64_t far = (rpn > 0 && rank / rpn != receiver / rpn) ? 1 : 0;
+        const int64_t far = ws.node_of_rank[static_cast<size_t>(rank)] != receiver_node ? 1 : 0;
         const int64_t load = ws.send_load[static_cast<size_t>(rank)];
-        const int64_t distance = (rank - receiver + ep) % ep;
+        const int64_t distance = rank >= receiver ? rank - receiver : rank - receiver + ep;
         if (best < 0 || far < best_far || (far == best_far && load < best_load) ||
             (far == best_far && load == best_load && distance < best_distance)) {
           best = h;
@@ -260,8 +283,8 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
       MOE_INTERNAL_ASSERT(best >= 0, "receive without a holder");
       const int64_t sender = ws.holder_rank[static_cast<size_t>(best)];
       ++ws.send_load[static_cast<size_t>(sender)];
-      plan.receives.src_ranks[i] = sender;
-      plan.receives.src_rows[i] = ws.holder_row[static_cast<size_t>(best)];
+      plan.receives.src_ranks[i] = narrow(sender);
+      plan.receives.src_rows[i] = narrow(ws.holder_row[static_cast<size_t>(best)]);
       ws.sender_rank[p] = sender;
     }
 
@@ -271,8 +294,8 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
     const size_t send_base = plan.sends.experts.size();
     for (int64_t h = 0; h < ep; ++h) {
       ws.send_count[static_cast<size_t>(h + 1)] += ws.send_count[static_cast<size_t>(h)];
-      plan.sends.offsets.push_back(static_cast<int64_t>(send_base) +
-                                   ws.send_count[static_cast<size_t>(h + 1)]);
+      plan.sends.offsets[static_cast<size_t>(layer * ep + h + 1)] =
+          static_cast<int64_t>(send_base) + ws.send_count[static_cast<size_t>(h + 1)];
     }
     for (auto* column : {&plan.sends.experts, &plan.sends.src_rows, &plan.sends.dst_ranks,
                          &plan.sends.dst_rows})
@@ -283,7 +306,7 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
         const size_t at = send_base + static_cast<size_t>(ws.send_count[static_cast<size_t>(ws.sender_rank[p])]++);
         plan.sends.experts[at] = plan.receives.experts[static_cast<size_t>(i)];
         plan.sends.src_rows[at] = plan.receives.src_rows[static_cast<size_t>(i)];
-        plan.sends.dst_ranks[at] = rank;
+        plan.sends.dst_ranks[at] = narrow(rank);
         plan.sends.dst_rows[at] = plan.receives.dst_rows[static_cast<size_t>(i)];
       }
     }

@@ -52,26 +52,34 @@ struct TransferPlanArgs {
   int64_t ep_size = 0;
   int64_t slots_per_rank = 0;
   int64_t ranks_per_node = 0;        // 0: no node structure
-  int64_t num_logical_experts = -1;  // -1: unknown, ids only need to be >= -1
+  int64_t num_logical_experts = -1;  // -1: unknown, ids only need to be >= -1 (and < 2^31)
 };
 
 // Every list is grouped by (layer, rank): the entries of (l, r) are
 // [offsets[l * ep_size + r], offsets[l * ep_size + r + 1]); offsets has
 // num_layers * ep_size + 1 entries. Rows are local rows of that rank.
+// Columns are int32 (ids, ranks and rows are checked to fit; narrow columns
+// halve the memory the plan touches, which dominates planning time).
+using PlanColumn = std::vector<int32_t>;
 struct UnchangedSlots {
-  std::vector<int64_t> offsets, rows;
+  std::vector<int64_t> offsets;
+  PlanColumn rows;
 };
 struct LocalCopies {
-  std::vector<int64_t> offsets, src_rows, dst_rows, buffer_rows;
+  std::vector<int64_t> offsets;
+  PlanColumn src_rows, dst_rows, buffer_rows;
 };
 struct Sends {
-  std::vector<int64_t> offsets, experts, src_rows, dst_ranks, dst_rows;
+  std::vector<int64_t> offsets;
+  PlanColumn experts, src_rows, dst_ranks, dst_rows;
 };
 struct Receives {
-  std::vector<int64_t> offsets, experts, dst_rows, src_ranks, src_rows, buffer_rows;
+  std::vector<int64_t> offsets;
+  PlanColumn experts, dst_rows, src_ranks, src_rows, buffer_rows;
 };
 struct DuplicateFills {
-  std::vector<int64_t> offsets, src_rows, dst_rows;
+  std::vector<int64_t> offsets;
+  PlanColumn src_rows, dst_rows;
 };
 
 struct ExpertTransferPlan {
@@ -85,7 +93,7 @@ struct ExpertTransferPlan {
   DuplicateFills duplicate_fills;
   // Per (layer, rank): rows of the one-layer buffer the rank uses (buffered
   // local copies + receives), always <= slots_per_rank.
-  std::vector<int64_t> buffer_rows;
+  PlanColumn buffer_rows;
 };
 
 // old_phy2log / new_phy2log: num_layers x (ep_size * slots_per_rank), row-major.
