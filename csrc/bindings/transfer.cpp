@@ -17,11 +17,12 @@ namespace {
 
 using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-py::array_t<int64_t> to_numpy(std::vector<int64_t>&& column) {
-  auto* owned = new std::vector<int64_t>(std::move(column));
-  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
-  return py::array_t<int64_t>({static_cast<py::ssize_t>(owned->size())}, {sizeof(int64_t)},
-                              owned->data(), free_when_done);
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& column) {
+  auto* owned = new std::vector<T>(std::move(column));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {sizeof(T)}, owned->data(),
+                        free_when_done);
 }
 
 py::dict plan_to_dict(core::ExpertTransferPlan&& plan) {
@@ -29,7 +30,7 @@ py::dict plan_to_dict(core::ExpertTransferPlan&& plan) {
   out["num_layers"] = plan.num_layers;
   out["ep_size"] = plan.ep_size;
   out["slots_per_rank"] = plan.slots_per_rank;
-  auto put = [&](const std::string& prefix, const char* name, std::vector<int64_t>& column) {
+  auto put = [&](const std::string& prefix, const char* name, auto& column) {
     out[py::str(prefix + name)] = to_numpy(std::move(column));
   };
   put("unchanged_", "offsets", plan.unchanged.offsets);
@@ -93,7 +94,7 @@ void bind_transfer(py::module_& m) {
       py::arg("old_phy2log"), py::arg("new_phy2log"), py::arg("ep_size"), py::arg("slots_per_rank"),
       py::arg("ranks_per_node") = 0, py::arg("num_logical_experts") = -1,
       "Plan the expert weight transfer for every layer at once; returns the plan's columns "
-      "as int64 numpy arrays (see core/transfer/transfer_plan.h).");
+      "as numpy arrays: offsets int64, the other columns int32 (see core/transfer/transfer_plan.h).");
 }
 
 }  // namespace moe_ext::bindings
