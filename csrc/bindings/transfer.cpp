@@ -39,6 +39,7 @@ py::dict plan_to_dict(core::ExpertTransferPlan&& plan) {
   put("local_copy_", "src_rows", plan.local_copies.src_rows);
   put("local_copy_", "dst_rows", plan.local_copies.dst_rows);
   put("local_copy_", "buffer_rows", plan.local_copies.buffer_rows);
+  put("local_copy_", "stages", plan.local_copies.stages);
   put("send_", "offsets", plan.sends.offsets);
   put("send_", "experts", plan.sends.experts);
   put("send_", "src_rows", plan.sends.src_rows);
@@ -63,7 +64,8 @@ void bind_transfer(py::module_& m) {
   m.def(
       "plan_expert_transfer",
       [](const Int64Array& old_phy2log, const Int64Array& new_phy2log, int64_t ep_size,
-         int64_t slots_per_rank, int64_t ranks_per_node, int64_t num_logical_experts) {
+         int64_t slots_per_rank, int64_t ranks_per_node, int64_t num_logical_experts,
+         bool write_before_commit) {
         if (old_phy2log.ndim() != 2 || new_phy2log.ndim() != 2)
           throw py::value_error("plan_expert_transfer: old_phy2log and new_phy2log must be 2-D "
                                 "(num_layers, num_slots), got " + std::to_string(old_phy2log.ndim()) +
@@ -84,6 +86,7 @@ void bind_transfer(py::module_& m) {
         args.slots_per_rank = slots_per_rank;
         args.ranks_per_node = ranks_per_node;
         args.num_logical_experts = num_logical_experts;
+        args.write_before_commit = write_before_commit;
         core::ExpertTransferPlan plan;
         {
           py::gil_scoped_release release;
@@ -93,6 +96,7 @@ void bind_transfer(py::module_& m) {
       },
       py::arg("old_phy2log"), py::arg("new_phy2log"), py::arg("ep_size"), py::arg("slots_per_rank"),
       py::arg("ranks_per_node") = 0, py::arg("num_logical_experts") = -1,
+      py::arg("write_before_commit") = true,
       "Plan the expert weight transfer for every layer at once; returns the plan's columns "
       "as numpy arrays: offsets int64, the other columns int32 (see core/transfer/transfer_plan.h).");
 }

@@ -28,6 +28,7 @@ using Map = std::vector<int64_t>;  // num_layers x slots, row-major
 struct Case {
   Map old_map, new_map;
   int64_t num_layers, ep_size, slots_per_rank, ranks_per_node = 0;
+  bool write_before_commit = true;
 };
 
 ExpertTransferPlan plan_of(const Case& c) {
@@ -36,6 +37,7 @@ ExpertTransferPlan plan_of(const Case& c) {
   args.ep_size = c.ep_size;
   args.slots_per_rank = c.slots_per_rank;
   args.ranks_per_node = c.ranks_per_node;
+  args.write_before_commit = c.write_before_commit;
   return plan_expert_transfer(c.old_map.data(), c.new_map.data(), args);
 }
 
@@ -105,20 +107,32 @@ void check_plan(const Case& c, const ExpertTransferPlan& plan) {
       ASSERT_TRUE(used_buffer_rows[static_cast<size_t>(r)].insert(b).second) << "buffer row reused";
     };
 
-    // 1. buffered local copies.
+    // Rows read and rows written in place during steps 1 and 2 (they run
+    // concurrently on a real machine, so the two sets must not meet).
+    std::set<std::pair<int64_t, int64_t>> read_early, written_early;
+    // 1. local copies before the exchange: into place, or into the buffer.
     for (int64_t r = 0; r < ep; ++r) {
       auto [begin, end] = range(plan.local_copies.offsets, layer * ep + r);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t src = plan.local_copies.src_rows[static_cast<size_t>(i)];
         const int64_t dst = plan.local_copies.dst_rows[static_cast<size_t>(i)];
         const int64_t b = plan.local_copies.buffer_rows[static_cast<size_t>(i)];
+        const int64_t stage = plan.local_copies.stages[static_cast<size_t>(i)];
         ASSERT_EQ(old_at(r, src), new_at(r, dst)) << "local copy from a row without the expert";
         ++written[static_cast<size_t>(r)][static_cast<size_t>(dst)];
-        if (b >= 0) {
+        read_early.insert({r, src});
+        if (stage == moe_ext::core::kCopyThroughBuffer) {
           use_buffer_row(r, b);
           buffers[static_cast<size_t>(r)][static_cast<size_t>(b)] = weights[static_cast<size_t>(r)][static_cast<size_t>(src)];
+        } else if (stage == moe_ext::core::kCopyBeforeExchange) {
+          ASSERT_EQ(b, -1);
+          ASSERT_TRUE(c.write_before_commit) << "a row written before the commit step";
+          written_early.insert({r, dst});
+          weights[static_cast<size_t>(r)][static_cast<size_t>(dst)] = weights[static_cast<size_t>(r)][static_cast<size_t>(src)];
         } else {
-          ASSERT_EQ(old_at(r, src), new_at(r, src)) << "direct copy from a row that changes";
+          ASSERT_EQ(stage, moe_ext::core::kCopyAfterExchange);
+          ASSERT_EQ(b, -1);
+          ASSERT_EQ(old_at(r, src), new_at(r, src)) << "copy after the exchange from a row that changes";
         }
       }
     }
@@ -133,6 +147,7 @@ void check_plan(const Case& c, const ExpertTransferPlan& plan) {
         ASSERT_NE(dst_rank, h);
         ASSERT_GE(dst_rank, 0);
         ASSERT_LT(dst_rank, ep);
+        read_early.insert({h, plan.sends.src_rows[static_cast<size_t>(i)]});
         wires[{h, dst_rank}].push_back({plan.sends.experts[static_cast<size_t>(i)],
                                         weights[static_cast<size_t>(h)][static_cast<size_t>(plan.sends.src_rows[static_cast<size_t>(i)])]});
       }
@@ -152,13 +167,22 @@ void check_plan(const Case& c, const ExpertTransferPlan& plan) {
         ASSERT_EQ(wire.front().second, e) << "sender row did not hold the expert";
         ASSERT_EQ(new_at(r, dst), e);
         ASSERT_EQ(old_at(src_rank, plan.receives.src_rows[static_cast<size_t>(i)]), e);
-        use_buffer_row(r, b);
-        buffers[static_cast<size_t>(r)][static_cast<size_t>(b)] = wire.front().second;
+        if (b >= 0) {
+          use_buffer_row(r, b);
+          buffers[static_cast<size_t>(r)][static_cast<size_t>(b)] = wire.front().second;
+        } else {
+          ASSERT_TRUE(c.write_before_commit) << "a row received in place before the commit step";
+          written_early.insert({r, dst});
+          weights[static_cast<size_t>(r)][static_cast<size_t>(dst)] = wire.front().second;
+        }
         wire.pop_front();
         ++written[static_cast<size_t>(r)][static_cast<size_t>(dst)];
       }
     }
     for (auto& [pair, wire] : wires) ASSERT_TRUE(wire.empty()) << "send without a matching receive";
+    for (const auto& row : written_early)
+      ASSERT_EQ(read_early.count(row), 0u) << "rank " << row.first << " row " << row.second
+                                           << " is written while the exchange reads it";
     EXPECT_EQ(receives, minimal_receives(c, layer));
     // 3. buffer -> rows, direct copies, duplicate fills.
     for (int64_t r = 0; r < ep; ++r) {
@@ -170,11 +194,12 @@ void check_plan(const Case& c, const ExpertTransferPlan& plan) {
         const int64_t b = plan.local_copies.buffer_rows[static_cast<size_t>(i)];
         if (b >= 0) w[static_cast<size_t>(plan.local_copies.dst_rows[static_cast<size_t>(i)])] = buf[static_cast<size_t>(b)];
       }
-      for (int64_t i = rc_begin; i < rc_end; ++i)
-        w[static_cast<size_t>(plan.receives.dst_rows[static_cast<size_t>(i)])] =
-            buf[static_cast<size_t>(plan.receives.buffer_rows[static_cast<size_t>(i)])];
+      for (int64_t i = rc_begin; i < rc_end; ++i) {
+        const int64_t b = plan.receives.buffer_rows[static_cast<size_t>(i)];
+        if (b >= 0) w[static_cast<size_t>(plan.receives.dst_rows[static_cast<size_t>(i)])] = buf[static_cast<size_t>(b)];
+      }
       for (int64_t i = lc_begin; i < lc_end; ++i) {
-        if (plan.local_copies.buffer_rows[static_cast<size_t>(i)] < 0)
+        if (plan.local_copies.stages[static_cast<size_t>(i)] == moe_ext::core::kCopyAfterExchange)
           w[static_cast<size_t>(plan.local_copies.dst_rows[static_cast<size_t>(i)])] =
               w[static_cast<size_t>(plan.local_copies.src_rows[static_cast<size_t>(i)])];
       }
@@ -243,6 +268,7 @@ TEST(TransferPlan, RandomMapsWithReplicasAndEmptySlots) {
     const int64_t layers = std::uniform_int_distribution<int64_t>(0, 3)(rng);
     Case c = random_case(rng, layers, ep, per_rank, trial % 3 == 0 ? 0.0 : 0.3);
     c.ranks_per_node = std::uniform_int_distribution<int64_t>(0, 4)(rng);
+    c.write_before_commit = trial % 2 == 0;
     SCOPED_TRACE(::testing::Message() << "trial " << trial << " ep " << ep << " per_rank " << per_rank);
     check_plan(c, plan_of(c));
   }
@@ -354,6 +380,7 @@ TEST(TransferPlan, LocalCopiesPreferRowsThatStay) {
   // Rank 0 holds expert 5 in row 1 (kept) and row 0 (changing): the new copy
   // in row 2 is read directly from row 1, without the buffer.
   Case c{{5, 5, 7, 6}, {6, 5, 5, 7}, 1, 1, 4};
+  c.write_before_commit = false;
   const auto plan = plan_of(c);
   check_plan(c, plan);
   ASSERT_EQ(plan.local_copies.dst_rows.size(), 3u);
@@ -361,6 +388,31 @@ TEST(TransferPlan, LocalCopiesPreferRowsThatStay) {
   EXPECT_EQ(plan.local_copies.src_rows[1], 1);
   EXPECT_EQ(plan.local_copies.buffer_rows[1], -1);
   EXPECT_EQ(plan.buffer_rows[0], 2);
+}
+
+TEST(TransferPlan, RowsTheExchangeDoesNotReadAreWrittenInPlace) {
+  // Rank 0 (old 0 3 1 7 -> new 0 1 9 8): row 1 gets expert 1 from row 2, and no
+  // one reads row 1 (expert 3 is dropped): copied in place before the exchange.
+  // Row 2 receives 9 but is read by that copy: through the buffer. Row 3
+  // receives 8 and its expert 7 is dropped: straight into place.
+  // Rank 1 (old 9 8 4 5 -> new 8 8 4 5): row 0 copies from row 1, which keeps
+  // expert 8, after the exchange (row 0's expert 9 is sent to rank 0).
+  Case c{{0, 3, 1, 7, 9, 8, 4, 5}, {0, 1, 9, 8, 8, 8, 4, 5}, 1, 2, 4};
+  auto plan = plan_of(c);
+  check_plan(c, plan);
+  ASSERT_EQ(plan.local_copies.stages.size(), 2u);
+  EXPECT_EQ(plan.local_copies.stages[0], moe_ext::core::kCopyBeforeExchange);
+  EXPECT_EQ(plan.local_copies.stages[1], moe_ext::core::kCopyAfterExchange);
+  ASSERT_EQ(plan.receives.buffer_rows.size(), 2u);
+  EXPECT_EQ(plan.receives.buffer_rows[0], 0);   // row 2, via the buffer
+  EXPECT_EQ(plan.receives.buffer_rows[1], -1);  // row 3, in place
+  EXPECT_EQ(plan.buffer_rows[0], 1);
+  EXPECT_EQ(plan.buffer_rows[1], 0);
+  c.write_before_commit = false;  // serving: nothing in place before the commit step
+  plan = plan_of(c);
+  check_plan(c, plan);
+  EXPECT_EQ(plan.local_copies.stages[0], moe_ext::core::kCopyThroughBuffer);
+  EXPECT_EQ(plan.buffer_rows[0], 3);
 }
 
 TEST(TransferPlan, IsDeterministic) {

@@ -91,6 +91,7 @@ struct Workspace {
   std::vector<int64_t> holder_rank, holder_row;
   std::vector<int64_t> send_load, by_holder_count_begin, send_count;
   std::vector<int64_t> order;        // pending receives, by holder count
+  std::vector<int64_t> read_mark;      // per slot: layer whose exchange reads it
   std::vector<int64_t> node_of_rank;   // all 0 without a node structure
   std::vector<int64_t> receiver_rank;  // per pending receive of the layer
   std::vector<int64_t> sender_rank;
@@ -118,13 +119,14 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
   for (auto* offsets : {&plan.unchanged.offsets, &plan.local_copies.offsets, &plan.sends.offsets,
                         &plan.receives.offsets, &plan.duplicate_fills.offsets})
     offsets->assign(groups + 1, 0);
-  plan.buffer_rows.reserve(groups);
+  plan.buffer_rows.assign(groups, 0);
   // Each list has at most one entry per slot: reserving that much only maps
   // address space (pages are touched as entries are written) and saves every
   // regrowth copy.
   const size_t most = static_cast<size_t>(num_layers * slots);
   for (auto* column : {&plan.unchanged.rows, &plan.local_copies.src_rows,
                        &plan.local_copies.dst_rows, &plan.local_copies.buffer_rows,
+                       &plan.local_copies.stages,
                        &plan.sends.experts, &plan.sends.src_rows, &plan.sends.dst_ranks,
                        &plan.sends.dst_rows, &plan.receives.experts, &plan.receives.dst_rows,
                        &plan.receives.src_ranks, &plan.receives.src_rows,
@@ -133,6 +135,7 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
     column->reserve(most);
 
   Workspace ws(num_experts, slots, ep);
+  ws.read_mark.assign(static_cast<size_t>(slots), -1);
   ws.node_of_rank.resize(static_cast<size_t>(ep));
   for (int64_t rank = 0; rank < ep; ++rank)
     ws.node_of_rank[static_cast<size_t>(rank)] = rpn > 0 ? rank / rpn : 0;
@@ -190,7 +193,6 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
           ws.kept_row[static_cast<size_t>(e)] = row;
         }
       }
-      int64_t buffer_rows = 0;
       for (int64_t row = 0; row < per_rank; ++row) {
         const int64_t e = new_map[base + row];
         if (e < 0) continue;
@@ -204,6 +206,7 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
           plan.local_copies.src_rows.push_back(narrow(ws.kept_row[ue]));
           plan.local_copies.dst_rows.push_back(narrow(row));
           plan.local_copies.buffer_rows.push_back(-1);
+          plan.local_copies.stages.push_back(kCopyAfterExchange);
           continue;
         }
         if (ws.need_mark[ue] == stamp) {
@@ -216,7 +219,8 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
         if (ws.old_mark[ue] == stamp) {
           plan.local_copies.src_rows.push_back(narrow(ws.old_row[ue]));
           plan.local_copies.dst_rows.push_back(narrow(row));
-          plan.local_copies.buffer_rows.push_back(narrow(buffer_rows++));
+          plan.local_copies.buffer_rows.push_back(-1);  // decided below
+          plan.local_copies.stages.push_back(kCopyThroughBuffer);
           continue;
         }
         MOE_CHECK_ARG(ws.holder_begin[ue + 1] > ws.holder_begin[ue], "plan_expert_transfer: layer ",
@@ -225,12 +229,11 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
                       ") but no rank holds it in the old map; its weights would be lost");
         plan.receives.experts.push_back(narrow(e));
         plan.receives.dst_rows.push_back(narrow(row));
-        plan.receives.buffer_rows.push_back(narrow(buffer_rows++));
+        plan.receives.buffer_rows.push_back(-1);  // decided below
         plan.receives.src_ranks.push_back(-1);  // chosen below, once the layer is classified
         plan.receives.src_rows.push_back(-1);
         ws.receiver_rank.push_back(rank);
       }
-      plan.buffer_rows.push_back(narrow(buffer_rows));
       const size_t group_end = static_cast<size_t>(stamp + 1);
       plan.unchanged.offsets[group_end] = static_cast<int64_t>(plan.unchanged.rows.size());
       plan.local_copies.offsets[group_end] = static_cast<int64_t>(plan.local_copies.dst_rows.size());
@@ -265,22 +268,22 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
       const int64_t receiver = ws.receiver_rank[p];
       const int64_t receiver_node = ws.node_of_rank[static_cast<size_t>(receiver)];
       const size_t ue = static_cast<size_t>(plan.receives.experts[i]);
-      int64_t best = -1;
-      int64_t best_far = 0, best_load = 0, best_distance = 0;
+      // One ordered key per candidate: (other node, rows sent so far, distance
+      // after the receiver); each part < 2^31, so the key is an exact order.
+      int64_t best = ws.holder_begin[ue];
+      uint64_t best_key = std::numeric_limits<uint64_t>::max();
       for (int64_t h = ws.holder_begin[ue]; h < ws.holder_begin[ue + 1]; ++h) {
         const int64_t rank = ws.holder_rank[static_cast<size_t>(h)];
-        const int64_t far = ws.node_of_rank[static_cast<size_t>(rank)] != receiver_node ? 1 : 0;
-        const int64_t load = ws.send_load[static_cast<size_t>(rank)];
-        const int64_t distance = rank >= receiver ? rank - receiver : rank - receiver + ep;
-        if (best < 0 || far < best_far || (far == best_far && load < best_load) ||
-            (far == best_far && load == best_load && distance < best_distance)) {
+        const uint64_t far = ws.node_of_rank[static_cast<size_t>(rank)] != receiver_node ? 1 : 0;
+        const uint64_t load = static_cast<uint64_t>(ws.send_load[static_cast<size_t>(rank)]);
+        const uint64_t distance = static_cast<uint64_t>(rank >= receiver ? rank - receiver : rank - receiver + ep);
+        const uint64_t key = (far << 62) | (load << 31) | distance;
+        if (key < best_key) {
+          best_key = key;
           best = h;
-          best_far = far;
-          best_load = load;
-          best_distance = distance;
         }
       }
-      MOE_INTERNAL_ASSERT(best >= 0, "receive without a holder");
+      MOE_INTERNAL_ASSERT(best < ws.holder_begin[ue + 1], "receive without a holder");
       const int64_t sender = ws.holder_rank[static_cast<size_t>(best)];
       ++ws.send_load[static_cast<size_t>(sender)];
       plan.receives.src_ranks[i] = narrow(sender);
@@ -309,6 +312,39 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
         plan.sends.dst_ranks[at] = narrow(rank);
         plan.sends.dst_rows[at] = plan.receives.dst_rows[static_cast<size_t>(i)];
       }
+    }
+
+    // Rows the exchange reads on each rank: send sources and local copy sources.
+    // Any other row may be written before or during the exchange (when allowed):
+    // local copies then go straight into place and receives land in place,
+    // without the buffer.
+    for (int64_t rank = 0; rank < ep; ++rank) {
+      const size_t group = static_cast<size_t>(layer * ep + rank);
+      for (int64_t i = plan.sends.offsets[group]; i < plan.sends.offsets[group + 1]; ++i)
+        ws.read_mark[static_cast<size_t>(rank * per_rank + plan.sends.src_rows[static_cast<size_t>(i)])] = layer;
+      for (int64_t i = plan.local_copies.offsets[group]; i < plan.local_copies.offsets[group + 1]; ++i)
+        ws.read_mark[static_cast<size_t>(rank * per_rank + plan.local_copies.src_rows[static_cast<size_t>(i)])] = layer;
+    }
+    for (int64_t rank = 0; rank < ep; ++rank) {
+      const size_t group = static_cast<size_t>(layer * ep + rank);
+      auto free_row = [&](int32_t row) {
+        return args.write_before_commit && ws.read_mark[static_cast<size_t>(rank * per_rank + row)] != layer;
+      };
+      int32_t buffer_rows = 0;
+      for (int64_t i = plan.local_copies.offsets[group]; i < plan.local_copies.offsets[group + 1]; ++i) {
+        const size_t at = static_cast<size_t>(i);
+        if (plan.local_copies.stages[at] != kCopyThroughBuffer) continue;
+        if (free_row(plan.local_copies.dst_rows[at])) {
+          plan.local_copies.stages[at] = kCopyBeforeExchange;
+        } else {
+          plan.local_copies.buffer_rows[at] = buffer_rows++;
+        }
+      }
+      for (int64_t i = plan.receives.offsets[group]; i < plan.receives.offsets[group + 1]; ++i) {
+        const size_t at = static_cast<size_t>(i);
+        if (!free_row(plan.receives.dst_rows[at])) plan.receives.buffer_rows[at] = buffer_rows++;
+      }
+      plan.buffer_rows[group] = buffer_rows;
     }
   }
   return plan;

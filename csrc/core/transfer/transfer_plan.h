@@ -9,22 +9,27 @@
 // local row whose new id is e >= 0 holds the weights of expert e:
 //   unchanged        rows with old id == new id >= 0: nothing to do;
 //   local copies     the rank held e in the old map: copy src_row -> dst_row,
-//                    through buffer row `buffer_row`, or directly (buffer_row
-//                    == -1) when the source row keeps its expert (never written);
+//                    at the stage given (LocalCopyStage): straight into place
+//                    before the exchange when the exchange does not read
+//                    dst_row, else through buffer row `buffer_row`, or straight
+//                    after the exchange when the source row keeps its expert;
 //   receives         e arrives from src_rank into buffer row `buffer_row`, then
-//                    goes to dst_row; one receive per (rank, expert), the
-//                    smallest number of rows any plan must move;
+//                    goes to dst_row, or straight into dst_row (buffer_row -1)
+//                    when the exchange does not read that row; one receive per
+//                    (rank, expert), the smallest number of rows any plan moves;
 //   sends            the matching side: (expert, src_row, dst_rank);
 //   duplicate fills  further rows of an expert already placed on the rank by a
 //                    buffered local copy or a receive: src_row -> dst_row.
 // Rows whose new id is -1 keep whatever they held.
 //
 // Execution order that the plan is built for (the executor follows it):
-//   1. buffered local copies into the buffer (they read old rows);
-//   2. sends (read old rows) and receives (write the buffer), all posted as one batch;
-//   3. after they complete: buffer -> dst rows, then direct local copies, then
-//      duplicate fills (their sources are rows written in this step's first part
-//      or rows never written).
+//   1. local copies of stage "before" (into place) and "through buffer" (into
+//      the buffer); they read old rows and write only rows nothing else reads;
+//   2. sends (read old rows) and receives (into the buffer, or into rows that no
+//      send reads), all posted as one batch;
+//   3. after they complete: buffer -> dst rows, then local copies of stage
+//      "after", then duplicate fills (their sources are rows already in place).
+// With write_before_commit = false nothing is written in place before step 3.
 //
 // Pairing: the sends of rank h to rank r and the receives of rank r from rank h
 // list the same experts in the same order (both are the layer's transfer list
@@ -53,6 +58,11 @@ struct TransferPlanArgs {
   int64_t slots_per_rank = 0;
   int64_t ranks_per_node = 0;        // 0: no node structure
   int64_t num_logical_experts = -1;  // -1: unknown, ids only need to be >= -1 (and < 2^31)
+  // true: rows that the exchange does not read are written directly (local
+  // copies before the exchange, receives straight into place), saving the
+  // buffer and a copy. false: no weight row is written before the exchange
+  // has completed (layer-by-layer serving, where the model still reads them).
+  bool write_before_commit = true;
 };
 
 // Every list is grouped by (layer, rank): the entries of (l, r) are
@@ -65,9 +75,15 @@ struct UnchangedSlots {
   std::vector<int64_t> offsets;
   PlanColumn rows;
 };
+// When a local copy happens (LocalCopies::stages).
+enum LocalCopyStage : int32_t {
+  kCopyBeforeExchange = 0,  // straight into place, before the exchange (dst is not read by it)
+  kCopyThroughBuffer = 1,   // into the buffer before the exchange, into place after it
+  kCopyAfterExchange = 2,   // straight into place after the exchange, from a row that keeps the expert
+};
 struct LocalCopies {
   std::vector<int64_t> offsets;
-  PlanColumn src_rows, dst_rows, buffer_rows;
+  PlanColumn src_rows, dst_rows, buffer_rows, stages;
 };
 struct Sends {
   std::vector<int64_t> offsets;

@@ -3,10 +3,13 @@
 :func:`rearrange_expert_weights_inplace` (blocking) and
 :func:`rearrange_expert_weights_async` (layer by layer, for serving) execute the
 plan of :func:`moe_ext.eplb.transfer.plan_expert_transfer` on the calling rank:
-per layer, buffered local copies into a one-layer buffer, the sends and
-receives of the layer posted as one ``torch.distributed.batch_isend_irecv``
-batch (gloo, NCCL, HCCL: whatever backend the group has), then the buffer rows
-copied into place, then direct local copies and duplicate fills.
+per layer, local copies (straight into place where the exchange does not read
+the row, else into a one-layer buffer), the sends and receives of the layer
+posted as one ``torch.distributed.batch_isend_irecv`` batch (gloo, NCCL, HCCL:
+whatever backend the group has; receives land in place where they can), then
+the buffered rows copied into place, then the remaining local copies and
+duplicate fills. The asynchronous form writes nothing in place before a
+layer's commit.
 
 Everything is checked before any weight is touched, and the ranks agree on the
 outcome through one small all-reduce: when one rank refuses the call, every
@@ -23,7 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_ext.eplb.transfer import TransferPlan, _as_map, plan_expert_transfer
+from moe_ext.eplb.transfer import (
+    COPY_AFTER_EXCHANGE,
+    COPY_BEFORE_EXCHANGE,
+    COPY_THROUGH_BUFFER,
+    TransferPlan,
+    _as_map,
+    plan_expert_transfer,
+)
 
 __all__ = ["RearrangementHandle", "rearrange_expert_weights_async", "rearrange_expert_weights_inplace"]
 
@@ -185,7 +195,7 @@ def _signature(old: np.ndarray, new: np.ndarray, layers: list, extra: tuple) -> 
 
 def _prepare(old_global_expert_indices: Any, new_global_expert_indices: Any, expert_weights: Any,
              ep_group: Any, is_profile: bool, rank_mapping: Optional[Mapping[int, int]],
-             ranks_per_node: int) -> _Prepared:
+             ranks_per_node: int, write_before_commit: bool) -> _Prepared:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("rearranging expert weights needs an initialised torch.distributed process group")
     group = ep_group if ep_group is not None else dist.group.WORLD
@@ -208,7 +218,8 @@ def _prepare(old_global_expert_indices: Any, new_global_expert_indices: Any, exp
         layers = _check_weights(expert_weights, old.shape[0], slots_per_rank)
         if not isinstance(ranks_per_node, (int, np.integer)) or ranks_per_node < 0:
             raise ValueError(f"ranks_per_node must be an int >= 0, got {ranks_per_node!r}")
-        plan = plan_expert_transfer(old, new, ep_size, ranks_per_node=int(ranks_per_node))
+        plan = plan_expert_transfer(old, new, ep_size, ranks_per_node=int(ranks_per_node),
+                                    write_before_commit=write_before_commit)
         global_ranks = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r
                         for r in range(ep_size)]
         device = layers[0][0].device if layers else torch.device("cpu")
@@ -260,7 +271,7 @@ def _buffer_views(buffer: torch.Tensor, tensors: list, rows: int) -> list:
 
 
 class _LayerTransfer:
-    """One layer in flight: phase 1 (buffered copies) and 2 (P2P) posted; phase 3 in commit()."""
+    """One layer in flight: steps 1 (local copies) and 2 (P2P) posted; step 3 in commit()."""
 
     def __init__(self, prepared: _Prepared, layer: int, buffer: torch.Tensor):
         self.plan = prepared.plan.for_rank(layer, prepared.ep_rank)
@@ -269,8 +280,13 @@ class _LayerTransfer:
         self.works: list = []
         plan, weights, views = self.plan, self.weights, self.views
         with torch.no_grad():
-            for src, buffer_row in zip(plan.local_copy_src_rows.tolist(), plan.local_copy_buffer_rows.tolist()):
-                if buffer_row >= 0:
+            # Sources are old rows that nothing writes before the exchange completes.
+            for src, dst, buffer_row, stage in zip(plan.local_copy_src_rows.tolist(), plan.local_copy_dst_rows.tolist(),
+                                                   plan.local_copy_buffer_rows.tolist(), plan.local_copy_stages.tolist()):
+                if stage == COPY_BEFORE_EXCHANGE:
+                    for weight in weights:
+                        weight[dst].copy_(weight[src], non_blocking=True)
+                elif stage == COPY_THROUGH_BUFFER:
                     for weight, view in zip(weights, views):
                         view[buffer_row].copy_(weight[src], non_blocking=True)
             ops = []
@@ -278,9 +294,12 @@ class _LayerTransfer:
             for src, dst_rank in zip(plan.send_src_rows.tolist(), plan.send_dst_ranks.tolist()):
                 peer = prepared.global_ranks[dst_rank]
                 ops += [dist.P2POp(dist.isend, weights[i][src], peer, prepared.group) for i in moving]
-            for buffer_row, src_rank in zip(plan.recv_buffer_rows.tolist(), plan.recv_src_ranks.tolist()):
+            for dst, buffer_row, src_rank in zip(plan.recv_dst_rows.tolist(), plan.recv_buffer_rows.tolist(),
+                                                 plan.recv_src_ranks.tolist()):
                 peer = prepared.global_ranks[src_rank]
-                ops += [dist.P2POp(dist.irecv, views[i][buffer_row], peer, prepared.group) for i in moving]
+                targets = views if buffer_row >= 0 else weights
+                row = buffer_row if buffer_row >= 0 else dst
+                ops += [dist.P2POp(dist.irecv, targets[i][row], peer, prepared.group) for i in moving]
             if ops:
                 self.works = dist.batch_isend_irecv(ops)
 
@@ -290,7 +309,7 @@ class _LayerTransfer:
         self.works = []
 
     def commit(self) -> None:
-        """Phase 3 on the current stream; the P2P must have been waited for."""
+        """Step 3 on the current stream; the P2P must have been waited for."""
         plan, weights, views = self.plan, self.weights, self.views
         with torch.no_grad():
             for dst, buffer_row in zip(plan.local_copy_dst_rows.tolist(), plan.local_copy_buffer_rows.tolist()):
@@ -298,12 +317,13 @@ class _LayerTransfer:
                     for weight, view in zip(weights, views):
                         weight[dst].copy_(view[buffer_row], non_blocking=True)
             for dst, buffer_row in zip(plan.recv_dst_rows.tolist(), plan.recv_buffer_rows.tolist()):
-                for weight, view in zip(weights, views):
-                    weight[dst].copy_(view[buffer_row], non_blocking=True)
-            # Sources below are rows that keep their expert or rows just placed above.
-            for src, dst, buffer_row in zip(plan.local_copy_src_rows.tolist(), plan.local_copy_dst_rows.tolist(),
-                                            plan.local_copy_buffer_rows.tolist()):
-                if buffer_row < 0:
+                if buffer_row >= 0:
+                    for weight, view in zip(weights, views):
+                        weight[dst].copy_(view[buffer_row], non_blocking=True)
+            # Sources below are rows that keep their expert or rows already in place.
+            for src, dst, stage in zip(plan.local_copy_src_rows.tolist(), plan.local_copy_dst_rows.tolist(),
+                                       plan.local_copy_stages.tolist()):
+                if stage == COPY_AFTER_EXCHANGE:
                     for weight in weights:
                         weight[dst].copy_(weight[src], non_blocking=True)
             for src, dst in zip(plan.duplicate_fill_src_rows.tolist(), plan.duplicate_fill_dst_rows.tolist()):
@@ -372,11 +392,12 @@ def rearrange_expert_weights_inplace(old_global_expert_indices: Any, new_global_
     rank_mapping, an expert the new map places that no rank holds now, weights
     whose first dimension is not slots_per_rank, different maps on different ranks).
 
-    Peak extra memory: one buffer of the largest layer's rows that this rank
-    copies through the buffer or receives (at most one layer of its weights).
+    Peak extra memory: one buffer of the largest layer's rows that must go
+    through it on this rank (at most one layer of its weights): rows that the
+    exchange itself reads. Every other row is copied or received straight into place.
     """
     prepared = _prepare(old_global_expert_indices, new_global_expert_indices, expert_weights, ep_group,
-                        is_profile, rank_mapping, ranks_per_node)
+                        is_profile, rank_mapping, ranks_per_node, write_before_commit=True)
     if is_profile:
         _reserve_for_profile(prepared)
         return prepared.plan
@@ -484,5 +505,5 @@ def rearrange_expert_weights_async(old_global_expert_indices: Any, new_global_ex
     :meth:`RearrangementHandle.commit_next_layer` between model steps.
     """
     prepared = _prepare(old_global_expert_indices, new_global_expert_indices, expert_weights, ep_group,
-                        False, rank_mapping, ranks_per_node)
+                        False, rank_mapping, ranks_per_node, write_before_commit=False)
     return RearrangementHandle(prepared)

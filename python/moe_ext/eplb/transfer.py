@@ -8,13 +8,21 @@ Every rank computes the same plan from the same maps, with no communication.
 Meaning of the lists, for one (layer, rank), rows being local rows of that rank:
 
 - ``unchanged``: rows whose expert stays; nothing to do.
-- ``local copies`` (src_row, dst_row, buffer_row): the rank held the expert in
-  the old map. ``buffer_row >= 0``: copied into that row of the one-layer
-  buffer before the exchange, into place after it; ``-1``: copied directly
-  after the exchange from a row that keeps the expert.
+- ``local copies`` (src_row, dst_row, buffer_row, stage): the rank held the
+  expert in the old map. Stage ``COPY_BEFORE_EXCHANGE``: straight into place
+  before the exchange (the exchange does not read dst_row);
+  ``COPY_THROUGH_BUFFER``: into buffer row ``buffer_row`` before the exchange,
+  into place after it; ``COPY_AFTER_EXCHANGE``: straight into place after the
+  exchange, from a row that keeps the expert.
 - ``receives`` (expert, dst_row, src_rank, src_row, buffer_row): the expert
   arrives from ``src_rank`` (its row ``src_row``) into the buffer row, then goes
-  to ``dst_row``. One per (rank, expert) the rank lacks: the fewest possible.
+  to ``dst_row``; or straight into ``dst_row`` (``buffer_row == -1``) when the
+  exchange does not read that row. One per (rank, expert) the rank lacks: the
+  fewest possible.
+
+With ``write_before_commit=False`` nothing is written in place before the
+exchange has completed (every write goes through the buffer), so the old
+weights stay readable while a layer is in flight (layer-by-layer serving).
 - ``sends`` (expert, src_row, dst_rank, dst_row): the matching side. The sends
   of h to r and the receives of r from h list the same experts in the same order.
 - ``duplicate fills`` (src_row, dst_row): further replicas of an expert that a
@@ -28,7 +36,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["LayerRankPlan", "TransferPlan", "plan_expert_transfer"]
+__all__ = ["COPY_AFTER_EXCHANGE", "COPY_BEFORE_EXCHANGE", "COPY_THROUGH_BUFFER", "LayerRankPlan",
+           "TransferPlan", "plan_expert_transfer"]
+
+# Stages of a local copy (the values of core::LocalCopyStage).
+COPY_BEFORE_EXCHANGE = 0
+COPY_THROUGH_BUFFER = 1
+COPY_AFTER_EXCHANGE = 2
 
 
 def _as_map(name: str, value: Any) -> np.ndarray:
@@ -55,6 +69,7 @@ class LayerRankPlan:
     local_copy_src_rows: np.ndarray
     local_copy_dst_rows: np.ndarray
     local_copy_buffer_rows: np.ndarray
+    local_copy_stages: np.ndarray
     send_experts: np.ndarray
     send_src_rows: np.ndarray
     send_dst_ranks: np.ndarray
@@ -102,7 +117,7 @@ class TransferPlan:
         """The part of the plan that ``rank`` executes for ``layer``."""
         g = self._group(layer, rank)
         (unchanged,) = self._slice("unchanged_", ("rows",), g)
-        lc = self._slice("local_copy_", ("src_rows", "dst_rows", "buffer_rows"), g)
+        lc = self._slice("local_copy_", ("src_rows", "dst_rows", "buffer_rows", "stages"), g)
         sends = self._slice("send_", ("experts", "src_rows", "dst_ranks"), g)
         recvs = self._slice("recv_", ("experts", "dst_rows", "src_ranks", "buffer_rows"), g)
         fills = self._slice("duplicate_fill_", ("src_rows", "dst_rows"), g)
@@ -158,7 +173,8 @@ class TransferPlan:
 
 def plan_expert_transfer(old_phy2log: Any, new_phy2log: Any, ep_size: int, *,
                          ranks_per_node: int = 0,
-                         num_logical_experts: Optional[int] = None) -> TransferPlan:
+                         num_logical_experts: Optional[int] = None,
+                         write_before_commit: bool = True) -> TransferPlan:
     """Plan the rearrangement of every layer from the old to the new placement.
 
     Args:
@@ -168,6 +184,9 @@ def plan_expert_transfer(old_phy2log: Any, new_phy2log: Any, ep_size: int, *,
         ep_size: number of expert-parallel ranks; slot s is on rank s // slots_per_rank.
         ranks_per_node: ranks per node, to prefer senders on the receiver's node (0: none).
         num_logical_experts: if given, ids must be below it.
+        write_before_commit: let rows that the exchange does not read be
+            written before and during it (saves buffer and copies); False
+            keeps every weight row untouched until the exchange is complete.
 
     Raises ValueError (naming layer and slot) for a bad shape or id, or for an
     expert that the new map places but that no rank holds in the old map.
@@ -187,6 +206,6 @@ def plan_expert_transfer(old_phy2log: Any, new_phy2log: Any, ep_size: int, *,
     slots_per_rank = old.shape[1] // ep_size
     columns = _native.plan_expert_transfer(
         old, new, int(ep_size), slots_per_rank, int(ranks_per_node),
-        -1 if num_logical_experts is None else int(num_logical_experts))
+        -1 if num_logical_experts is None else int(num_logical_experts), bool(write_before_commit))
     return TransferPlan(num_layers=int(columns.pop("num_layers")), ep_size=int(columns.pop("ep_size")),
                         slots_per_rank=int(columns.pop("slots_per_rank")), columns=columns)
