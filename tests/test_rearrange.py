@@ -248,6 +248,7 @@ def _scale_only(rank: int, world_size: int, scales: list) -> None:
 # --------------------------------------------------------------------- tests
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size, num_sync, num_async, scales", [
     (2, 25, 6, [(1, 2), (2, 1)]),
     (3, 12, 4, []),
@@ -266,6 +267,7 @@ def test_rearrange_suite(world_size, num_sync, num_async, scales):
     assert any("another rank" in m or "first dimension" in m for m in results[1]["messages"])
 
 
+@pytest.mark.distributed
 def test_rearrange_eight_ranks():
     if not _world_sizes_available(8):
         pytest.skip("needs 8 GPUs for the nccl backend")
