@@ -42,7 +42,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
         if num_experts % num_expert_group or topk_group is None or not 1 <= topk_group <= num_expert_group:
             raise ValueError(f"select_experts: num_expert_group must divide {num_experts} and topk_group be in "
                              f"[1, num_expert_group]; got {num_expert_group}, {topk_group}")
-        grouped = choice.view(choice.shape[0], num_expert_group, -1)
+        grouped = choice.view(choice.shape[0], num_expert_group, num_experts // num_expert_group)
         if correction_bias is not None:
             group_scores = grouped.topk(min(2, grouped.shape[2]), dim=-1).values.sum(-1)
         else:

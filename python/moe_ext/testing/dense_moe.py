@@ -20,8 +20,10 @@ def dense_routing(router_logits: torch.Tensor, top_k: int, *, scoring: str = "so
     """Per-token routing: ``(experts list, weights tensor [top_k])`` for each token."""
     routes = []
     for logits in router_logits.float():
+        plain = logits.detach()
         scores = logits.softmax(0) if scoring == "softmax" else logits.sigmoid()
-        choice = scores + (correction_bias.float() if correction_bias is not None else 0)
+        choice = (plain.softmax(0) if scoring == "softmax" else plain.sigmoid()) + (
+            correction_bias.float() if correction_bias is not None else 0)
         candidates = list(range(len(scores)))
         if num_expert_group is not None:
             group_size = len(scores) // num_expert_group

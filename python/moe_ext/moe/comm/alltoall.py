@@ -89,7 +89,10 @@ class AllToAllCommImpl(MoECommMethod):
         # Where each received row sits in the grouped layout (a permutation of the real rows).
         self.grouped_position = torch.empty(self.num_received, dtype=torch.int64, device=device)
         self.grouped_position[gather_index[is_row]] = torch.nonzero(is_row).squeeze(1)
-        grouped = received.index_select(0, gather_index.clamp_min(0))
+        if self.num_received:
+            grouped = received.index_select(0, gather_index.clamp_min(0))
+        else:  # nothing arrived: every grouped row is padding
+            grouped = received.new_zeros((num_grouped, received.shape[1]))
         grouped = torch.where(is_row.unsqueeze(1), grouped, torch.zeros((), dtype=grouped.dtype, device=device))
         return PermuteResult(grouped, padded_sizes.to(torch.int64), GROUP_LIST_COUNT)
 

@@ -18,6 +18,11 @@ from moe_ext.moe.config import CommGroup
 __all__ = ["all_gather_rows", "reduce_scatter_rows", "all_reduce_sum", "all_to_all_rows"]
 
 
+# torch >= 2.13 renames the tensor forms; older releases only have the old names.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _differentiable(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
@@ -29,7 +34,7 @@ def all_gather_rows(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
     if _differentiable(x):
         return torch.cat(dist_autograd.all_gather(x.contiguous(), group=group.process_group), 0)
     out = x.new_empty((x.shape[0] * group.world_size, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group.process_group)
+    _all_gather_tensor(out, x.contiguous(), group=group.process_group)
     return out
 
 
@@ -41,7 +46,7 @@ def reduce_scatter_rows(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
     out = x.new_empty(chunks[0].shape)
     if _differentiable(x):
         return dist_autograd.reduce_scatter(out, chunks, group=group.process_group)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group.process_group)
+    _reduce_scatter_tensor(out, x.contiguous(), group=group.process_group)
     return out
 
 
