@@ -6,5 +6,6 @@
 namespace moe_ext::bindings {
 
 void bind_permute_indices(pybind11::module_& m);
+void bind_eplb(pybind11::module_& m);
 
 }  // namespace moe_ext::bindings

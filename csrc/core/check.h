@@ -9,27 +9,21 @@
 //   MOE_CHECK_ARG(alignment >= 1, "alignment must be >= 1, got ", alignment);
 #pragma once
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
+
+#include "core/str_cat.h"
 
 namespace moe_ext::core::detail {
 
 template <typename... Parts>
-std::string concat(const Parts&... parts) {
-  std::ostringstream out;
-  (out << ... << parts);
-  return out.str();
-}
-
-template <typename... Parts>
 [[noreturn]] void throw_invalid_argument(const Parts&... parts) {
-  throw std::invalid_argument(concat(parts...));
+  throw std::invalid_argument(::moe_ext::core::str_cat(parts...));
 }
 
 template <typename... Parts>
 [[noreturn]] void throw_internal(const char* file, int line, const Parts&... parts) {
-  throw std::logic_error(concat("moe_ext internal error at ", file, ":", line, ": ", parts...));
+  throw std::logic_error(::moe_ext::core::str_cat("moe_ext internal error at ", file, ":", line, ": ", parts...));
 }
 
 }  // namespace moe_ext::core::detail

@@ -1,12 +1,12 @@
 // Host-side helpers shared by the CUDA glue files.
 #pragma once
 
-#include <c10/util/Exception.h>
+#include "common/op_checks.h"
 #include <cuda_runtime_api.h>
 
 // A failed launch or CUDA call, reported with the op's name.
 #define MOE_CUDA_CHECK(op, expr)                                                       \
   do {                                                                                 \
     const cudaError_t moe_status = (expr);                                             \
-    TORCH_CHECK(moe_status == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(moe_status)); \
+    MOE_CHECK(moe_status == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(moe_status)); \
   } while (0)

@@ -21,7 +21,9 @@ namespace moe_ext::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int64_t kOutputsPerBlock = 16 * kThreads;
+// Small slices: the per-block scans cost the same whatever the slice, so more,
+// shorter slices spread the fill over more multiprocessors.
+constexpr int64_t kOutputsPerBlock = 4 * kThreads;
 constexpr int64_t kInt32Max = 2147483647;
 
 using BlockScan = cub::BlockScan<long long, kThreads>;
@@ -76,24 +78,32 @@ permute_indices_kernel(const CountT* __restrict__ counts, int experts, int ranks
   if (threadIdx.x == 0) any_negative = 0;
   __syncthreads();
 
-  // Rank-major exclusive scan: arrival_start. Also flags negative counts.
+  // Stage the counts in shared memory once (coalesced), as int32 in the
+  // arrival_start array; a count outside [0, 2^31) is flagged.
+  for (int64_t i = threadIdx.x; i < groups; i += kThreads) {
+    const long long count = static_cast<long long>(counts[i]);
+    if (count < 0 || count > kInt32Max) any_negative = 1;
+    arrival_start[i] = static_cast<int32_t>(count);
+  }
+  __syncthreads();
+  MOE_DEVICE_CHECK(!any_negative,
+                   "generate_permute_indices: tokens_per_expert_group has a negative count (or one >= 2^31)");
+
+  // Expert-major inclusive scan of the counts: expert_cumulative[e * R + r].
   const long long tokens = block_scan(
-      groups, [&](int64_t i) { return static_cast<long long>(counts[i]); },
-      [&](int64_t i, long long prefix, long long value) {
-        if (value < 0) any_negative = 1;
-        arrival_start[i] = static_cast<int32_t>(prefix);
+      groups,
+      [&](int64_t j) { return static_cast<long long>(arrival_start[(j % ranks) * experts + j / ranks]); },
+      [&](int64_t j, long long prefix, long long value) {
+        expert_cumulative[j] = static_cast<int32_t>(min64(prefix + value, kInt32Max));
       },
       temp);
-  MOE_DEVICE_CHECK(!any_negative, "generate_permute_indices: tokens_per_expert_group has a negative count");
   MOE_DEVICE_CHECK(tokens <= kInt32Max + 1, "generate_permute_indices: total tokens exceed 2^31");
 
-  // Expert-major inclusive scan: expert_cumulative[e * R + r].
+  // Rank-major exclusive scan, in place: counts become arrival starts. Each
+  // thread reads an element just before it overwrites it, so in place is safe.
   block_scan(
-      groups,
-      [&](int64_t j) { return static_cast<long long>(counts[(j % ranks) * experts + j / ranks]); },
-      [&](int64_t j, long long prefix, long long value) {
-        expert_cumulative[j] = static_cast<int32_t>(prefix + value);
-      },
+      groups, [&](int64_t i) { return static_cast<long long>(arrival_start[i]); },
+      [&](int64_t i, long long prefix, long long) { arrival_start[i] = static_cast<int32_t>(prefix); },
       temp);
 
   // Padded block sizes and their inclusive scan.

@@ -3,6 +3,8 @@
 // stream. Checks on the values (negative counts, padded total above max_len)
 // happen in the kernel; see csrc/cuda/device_check.cuh.
 #include <ATen/ATen.h>
+#include <array>
+#include <atomic>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -13,6 +15,23 @@
 #include "cuda/launchers.h"
 
 namespace moe_ext::cuda {
+namespace {
+
+// The opt-in shared-memory limit of a device, asked once per device: a driver
+// query on every call would cost about a microsecond of host time.
+int max_shared_bytes_per_block(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device < 0 || device >= static_cast<int>(cache.size())) device = 0;
+  int value = cache[static_cast<size_t>(device)].load(std::memory_order_relaxed);
+  if (value == 0) {
+    MOE_CUDA_CHECK("generate_permute_indices",
+                   cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[static_cast<size_t>(device)].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
     const at::Tensor& tokens_per_expert_group, int64_t experts_per_rank, int64_t num_ranks,
@@ -25,11 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
                                       max_len, alignment);
   });
   const c10::cuda::CUDAGuard device_guard(tokens_per_expert_group.device());
-  int max_shared = 0;
-  MOE_CUDA_CHECK(op, cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                            tokens_per_expert_group.get_device()));
+  const int max_shared = max_shared_bytes_per_block(tokens_per_expert_group.get_device());
   const size_t shared_bytes = permute_indices_shared_bytes(experts_per_rank, num_ranks);
-  TORCH_CHECK_VALUE(shared_bytes + 8 * 1024 <= static_cast<size_t>(max_shared), op,
+  MOE_CHECK_VALUE(shared_bytes + 8 * 1024 <= static_cast<size_t>(max_shared), op,
                     ": num_ranks * experts_per_rank = ", num_ranks * experts_per_rank,
                     " is too large for the single-launch CUDA kernel on this GPU (needs ", shared_bytes,
                     " bytes of shared memory, the device offers ", max_shared, ")");

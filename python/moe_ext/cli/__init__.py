@@ -12,7 +12,7 @@ import argparse
 import importlib
 from typing import Sequence
 
-COMMANDS = ["info"]
+COMMANDS = ["info", "eplb"]
 
 
 def build_parser() -> argparse.ArgumentParser:

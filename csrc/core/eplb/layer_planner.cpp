@@ -1,0 +1,456 @@
+// One layer of the placement planner: from scratch, and from a current map.
+#include "core/eplb/layer_planner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "core/check.h"
+
+namespace moe_ext::core::eplb::detail {
+
+namespace {
+
+double total_of(const double* load, int64_t n) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += load[i];
+  return sum;
+}
+
+int64_t iteration_cap(const LayerGeometry& geometry) { return 4 * geometry.num_replicas + 64; }
+
+// max(1, best achievable largest per-replica load / mean GPU load).
+double lower_bound_of(const LayerGeometry& geometry, const double* load,
+                      const std::vector<int32_t>& optimal_counts) {
+  const double total = total_of(load, geometry.num_logical);
+  if (!(total > 0.0)) return 1.0;
+  double largest = 0.0;
+  for (int64_t e = 0; e < geometry.num_logical; ++e) {
+    largest = std::max(largest, load[e] / optimal_counts[e]);
+  }
+  return std::max(1.0, largest / (total / static_cast<double>(geometry.num_gpus)));
+}
+
+// Summarise a finished SlotState as a LayerPlan.
+LayerPlan finish(const LayerGeometry& geometry, const double* load, const SlotState& state,
+                 const std::vector<int32_t>& expert_home, const int64_t* current,
+                 double lower_bound) {
+  LayerPlan plan;
+  plan.slot_expert = state.expert;
+  std::vector<int64_t> phy2log(plan.slot_expert.begin(), plan.slot_expert.end());
+  plan.imbalance = placement_imbalance(load, phy2log.data(), geometry.num_logical,
+                                       geometry.num_replicas, geometry.num_gpus);
+  plan.lower_bound = lower_bound;
+  plan.moves = count_moves(state, current);
+  plan.duplicates = count_same_gpu_duplicates(state);
+  if (!expert_home.empty()) {
+    for (int64_t p = 0; p < geometry.num_replicas; ++p) {
+      const int64_t node = p / geometry.slots_per_gpu / geometry.gpus_per_node;
+      plan.cross_node += expert_home[plan.slot_expert[p]] != node;
+    }
+  }
+  plan.relaxed = plan.cross_node > 0;
+  return plan;
+}
+
+// Balanced assignment of groups to nodes (groups_per_node each): largest
+// first, then swaps while the hottest node improves.
+std::vector<int32_t> assign_groups_to_nodes(const LayerGeometry& geometry, const double* load) {
+  const int64_t groups_per_node = geometry.num_groups / geometry.num_nodes;
+  std::vector<PackItem> items;
+  double total = 0.0;
+  for (int64_t g = 0; g < geometry.num_groups; ++g) {
+    const double group_load = total_of(load + g * geometry.group_size, geometry.group_size);
+    total += group_load;
+    items.push_back({static_cast<int32_t>(g), group_load, -1});
+  }
+  SlotState nodes =
+      pack_largest_first(std::move(items), geometry.num_nodes, groups_per_node, geometry.num_nodes);
+  int64_t unused_moves = 0;
+  refine_by_swaps(nodes, total / geometry.num_nodes, nullptr, 0, &unused_moves,
+                  4 * geometry.num_groups + 16);
+  std::vector<int32_t> node_of_group(static_cast<size_t>(geometry.num_groups));
+  for (int64_t slot = 0; slot < geometry.num_groups; ++slot) {
+    node_of_group[nodes.expert[slot]] = static_cast<int32_t>(slot / groups_per_node);
+  }
+  return node_of_group;
+}
+
+std::vector<int32_t> expert_home_of(const LayerGeometry& geometry,
+                                    const std::vector<int32_t>& node_of_group) {
+  std::vector<int32_t> home(static_cast<size_t>(geometry.num_logical));
+  for (int64_t e = 0; e < geometry.num_logical; ++e) home[e] = node_of_group[e / geometry.group_size];
+  return home;
+}
+
+SlotState pack_and_refine(const LayerGeometry& geometry, std::vector<PackItem> items,
+                          int64_t gpus_per_domain, double stop_load) {
+  SlotState state = pack_largest_first(std::move(items), geometry.num_gpus, geometry.slots_per_gpu,
+                                       gpus_per_domain);
+  state.gpus_per_node = geometry.gpus_per_node;  // pins always refer to real nodes
+  int64_t unused_moves = 0;
+  refine_by_swaps(state, stop_load, nullptr, 0, &unused_moves, iteration_cap(geometry));
+  return state;
+}
+
+// Greedy matching of "new" bins to "old" bins by overlap (largest first, ties
+// by index), then leftovers in index order. overlap is [count x count].
+std::vector<int64_t> match_by_overlap(const std::vector<int64_t>& overlap, int64_t count) {
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, new, old)
+  for (int64_t a = 0; a < count; ++a) {
+    for (int64_t b = 0; b < count; ++b) {
+      if (overlap[a * count + b] > 0) pairs.emplace_back(-overlap[a * count + b], a, b);
+    }
+  }
+  std::sort(pairs.begin(), pairs.end());
+  std::vector<int64_t> old_of_new(static_cast<size_t>(count), -1);
+  std::vector<char> old_taken(static_cast<size_t>(count), 0);
+  for (const auto& [negative_overlap, a, b] : pairs) {
+    if (old_of_new[a] < 0 && !old_taken[b]) {
+      old_of_new[a] = b;
+      old_taken[b] = 1;
+    }
+  }
+  int64_t next_old = 0;
+  for (int64_t a = 0; a < count; ++a) {
+    if (old_of_new[a] >= 0) continue;
+    while (old_taken[next_old]) ++next_old;
+    old_of_new[a] = next_old;
+    old_taken[next_old] = 1;
+  }
+  return old_of_new;
+}
+
+// Relabel a plan's nodes and GPUs (which changes no load) so that it keeps as
+// many of the current slots as the greedy matching finds.
+std::vector<int32_t> relabel_onto_current(const LayerGeometry& geometry,
+                                          const std::vector<int32_t>& plan,
+                                          const int64_t* current) {
+  const int64_t per_gpu = geometry.slots_per_gpu;
+  const int64_t num_experts = geometry.num_logical;
+  const int64_t num_nodes = geometry.hierarchical ? geometry.num_nodes : 1;
+  const int64_t gpus_per_domain = geometry.num_gpus / num_nodes;
+  const int64_t slots_per_domain = gpus_per_domain * per_gpu;
+
+  std::vector<int64_t> old_node_of_new(static_cast<size_t>(num_nodes), 0);
+  if (num_nodes > 1) {
+    std::vector<int32_t> new_count(static_cast<size_t>(num_nodes * num_experts), 0);
+    std::vector<int32_t> old_count(static_cast<size_t>(num_nodes * num_experts), 0);
+    for (int64_t p = 0; p < geometry.num_replicas; ++p) {
+      new_count[(p / slots_per_domain) * num_experts + plan[p]] += 1;
+      old_count[(p / slots_per_domain) * num_experts + current[p]] += 1;
+    }
+    std::vector<int64_t> overlap(static_cast<size_t>(num_nodes * num_nodes), 0);
+    for (int64_t a = 0; a < num_nodes; ++a) {
+      for (int64_t b = 0; b < num_nodes; ++b) {
+        int64_t shared = 0;
+        for (int64_t e = 0; e < num_experts; ++e) {
+          shared += std::min(new_count[a * num_experts + e], old_count[b * num_experts + e]);
+        }
+        overlap[a * num_nodes + b] = shared;
+      }
+    }
+    old_node_of_new = match_by_overlap(overlap, num_nodes);
+  }
+
+  std::vector<int32_t> result(plan.size(), -1);
+  std::vector<int32_t> remaining;
+  for (int64_t new_node = 0; new_node < num_nodes; ++new_node) {
+    const int64_t old_node = old_node_of_new[new_node];
+    std::vector<int64_t> overlap(static_cast<size_t>(gpus_per_domain * gpus_per_domain), 0);
+    for (int64_t a = 0; a < gpus_per_domain; ++a) {
+      const int32_t* new_slots = plan.data() + (new_node * gpus_per_domain + a) * per_gpu;
+      for (int64_t b = 0; b < gpus_per_domain; ++b) {
+        const int64_t* old_slots = current + (old_node * gpus_per_domain + b) * per_gpu;
+        int64_t shared = 0;
+        uint64_t used = 0;  // old slots already matched (per_gpu <= 64 handled below)
+        std::vector<char> used_big;
+        if (per_gpu > 64) used_big.assign(static_cast<size_t>(per_gpu), 0);
+        for (int64_t i = 0; i < per_gpu; ++i) {
+          for (int64_t j = 0; j < per_gpu; ++j) {
+            const bool taken = per_gpu > 64 ? used_big[j] != 0 : ((used >> j) & 1U) != 0;
+            if (!taken && old_slots[j] == new_slots[i]) {
+              if (per_gpu > 64) used_big[j] = 1; else used |= (uint64_t{1} << j);
+              ++shared;
+              break;
+            }
+          }
+        }
+        overlap[a * gpus_per_domain + b] = shared;
+      }
+    }
+    const std::vector<int64_t> old_gpu_of_new = match_by_overlap(overlap, gpus_per_domain);
+    for (int64_t a = 0; a < gpus_per_domain; ++a) {
+      const int64_t new_first = (new_node * gpus_per_domain + a) * per_gpu;
+      const int64_t old_first = (old_node * gpus_per_domain + old_gpu_of_new[a]) * per_gpu;
+      remaining.assign(plan.begin() + new_first, plan.begin() + new_first + per_gpu);
+      for (int64_t j = 0; j < per_gpu; ++j) {  // keep experts already in their slot
+        auto it = std::find(remaining.begin(), remaining.end(), current[old_first + j]);
+        if (it != remaining.end()) {
+          result[old_first + j] = *it;
+          remaining.erase(it);
+        }
+      }
+      size_t next = 0;
+      for (int64_t j = 0; j < per_gpu; ++j) {
+        if (result[old_first + j] < 0) result[old_first + j] = remaining[next++];
+      }
+    }
+  }
+  return result;
+}
+
+// Hierarchical planning from a current map: each group lives on the node that
+// holds most of its replicas now (each node keeps groups_per_node groups).
+std::vector<int32_t> node_of_group_from_current(const LayerGeometry& geometry,
+                                                const int64_t* current) {
+  const int64_t num_groups = geometry.num_groups;
+  const int64_t num_nodes = geometry.num_nodes;
+  const int64_t slots_per_node = geometry.gpus_per_node * geometry.slots_per_gpu;
+  std::vector<int64_t> overlap(static_cast<size_t>(num_groups * num_nodes), 0);
+  for (int64_t p = 0; p < geometry.num_replicas; ++p) {
+    overlap[(current[p] / geometry.group_size) * num_nodes + p / slots_per_node] += 1;
+  }
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    for (int64_t n = 0; n < num_nodes; ++n) pairs.emplace_back(-overlap[g * num_nodes + n], g, n);
+  }
+  std::sort(pairs.begin(), pairs.end());
+  const int64_t groups_per_node = num_groups / num_nodes;
+  std::vector<int32_t> node_of_group(static_cast<size_t>(num_groups), -1);
+  std::vector<int64_t> taken(static_cast<size_t>(num_nodes), 0);
+  for (const auto& [negative_overlap, g, n] : pairs) {
+    if (node_of_group[g] < 0 && taken[n] < groups_per_node) {
+      node_of_group[g] = static_cast<int32_t>(n);
+      taken[n] += 1;
+    }
+  }
+  return node_of_group;
+}
+
+}  // namespace
+
+LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* load,
+                                  const PlacementOptions& options) {
+  const int64_t num_experts = geometry.num_logical;
+  const double mean = total_of(load, num_experts) / static_cast<double>(geometry.num_gpus);
+  std::vector<int32_t> counts(static_cast<size_t>(num_experts));
+  greedy_replica_counts(load, num_experts, geometry.num_replicas, counts.data());
+  const double lower_bound = lower_bound_of(geometry, load, counts);
+  const double stop_load = lower_bound * mean * (1.0 + 1e-9);
+
+  auto items_from = [&](const std::vector<int32_t>& replica_counts,
+                        const std::vector<int32_t>& home, bool pin_all) {
+    std::vector<PackItem> items;
+    items.reserve(static_cast<size_t>(geometry.num_replicas));
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const double per_replica = load[e] / replica_counts[e];
+      for (int32_t r = 0; r < replica_counts[e]; ++r) {
+        const int32_t pin = home.empty() ? -1 : (pin_all || r == 0 ? home[e] : -1);
+        items.push_back({static_cast<int32_t>(e), per_replica, pin});
+      }
+    }
+    return items;
+  };
+
+  if (!geometry.hierarchical || geometry.num_nodes == 1) {
+    SlotState state = pack_and_refine(geometry, items_from(counts, {}, false), geometry.num_gpus,
+                                      stop_load);
+    return finish(geometry, load, state, {}, nullptr, lower_bound);
+  }
+
+  // Strict hierarchy: groups to nodes, then each node replicates its own experts
+  // into its own slots.
+  const std::vector<int32_t> home = expert_home_of(geometry, assign_groups_to_nodes(geometry, load));
+  const int64_t slots_per_node = geometry.num_replicas / geometry.num_nodes;
+  std::vector<int32_t> node_counts(static_cast<size_t>(num_experts), 0);
+  {
+    std::vector<double> node_load;
+    std::vector<int32_t> node_experts, local_counts;
+    for (int64_t node = 0; node < geometry.num_nodes; ++node) {
+      node_load.clear();
+      node_experts.clear();
+      for (int64_t e = 0; e < num_experts; ++e) {
+        if (home[e] == node) {
+          node_experts.push_back(static_cast<int32_t>(e));
+          node_load.push_back(load[e]);
+        }
+      }
+      local_counts.assign(node_experts.size(), 0);
+      greedy_replica_counts(node_load.data(), static_cast<int64_t>(node_experts.size()),
+                            slots_per_node, local_counts.data());
+      for (size_t i = 0; i < node_experts.size(); ++i) node_counts[node_experts[i]] = local_counts[i];
+    }
+  }
+  SlotState strict_state = pack_and_refine(geometry, items_from(node_counts, home, true),
+                                           geometry.gpus_per_node, stop_load);
+  LayerPlan plan = finish(geometry, load, strict_state, home, nullptr, lower_bound);
+  if (options.allow_cross_node && plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
+    // Relaxed hierarchy: every expert keeps its primary replica at home, the
+    // redundant ones may go wherever the load is lowest.
+    SlotState relaxed_state = pack_and_refine(geometry, items_from(counts, home, false),
+                                              geometry.gpus_per_node, stop_load);
+    LayerPlan relaxed = finish(geometry, load, relaxed_state, home, nullptr, lower_bound);
+    if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(relaxed);
+    if (plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
+      // Even with primaries at home the node is too hot (its slots can only be
+      // filled with its own experts' replicas): place as in global mode.
+      SlotState global_state = pack_and_refine(geometry, items_from(counts, {}, false),
+                                               geometry.num_gpus, stop_load);
+      LayerPlan global = finish(geometry, load, global_state, home, nullptr, lower_bound);
+      if (global.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(global);
+    }
+  }
+  return plan;
+}
+
+LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* load,
+                                  const int64_t* current, const PlacementOptions& options,
+                                  int64_t layer_index) {
+  const int64_t num_experts = geometry.num_logical;
+  const int64_t num_slots = geometry.num_replicas;
+  const double tolerance = options.migration_tolerance;
+  const int64_t budget = options.max_moves >= 0 ? options.max_moves : num_slots;
+  const LayerPlan scratch = plan_layer_from_scratch(geometry, load, options);
+  const double mean = total_of(load, num_experts) / static_cast<double>(geometry.num_gpus);
+  const double target_load = scratch.imbalance * (1.0 + tolerance) * mean;
+
+  std::vector<int32_t> home;
+  if (geometry.hierarchical && geometry.num_nodes > 1) {
+    home = expert_home_of(geometry, node_of_group_from_current(geometry, current));
+  }
+
+  // Replica counts: keep the current ones unless an expert's load per replica
+  // would exceed the optimum by more than the tolerance.
+  std::vector<int32_t> counts(static_cast<size_t>(num_experts), 0);
+  for (int64_t p = 0; p < num_slots; ++p) counts[current[p]] += 1;
+  std::vector<int32_t> optimal(static_cast<size_t>(num_experts));
+  greedy_replica_counts(load, num_experts, num_slots, optimal.data());
+  double largest = 0.0;
+  for (int64_t e = 0; e < num_experts; ++e) largest = std::max(largest, load[e] / optimal[e]);
+  const double threshold = largest * (1.0 + tolerance);
+  std::vector<int32_t> needed(static_cast<size_t>(num_experts), 1);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (threshold > 0.0) {
+      const double ratio = load[e] / threshold;
+      needed[e] = std::max<int32_t>(1, static_cast<int32_t>(std::ceil(ratio * (1.0 - 1e-12))));
+      needed[e] = std::min(needed[e], optimal[e]);  // sum(needed) <= slots
+    }
+  }
+
+  SlotState state;
+  state.num_gpus = geometry.num_gpus;
+  state.slots_per_gpu = geometry.slots_per_gpu;
+  state.gpus_per_node = geometry.gpus_per_node;
+  state.expert.assign(current, current + num_slots);
+  state.slot_load.resize(static_cast<size_t>(num_slots));
+  state.home_node.assign(static_cast<size_t>(num_slots), -1);
+  for (int64_t p = 0; p < num_slots; ++p) state.slot_load[p] = load[current[p]] / counts[current[p]];
+  state.recompute_gpu_loads();
+  auto node_of_slot = [&](int64_t p) { return p / geometry.slots_per_gpu / geometry.gpus_per_node; };
+  if (!home.empty()) {  // pin replicas at home: all of them (strict) or the first one
+    std::vector<char> has_primary(static_cast<size_t>(num_experts), 0);
+    for (int64_t p = 0; p < num_slots; ++p) {
+      const int32_t e = state.expert[p];
+      if (home[e] != node_of_slot(p)) continue;
+      if (!options.allow_cross_node || !has_primary[e]) state.home_node[p] = home[e];
+      has_primary[e] = 1;
+    }
+  }
+
+  // Grants: one slot at a time to the neediest expert (missing ones first),
+  // taken from the expert that loses least by giving one up.
+  std::vector<int32_t> freed_slots, receivers;
+  while (static_cast<int64_t>(freed_slots.size()) < budget) {
+    int64_t receiver = -1;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (counts[e] >= needed[e]) continue;
+      if (receiver < 0) { receiver = e; continue; }
+      const bool missing = counts[e] == 0, best_missing = counts[receiver] == 0;
+      if (missing != best_missing) { if (missing) receiver = e; continue; }
+      if (!missing && load[e] / counts[e] > load[receiver] / counts[receiver]) receiver = e;
+    }
+    if (receiver < 0) break;
+    int64_t donor = -1;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (counts[e] <= needed[e]) continue;
+      if (donor < 0 || load[e] / (counts[e] - 1) < load[donor] / (counts[donor] - 1)) donor = e;
+    }
+    MOE_INTERNAL_ASSERT(donor >= 0, "no donor of a replica in layer ", layer_index);
+    int64_t give_up = -1;  // the donor's replica on the hottest GPU, unpinned if possible
+    for (int64_t p = 0; p < num_slots; ++p) {
+      if (state.expert[p] != donor) continue;
+      if (give_up < 0) { give_up = p; continue; }
+      const bool pinned = state.home_node[p] >= 0, best_pinned = state.home_node[give_up] >= 0;
+      if (pinned != best_pinned) { if (!pinned) give_up = p; continue; }
+      if (state.gpu_load[p / geometry.slots_per_gpu] >
+          state.gpu_load[give_up / geometry.slots_per_gpu]) give_up = p;
+    }
+    state.gpu_load[give_up / geometry.slots_per_gpu] -= state.slot_load[give_up];
+    state.expert[give_up] = -1;
+    state.slot_load[give_up] = 0.0;
+    state.home_node[give_up] = -1;
+    counts[donor] -= 1;
+    counts[receiver] += 1;
+    freed_slots.push_back(static_cast<int32_t>(give_up));
+    receivers.push_back(static_cast<int32_t>(receiver));
+  }
+  for (int64_t p = 0; p < num_slots; ++p) {
+    if (state.expert[p] >= 0) state.slot_load[p] = load[state.expert[p]] / counts[state.expert[p]];
+  }
+  state.recompute_gpu_loads();
+  // Freed slots to receivers, heaviest replica first, lightest GPU without a twin.
+  std::stable_sort(receivers.begin(), receivers.end(), [&](int32_t a, int32_t b) {
+    const double la = load[a] / counts[a], lb = load[b] / counts[b];
+    return la != lb ? la > lb : a < b;
+  });
+  std::vector<char> filled(freed_slots.size(), 0);
+  for (int32_t e : receivers) {
+    int64_t best = -1;
+    bool best_twin = true, best_home = false;
+    for (size_t i = 0; i < freed_slots.size(); ++i) {
+      if (filled[i]) continue;
+      const int64_t p = freed_slots[i];
+      const int64_t gpu = p / geometry.slots_per_gpu;
+      const bool twin = state.gpu_holds(gpu, e);
+      const bool at_home = !home.empty() && home[e] == node_of_slot(p);
+      bool better = best < 0;
+      if (!better && twin != best_twin) better = !twin;
+      else if (!better && at_home != best_home) better = at_home && !options.allow_cross_node;
+      else if (!better) {
+        const int64_t best_gpu = freed_slots[best] / geometry.slots_per_gpu;
+        better = state.gpu_load[gpu] < state.gpu_load[best_gpu];
+      }
+      if (better) { best = static_cast<int64_t>(i); best_twin = twin; best_home = at_home; }
+    }
+    const int64_t p = freed_slots[best];
+    filled[best] = 1;
+    state.expert[p] = e;
+    state.slot_load[p] = load[e] / counts[e];
+    state.gpu_load[p / geometry.slots_per_gpu] += state.slot_load[p];
+    if (!home.empty() && home[e] == node_of_slot(p)) {
+      bool pinned_elsewhere = false;
+      for (int64_t q = 0; q < num_slots && options.allow_cross_node; ++q) {
+        pinned_elsewhere = pinned_elsewhere || (q != p && state.expert[q] == e && state.home_node[q] >= 0);
+      }
+      if (!pinned_elsewhere) state.home_node[p] = home[e];
+    }
+  }
+  int64_t moves = count_moves(state, current);
+  refine_by_swaps(state, target_load, current, budget, &moves, iteration_cap(geometry));
+  LayerPlan plan = finish(geometry, load, state, home, current, scratch.lower_bound);
+
+  if (plan.imbalance > scratch.imbalance * (1.0 + tolerance) * (1.0 + 1e-9)) {
+    // Local repair fell short: the from-scratch plan, relabelled to keep what it can.
+    LayerPlan relabelled = scratch;
+    relabelled.slot_expert = relabel_onto_current(geometry, scratch.slot_expert, current);
+    relabelled.moves = 0;
+    for (int64_t p = 0; p < num_slots; ++p) relabelled.moves += relabelled.slot_expert[p] != current[p];
+    if (relabelled.moves <= budget && relabelled.imbalance < plan.imbalance) plan = std::move(relabelled);
+  }
+  return plan;
+}
+
+}  // namespace moe_ext::core::eplb::detail

@@ -1,0 +1,253 @@
+// Largest-first packing and swap refinement of replicas onto GPUs.
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "core/check.h"
+#include "core/eplb/slot_state.h"
+
+namespace moe_ext::core::eplb::detail {
+
+void SlotState::recompute_gpu_loads() {
+  gpu_load.assign(static_cast<size_t>(num_gpus), 0.0);
+  for (int64_t g = 0; g < num_gpus; ++g) {
+    double sum = 0.0;
+    for (int64_t s = 0; s < slots_per_gpu; ++s) sum += slot_load[g * slots_per_gpu + s];
+    gpu_load[g] = sum;
+  }
+}
+
+bool SlotState::gpu_holds(int64_t gpu, int32_t expert_id, int64_t except_slot) const {
+  const int64_t first = gpu * slots_per_gpu;
+  for (int64_t p = first; p < first + slots_per_gpu; ++p) {
+    if (p != except_slot && expert[p] == expert_id) return true;
+  }
+  return false;
+}
+
+int64_t SlotState::hottest_gpu() const {
+  int64_t best = 0;
+  for (int64_t g = 1; g < num_gpus; ++g) {
+    if (gpu_load[g] > gpu_load[best]) best = g;
+  }
+  return best;
+}
+
+namespace {
+
+struct HeapEntry {
+  double load;
+  int32_t gpu;
+  uint32_t version;
+};
+
+// Min-heap on (load, gpu) through std::*_heap (which builds max-heaps).
+struct LighterFirst {
+  bool operator()(const HeapEntry& a, const HeapEntry& b) const {
+    if (a.load != b.load) return a.load > b.load;
+    return a.gpu > b.gpu;
+  }
+};
+
+class LargestFirstPacker {
+ public:
+  LargestFirstPacker(int64_t num_gpus, int64_t slots_per_gpu, int64_t gpus_per_node)
+      : num_nodes_(num_gpus / gpus_per_node), heaps_(static_cast<size_t>(num_nodes_)),
+        version_(static_cast<size_t>(num_gpus), 0), fill_(static_cast<size_t>(num_gpus), 0),
+        free_slots_(static_cast<size_t>(num_nodes_), gpus_per_node * slots_per_gpu),
+        pending_pinned_(static_cast<size_t>(num_nodes_), 0) {
+    state_.num_gpus = num_gpus;
+    state_.slots_per_gpu = slots_per_gpu;
+    state_.gpus_per_node = gpus_per_node;
+    const size_t slots = static_cast<size_t>(num_gpus * slots_per_gpu);
+    state_.expert.assign(slots, -1);
+    state_.slot_load.assign(slots, 0.0);
+    state_.home_node.assign(slots, -1);
+    state_.gpu_load.assign(static_cast<size_t>(num_gpus), 0.0);
+    for (int64_t g = 0; g < num_gpus; ++g) {
+      heaps_[g / gpus_per_node].push_back({0.0, static_cast<int32_t>(g), 0});
+    }
+    for (auto& heap : heaps_) std::make_heap(heap.begin(), heap.end(), LighterFirst{});
+  }
+
+  SlotState run(std::vector<PackItem>& items) {
+    for (const PackItem& item : items) {
+      if (item.home_node >= 0) pending_pinned_[item.home_node] += 1;
+    }
+    // Heaviest first; a pinned twin before its free copies so it gets first pick.
+    std::stable_sort(items.begin(), items.end(), [](const PackItem& a, const PackItem& b) {
+      if (a.load != b.load) return a.load > b.load;
+      if (a.expert != b.expert) return a.expert < b.expert;
+      return a.home_node > b.home_node;
+    });
+    for (const PackItem& item : items) place(item);
+    return std::move(state_);
+  }
+
+ private:
+  struct Pick {
+    int32_t gpu = -1;
+    bool twin = false;
+  };
+
+  // Lightest GPU of a node with room, preferring one without the expert.
+  Pick pick_in_node(int64_t node, int32_t expert) {
+    auto& heap = heaps_[node];
+    rejected_.clear();
+    Pick pick;
+    while (!heap.empty()) {
+      const HeapEntry top = heap.front();
+      const bool stale = top.version != version_[top.gpu] ||
+                         fill_[top.gpu] == state_.slots_per_gpu;
+      if (!stale && !state_.gpu_holds(top.gpu, expert)) {
+        pick.gpu = top.gpu;
+        break;
+      }
+      std::pop_heap(heap.begin(), heap.end(), LighterFirst{});
+      heap.pop_back();
+      if (!stale) rejected_.push_back(top);
+    }
+    if (pick.gpu < 0 && !rejected_.empty()) pick = {rejected_.front().gpu, true};
+    for (const HeapEntry& entry : rejected_) {
+      heap.push_back(entry);
+      std::push_heap(heap.begin(), heap.end(), LighterFirst{});
+    }
+    return pick;
+  }
+
+  void place(const PackItem& item) {
+    Pick best;
+    if (item.home_node >= 0) {
+      best = pick_in_node(item.home_node, item.expert);
+    } else {
+      for (int64_t node = 0; node < num_nodes_; ++node) {
+        if (free_slots_[node] <= pending_pinned_[node]) continue;  // reserved for pinned items
+        const Pick pick = pick_in_node(node, item.expert);
+        if (pick.gpu < 0) continue;
+        if (best.gpu < 0 || (best.twin && !pick.twin) ||
+            (best.twin == pick.twin && state_.gpu_load[pick.gpu] < state_.gpu_load[best.gpu])) {
+          best = pick;
+        }
+      }
+    }
+    MOE_INTERNAL_ASSERT(best.gpu >= 0, "no GPU with a free slot for expert ", item.expert);
+    const int64_t gpu = best.gpu;
+    const int64_t slot = gpu * state_.slots_per_gpu + fill_[gpu];
+    state_.expert[slot] = item.expert;
+    state_.slot_load[slot] = item.load;
+    state_.home_node[slot] = item.home_node;
+    state_.gpu_load[gpu] += item.load;
+    fill_[gpu] += 1;
+    version_[gpu] += 1;
+    const int64_t node = gpu / state_.gpus_per_node;
+    free_slots_[node] -= 1;
+    if (item.home_node >= 0) pending_pinned_[item.home_node] -= 1;
+    if (fill_[gpu] < state_.slots_per_gpu) {
+      auto& heap = heaps_[node];
+      heap.push_back({state_.gpu_load[gpu], static_cast<int32_t>(gpu), version_[gpu]});
+      std::push_heap(heap.begin(), heap.end(), LighterFirst{});
+    }
+  }
+
+  int64_t num_nodes_;
+  SlotState state_;
+  std::vector<std::vector<HeapEntry>> heaps_;
+  std::vector<uint32_t> version_;
+  std::vector<int64_t> fill_;
+  std::vector<int64_t> free_slots_;
+  std::vector<int64_t> pending_pinned_;
+  std::vector<HeapEntry> rejected_;
+};
+
+}  // namespace
+
+SlotState pack_largest_first(std::vector<PackItem> items, int64_t num_gpus, int64_t slots_per_gpu,
+                             int64_t gpus_per_node) {
+  MOE_INTERNAL_ASSERT(static_cast<int64_t>(items.size()) == num_gpus * slots_per_gpu);
+  LargestFirstPacker packer(num_gpus, slots_per_gpu, gpus_per_node);
+  return packer.run(items);
+}
+
+int64_t count_moves(const SlotState& state, const int64_t* current) {
+  if (current == nullptr) return 0;
+  int64_t moves = 0;
+  for (size_t p = 0; p < state.expert.size(); ++p) moves += state.expert[p] != current[p];
+  return moves;
+}
+
+int64_t count_same_gpu_duplicates(const SlotState& state) {
+  int64_t duplicates = 0;
+  for (int64_t g = 0; g < state.num_gpus; ++g) {
+    const int64_t first = g * state.slots_per_gpu;
+    for (int64_t p = first + 1; p < first + state.slots_per_gpu; ++p) {
+      for (int64_t q = first; q < p; ++q) {
+        if (state.expert[q] == state.expert[p]) {
+          ++duplicates;
+          break;
+        }
+      }
+    }
+  }
+  return duplicates;
+}
+
+void refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
+                     int64_t move_budget, int64_t* moves, int64_t max_iterations) {
+  const int64_t num_gpus = state.num_gpus;
+  const int64_t per_gpu = state.slots_per_gpu;
+  if (num_gpus < 2) return;
+  double scale = 0.0;
+  for (double load : state.gpu_load) scale = std::max(scale, load);
+  const double eps = 1e-12 * std::max(scale, 1e-300);
+  auto node_of = [&](int64_t gpu) { return static_cast<int32_t>(gpu / state.gpus_per_node); };
+  auto changed = [&](int64_t slot, int32_t expert) -> int64_t {
+    return current != nullptr && current[slot] != expert ? 1 : 0;
+  };
+
+  for (int64_t iteration = 0; iteration < max_iterations; ++iteration) {
+    const int64_t hot = state.hottest_gpu();
+    const double hot_load = state.gpu_load[hot];
+    if (hot_load <= stop_load) return;
+    int64_t best_cost = std::numeric_limits<int64_t>::max();
+    double best_peak = hot_load - eps;
+    int64_t best_p = -1, best_q = -1;
+    for (int64_t p = hot * per_gpu; p < (hot + 1) * per_gpu; ++p) {
+      const int32_t a = state.expert[p];
+      const double load_a = state.slot_load[p];
+      const int32_t home_a = state.home_node[p];
+      for (int64_t other = 0; other < num_gpus; ++other) {
+        const double gap = hot_load - state.gpu_load[other];
+        if (other == hot || gap <= eps) continue;
+        if (home_a >= 0 && node_of(other) != home_a) continue;
+        if (state.gpu_holds(other, a)) continue;
+        for (int64_t q = other * per_gpu; q < (other + 1) * per_gpu; ++q) {
+          const double delta = load_a - state.slot_load[q];
+          if (delta <= eps || delta >= gap - eps) continue;
+          const int32_t b = state.expert[q];
+          const int32_t home_b = state.home_node[q];
+          if (home_b >= 0 && node_of(hot) != home_b) continue;
+          if (state.gpu_holds(hot, b, p)) continue;
+          const int64_t cost = changed(p, b) + changed(q, a) - changed(p, a) - changed(q, b);
+          if (*moves + cost > move_budget) continue;
+          const double peak = std::max(hot_load - delta, state.gpu_load[other] + delta);
+          if (cost < best_cost || (cost == best_cost && peak < best_peak - eps)) {
+            best_cost = cost;
+            best_peak = peak;
+            best_p = p;
+            best_q = q;
+          }
+        }
+      }
+    }
+    if (best_p < 0) return;
+    const double delta = state.slot_load[best_p] - state.slot_load[best_q];
+    std::swap(state.expert[best_p], state.expert[best_q]);
+    std::swap(state.slot_load[best_p], state.slot_load[best_q]);
+    std::swap(state.home_node[best_p], state.home_node[best_q]);
+    state.gpu_load[hot] -= delta;
+    state.gpu_load[best_q / per_gpu] += delta;
+    *moves += best_cost;
+  }
+}
+
+}  // namespace moe_ext::core::eplb::detail

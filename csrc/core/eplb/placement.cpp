@@ -1,0 +1,186 @@
+// Argument checks, threads over layers, and the three maps of the contract.
+#include "core/eplb/placement.h"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <thread>
+#include <vector>
+
+#include "core/check.h"
+#include "core/eplb/layer_planner.h"
+
+namespace moe_ext::core::eplb {
+
+void check_placement_shape(const PlacementShape& shape, const PlacementOptions& options) {
+  MOE_CHECK_ARG(shape.num_layers >= 0, "eplb: weight must have >= 0 layers, got ", shape.num_layers);
+  MOE_CHECK_ARG(shape.num_logical >= 1, "eplb: weight must have >= 1 logical expert, got ",
+                shape.num_logical);
+  MOE_CHECK_ARG(shape.num_gpus >= 1, "eplb: num_gpus must be >= 1, got ", shape.num_gpus);
+  MOE_CHECK_ARG(shape.num_nodes >= 1, "eplb: num_nodes must be >= 1, got ", shape.num_nodes);
+  MOE_CHECK_ARG(shape.num_groups >= 1, "eplb: num_groups must be >= 1, got ", shape.num_groups);
+  MOE_CHECK_ARG(shape.num_replicas >= shape.num_logical,
+                "eplb: num_replicas must be >= the number of logical experts (", shape.num_logical,
+                "), got ", shape.num_replicas);
+  MOE_CHECK_ARG(shape.num_replicas % shape.num_gpus == 0,
+                "eplb: num_replicas must be divisible by num_gpus (", shape.num_gpus, "), got ",
+                shape.num_replicas);
+  MOE_CHECK_ARG(shape.num_gpus % shape.num_nodes == 0,
+                "eplb: num_gpus must be divisible by num_nodes (", shape.num_nodes, "), got ",
+                shape.num_gpus);
+  MOE_CHECK_ARG(shape.num_replicas <= (int64_t{1} << 30),
+                "eplb: num_replicas must be <= 2^30, got ", shape.num_replicas);
+  if (shape.hierarchical()) {
+    MOE_CHECK_ARG(shape.num_logical % shape.num_groups == 0,
+                  "eplb: the number of logical experts must be divisible by num_groups (",
+                  shape.num_groups, ") in hierarchical mode, got ", shape.num_logical);
+  }
+  MOE_CHECK_ARG(options.relax_threshold >= 0.0 && std::isfinite(options.relax_threshold),
+                "eplb: relax_threshold must be finite and >= 0, got ", options.relax_threshold);
+  MOE_CHECK_ARG(options.migration_tolerance >= 0.0 && std::isfinite(options.migration_tolerance),
+                "eplb: tolerance must be finite and >= 0, got ", options.migration_tolerance);
+  MOE_CHECK_ARG(options.num_threads >= 0, "eplb: num_threads must be >= 0, got ",
+                options.num_threads);
+}
+
+void check_placement_loads(const PlacementShape& shape, const double* weight) {
+  const int64_t total = shape.num_layers * shape.num_logical;
+  for (int64_t i = 0; i < total; ++i) {
+    MOE_CHECK_ARG(std::isfinite(weight[i]) && weight[i] >= 0.0,
+                  "eplb: weight must be finite and >= 0, got ", weight[i], " at [layer ",
+                  i / shape.num_logical, ", expert ", i % shape.num_logical, "]");
+  }
+}
+
+void check_current_placement(const PlacementShape& shape, const int64_t* current) {
+  const int64_t total = shape.num_layers * shape.num_replicas;
+  for (int64_t i = 0; i < total; ++i) {
+    MOE_CHECK_ARG(current[i] >= 0 && current[i] < shape.num_logical,
+                  "eplb: current must hold expert ids in [0, ", shape.num_logical, "), got ",
+                  current[i], " at [layer ", i / shape.num_replicas, ", slot ",
+                  i % shape.num_replicas, "]");
+  }
+}
+
+double placement_imbalance(const double* load, const int64_t* phy2log, int64_t num_logical,
+                           int64_t num_replicas, int64_t num_gpus) {
+  std::vector<int64_t> counts(static_cast<size_t>(num_logical), 0);
+  for (int64_t p = 0; p < num_replicas; ++p) counts[phy2log[p]] += 1;
+  const int64_t per_gpu = num_replicas / num_gpus;
+  double total = 0.0, hottest = 0.0;
+  for (int64_t g = 0; g < num_gpus; ++g) {
+    double gpu_load = 0.0;
+    for (int64_t p = g * per_gpu; p < (g + 1) * per_gpu; ++p) {
+      gpu_load += load[phy2log[p]] / static_cast<double>(counts[phy2log[p]]);
+    }
+    total += gpu_load;
+    hottest = std::max(hottest, gpu_load);
+  }
+  if (!(total > 0.0)) return 1.0;
+  return hottest / (total / static_cast<double>(num_gpus));
+}
+
+PlacementResult plan_placement(const PlacementShape& shape, const double* weight,
+                               const int64_t* current, const PlacementOptions& options) {
+  check_placement_shape(shape, options);
+  check_placement_loads(shape, weight);
+  const int64_t layers = shape.num_layers, experts = shape.num_logical, slots = shape.num_replicas;
+  if (current != nullptr) {
+    check_current_placement(shape, current);
+    if (options.max_moves >= 0) {
+      for (int64_t l = 0; l < layers; ++l) {
+        std::vector<char> seen(static_cast<size_t>(experts), 0);
+        int64_t missing = experts;
+        for (int64_t p = 0; p < slots; ++p) {
+          missing -= !seen[current[l * slots + p]];
+          seen[current[l * slots + p]] = 1;
+        }
+        MOE_CHECK_ARG(missing <= options.max_moves, "eplb: max_moves (", options.max_moves,
+                      ") is below the ", missing, " experts that current lacks in layer ", l,
+                      " (every expert needs a replica)");
+      }
+    }
+  }
+
+  detail::LayerGeometry geometry;
+  geometry.num_logical = experts;
+  geometry.num_replicas = slots;
+  geometry.num_gpus = shape.num_gpus;
+  geometry.num_nodes = shape.num_nodes;
+  geometry.slots_per_gpu = shape.slots_per_gpu();
+  geometry.gpus_per_node = shape.gpus_per_node();
+  geometry.hierarchical = shape.hierarchical();
+  geometry.num_groups = shape.num_groups;
+  geometry.group_size = geometry.hierarchical ? experts / shape.num_groups : experts;
+
+  PlacementResult result;
+  result.max_replicas = shape.max_replicas();
+  result.phy2log.assign(static_cast<size_t>(layers * slots), -1);
+  if (options.build_log2phy) {
+    result.log2phy.assign(static_cast<size_t>(layers * experts * result.max_replicas), -1);
+  }
+  result.logcnt.assign(static_cast<size_t>(layers * experts), 0);
+  result.imbalance.assign(static_cast<size_t>(layers), 1.0);
+  result.lower_bound.assign(static_cast<size_t>(layers), 1.0);
+  result.moves.assign(static_cast<size_t>(layers), 0);
+  result.cross_node_replicas.assign(static_cast<size_t>(layers), 0);
+  result.same_gpu_duplicates.assign(static_cast<size_t>(layers), 0);
+  result.hierarchy_relaxed.assign(static_cast<size_t>(layers), 0);
+
+  auto plan_one = [&](int64_t l) {
+    const double* load = weight + l * experts;
+    detail::LayerPlan plan =
+        current == nullptr
+            ? detail::plan_layer_from_scratch(geometry, load, options)
+            : detail::plan_layer_from_current(geometry, load, current + l * slots, options, l);
+    int64_t* phy2log = result.phy2log.data() + l * slots;
+    int64_t* logcnt = result.logcnt.data() + l * experts;
+    int64_t* log2phy =
+        options.build_log2phy ? result.log2phy.data() + l * experts * result.max_replicas : nullptr;
+    for (int64_t p = 0; p < slots; ++p) {
+      const int64_t e = plan.slot_expert[p];
+      MOE_INTERNAL_ASSERT(e >= 0 && e < experts, "slot ", p, " of layer ", l, " holds ", e);
+      phy2log[p] = e;
+      MOE_INTERNAL_ASSERT(logcnt[e] < result.max_replicas, "expert ", e, " over-replicated");
+      if (log2phy != nullptr) log2phy[e * result.max_replicas + logcnt[e]] = p;
+      logcnt[e] += 1;
+    }
+    for (int64_t e = 0; e < experts; ++e) {
+      MOE_INTERNAL_ASSERT(logcnt[e] >= 1, "expert ", e, " of layer ", l, " has no replica");
+    }
+    result.imbalance[l] = plan.imbalance;
+    result.lower_bound[l] = plan.lower_bound;
+    result.moves[l] = plan.moves;
+    result.cross_node_replicas[l] = plan.cross_node;
+    result.same_gpu_duplicates[l] = plan.duplicates;
+    result.hierarchy_relaxed[l] = plan.relaxed ? 1 : 0;
+  };
+
+  int64_t threads = options.num_threads;
+  if (threads == 0) threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  threads = std::min(threads, layers);
+  if (threads <= 1) {
+    for (int64_t l = 0; l < layers; ++l) plan_one(l);
+    return result;
+  }
+  // Layers are independent and each writes only its own rows: the plan does
+  // not depend on the number of threads or their timing.
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
+  std::vector<std::thread> workers;
+  for (int64_t t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      try {
+        for (int64_t l = t; l < layers; l += threads) plan_one(l);
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    });
+  }
+  for (auto& worker : workers) worker.join();
+  for (auto& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+  return result;
+}
+
+}  // namespace moe_ext::core::eplb

@@ -1,0 +1,51 @@
+// Greedy replica counts: optimal for the largest per-replica load.
+#include <algorithm>
+#include <queue>
+#include <vector>
+
+#include "core/check.h"
+#include "core/eplb/slot_state.h"
+
+namespace moe_ext::core::eplb::detail {
+
+namespace {
+
+struct Candidate {
+  double per_replica;
+  int32_t count;
+  int32_t expert;
+};
+
+// "Less urgent" ordering for a max-heap: lower per-replica load, then more
+// replicas, then higher id sit below.
+struct LessUrgent {
+  bool operator()(const Candidate& a, const Candidate& b) const {
+    if (a.per_replica != b.per_replica) return a.per_replica < b.per_replica;
+    if (a.count != b.count) return a.count > b.count;
+    return a.expert > b.expert;
+  }
+};
+
+}  // namespace
+
+void greedy_replica_counts(const double* load, int64_t num_experts, int64_t num_slots,
+                           int32_t* counts) {
+  MOE_INTERNAL_ASSERT(num_slots >= num_experts);
+  std::vector<Candidate> heap;
+  heap.reserve(static_cast<size_t>(num_experts));
+  for (int64_t e = 0; e < num_experts; ++e) {
+    counts[e] = 1;
+    heap.push_back({load[e], 1, static_cast<int32_t>(e)});
+  }
+  std::make_heap(heap.begin(), heap.end(), LessUrgent{});
+  for (int64_t extra = num_experts; extra < num_slots; ++extra) {
+    std::pop_heap(heap.begin(), heap.end(), LessUrgent{});
+    Candidate& top = heap.back();
+    top.count += 1;
+    counts[top.expert] = top.count;
+    top.per_replica = load[top.expert] / top.count;
+    std::push_heap(heap.begin(), heap.end(), LessUrgent{});
+  }
+}
+
+}  // namespace moe_ext::core::eplb::detail

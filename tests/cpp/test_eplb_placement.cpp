@@ -1,0 +1,243 @@
+// GoogleTest suite of core::eplb::plan_placement: the contract's invariants on
+// random shapes, degenerate inputs, argument errors, determinism across
+// threads, twin avoidance, relaxed hierarchy, and migration budgets.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "core/eplb/placement.h"
+
+namespace {
+
+using moe_ext::core::eplb::placement_imbalance;
+using moe_ext::core::eplb::plan_placement;
+using moe_ext::core::eplb::PlacementOptions;
+using moe_ext::core::eplb::PlacementResult;
+using moe_ext::core::eplb::PlacementShape;
+
+PlacementShape make_shape(int64_t layers, int64_t experts, int64_t replicas, int64_t groups,
+                          int64_t nodes, int64_t gpus) {
+  PlacementShape shape;
+  shape.num_layers = layers;
+  shape.num_logical = experts;
+  shape.num_replicas = replicas;
+  shape.num_groups = groups;
+  shape.num_nodes = nodes;
+  shape.num_gpus = gpus;
+  return shape;
+}
+
+std::vector<double> lognormal_loads(int64_t count, uint32_t seed, double sigma = 0.8) {
+  std::mt19937 rng(seed);
+  std::lognormal_distribution<double> dist(0.0, sigma);
+  std::vector<double> loads(static_cast<size_t>(count));
+  for (double& x : loads) x = 1000.0 * dist(rng);
+  return loads;
+}
+
+// Every invariant of the contract, for every layer.
+void expect_valid(const PlacementShape& shape, const PlacementResult& result) {
+  const int64_t max_rep = shape.num_replicas - shape.num_logical + 1;
+  ASSERT_EQ(result.max_replicas, max_rep);
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    std::vector<int64_t> counts(static_cast<size_t>(shape.num_logical), 0);
+    for (int64_t p = 0; p < shape.num_replicas; ++p) {
+      const int64_t e = result.phy2log[l * shape.num_replicas + p];
+      ASSERT_GE(e, 0);
+      ASSERT_LT(e, shape.num_logical);
+      counts[e] += 1;
+    }
+    for (int64_t e = 0; e < shape.num_logical; ++e) {
+      ASSERT_GE(counts[e], 1) << "expert " << e << " layer " << l;
+      ASSERT_EQ(result.logcnt[l * shape.num_logical + e], counts[e]);
+      const int64_t* row = result.log2phy.data() + (l * shape.num_logical + e) * max_rep;
+      for (int64_t r = 0; r < max_rep; ++r) {
+        if (r < counts[e]) {
+          ASSERT_EQ(result.phy2log[l * shape.num_replicas + row[r]], e);
+          if (r > 0) {
+            ASSERT_LT(row[r - 1], row[r]);
+          }
+        } else {
+          ASSERT_EQ(row[r], -1);
+        }
+      }
+    }
+  }
+}
+
+TEST(EplbPlacement, InvariantsOnRandomShapes) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t nodes = 1 + rng() % 4;
+    const int64_t gpus = nodes * (1 + rng() % 4);
+    const int64_t groups = 1 + rng() % 6;
+    const int64_t experts = groups * (1 + rng() % 6);
+    int64_t replicas = gpus * (1 + rng() % 5);
+    while (replicas < experts) replicas += gpus;
+    const PlacementShape shape = make_shape(1 + rng() % 3, experts, replicas, groups, nodes, gpus);
+    const auto loads = lognormal_loads(shape.num_layers * experts, trial, 1.5);
+    PlacementOptions options;
+    const PlacementResult result = plan_placement(shape, loads.data(), nullptr, options);
+    expect_valid(shape, result);
+    for (int64_t l = 0; l < shape.num_layers; ++l) {
+      EXPECT_GE(result.imbalance[l], 1.0 - 1e-12);
+      EXPECT_GE(result.imbalance[l], result.lower_bound[l] - 1e-9);
+      EXPECT_NEAR(result.imbalance[l],
+                  placement_imbalance(loads.data() + l * experts,
+                                      result.phy2log.data() + l * replicas, experts, replicas, gpus),
+                  1e-12);
+    }
+  }
+}
+
+TEST(EplbPlacement, DegenerateInputs) {
+  PlacementOptions options;
+  {  // all-zero load
+    const auto shape = make_shape(2, 8, 16, 2, 2, 4);
+    std::vector<double> loads(16, 0.0);
+    const auto result = plan_placement(shape, loads.data(), nullptr, options);
+    expect_valid(shape, result);
+    EXPECT_DOUBLE_EQ(result.imbalance[0], 1.0);
+  }
+  {  // one expert holds everything: it gets every redundant slot, one per GPU where possible
+    const auto shape = make_shape(1, 8, 16, 1, 1, 8);
+    std::vector<double> loads(8, 0.0);
+    loads[3] = 100.0;
+    const auto result = plan_placement(shape, loads.data(), nullptr, options);
+    expect_valid(shape, result);
+    EXPECT_EQ(result.logcnt[3], 9);
+    EXPECT_EQ(result.same_gpu_duplicates[0], 1);  // 9 replicas on 8 GPUs: one twin is unavoidable
+  }
+  {  // replicas == experts, one GPU, one layer
+    for (auto shape : {make_shape(1, 6, 6, 3, 1, 3), make_shape(1, 5, 10, 1, 1, 1)}) {
+      const auto loads = lognormal_loads(shape.num_logical, 3);
+      const auto result = plan_placement(shape, loads.data(), nullptr, options);
+      expect_valid(shape, result);
+    }
+  }
+  {  // zero layers
+    const auto shape = make_shape(0, 4, 8, 1, 1, 2);
+    const auto result = plan_placement(shape, nullptr, nullptr, options);
+    EXPECT_TRUE(result.phy2log.empty());
+  }
+}
+
+TEST(EplbPlacement, BadArgumentsNameTheArgument) {
+  PlacementOptions options;
+  std::vector<double> loads(16, 1.0);
+  auto expect_error = [&](const PlacementShape& shape, const std::string& needle,
+                          const double* weight, const int64_t* current = nullptr,
+                          PlacementOptions opts = PlacementOptions{}) {
+    try {
+      plan_placement(shape, weight, current, opts);
+      ADD_FAILURE() << "expected an error naming " << needle;
+    } catch (const std::invalid_argument& error) {
+      EXPECT_NE(std::string(error.what()).find(needle), std::string::npos) << error.what();
+    }
+  };
+  expect_error(make_shape(1, 16, 18, 1, 1, 4), "num_replicas", loads.data());
+  expect_error(make_shape(1, 16, 16, 1, 3, 4), "num_gpus", loads.data());
+  expect_error(make_shape(1, 16, 8, 1, 1, 4), "num_replicas", loads.data());
+  expect_error(make_shape(1, 16, 16, 3, 1, 4), "num_groups", loads.data());
+  std::vector<double> bad = loads;
+  bad[5] = -1.0;
+  expect_error(make_shape(1, 16, 16, 1, 1, 4), "weight", bad.data());
+  bad[5] = std::numeric_limits<double>::quiet_NaN();
+  expect_error(make_shape(1, 16, 16, 1, 1, 4), "weight", bad.data());
+  std::vector<int64_t> current(16, 0);
+  current[2] = 16;
+  expect_error(make_shape(1, 16, 16, 1, 1, 4), "current", loads.data(), current.data());
+  current.assign(16, 0);  // every slot holds expert 0: 15 experts missing
+  PlacementOptions small_budget;
+  small_budget.max_moves = 3;
+  expect_error(make_shape(1, 16, 16, 1, 1, 4), "max_moves", loads.data(), current.data(), small_budget);
+}
+
+TEST(EplbPlacement, DeterministicAcrossThreads) {
+  const auto shape = make_shape(13, 64, 96, 8, 2, 16);
+  const auto loads = lognormal_loads(13 * 64, 11, 1.2);
+  PlacementOptions one, four;
+  one.num_threads = 1;
+  four.num_threads = 4;
+  const auto a = plan_placement(shape, loads.data(), nullptr, one);
+  const auto b = plan_placement(shape, loads.data(), nullptr, four);
+  EXPECT_EQ(a.phy2log, b.phy2log);
+  EXPECT_EQ(a.imbalance, b.imbalance);
+  const auto c = plan_placement(shape, loads.data(), a.phy2log.data(), four);
+  const auto d = plan_placement(shape, loads.data(), a.phy2log.data(), one);
+  EXPECT_EQ(c.phy2log, d.phy2log);
+}
+
+TEST(EplbPlacement, NoTwinsOnAGpuWhenAvoidable) {
+  // Global mode (3 groups, 2 nodes); whenever no expert has more replicas than
+  // there are GPUs, no GPU may hold two replicas of one expert.
+  const auto shape = make_shape(40, 36, 72, 3, 2, 12);
+  const auto loads = lognormal_loads(40 * 36, 5, 1.5);
+  const auto result = plan_placement(shape, loads.data(), nullptr, PlacementOptions{});
+  int64_t checked = 0;
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    const auto* counts = result.logcnt.data() + l * shape.num_logical;
+    if (*std::max_element(counts, counts + shape.num_logical) > shape.num_gpus) continue;
+    ++checked;
+    EXPECT_EQ(result.same_gpu_duplicates[l], 0) << "layer " << l;
+  }
+  EXPECT_GT(checked, 20);
+}
+
+TEST(EplbPlacement, HotNodeRelaxesHierarchy) {
+  // 4 groups on 4 nodes; group 0 carries most of the load: node-confined
+  // placement cannot do better than ~node share / mean.
+  const auto shape = make_shape(1, 32, 48, 4, 4, 8);
+  std::vector<double> loads(32, 1.0);
+  for (int e = 0; e < 8; ++e) loads[e] = 20.0;
+  PlacementOptions strict;
+  strict.allow_cross_node = false;
+  const auto confined = plan_placement(shape, loads.data(), nullptr, strict);
+  const auto relaxed = plan_placement(shape, loads.data(), nullptr, PlacementOptions{});
+  expect_valid(shape, relaxed);
+  EXPECT_GT(confined.imbalance[0], 1.5);
+  EXPECT_EQ(confined.cross_node_replicas[0], 0);
+  EXPECT_LT(relaxed.imbalance[0], 1.1);
+  EXPECT_EQ(relaxed.hierarchy_relaxed[0], 1);
+  EXPECT_GT(relaxed.cross_node_replicas[0], 0);
+}
+
+TEST(EplbPlacement, MigrationMovesFewAndRespectsBudget) {
+  const auto shape = make_shape(8, 64, 96, 8, 2, 16);
+  auto loads = lognormal_loads(8 * 64, 21);
+  const auto before = plan_placement(shape, loads.data(), nullptr, PlacementOptions{});
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> drift(0.9, 1.1);
+  for (double& x : loads) x *= drift(rng);
+  const auto scratch = plan_placement(shape, loads.data(), nullptr, PlacementOptions{});
+  const auto migrated = plan_placement(shape, loads.data(), before.phy2log.data(), PlacementOptions{});
+  expect_valid(shape, migrated);
+  int64_t total_moves = 0;
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    total_moves += migrated.moves[l];
+    EXPECT_LE(migrated.imbalance[l], scratch.imbalance[l] * 1.02 + 1e-9);
+  }
+  EXPECT_LT(total_moves, shape.num_layers * shape.num_replicas / 4);
+  for (int64_t budget : {0, 1, 4}) {
+    PlacementOptions bounded;
+    bounded.max_moves = budget;
+    const auto result = plan_placement(shape, loads.data(), before.phy2log.data(), bounded);
+    expect_valid(shape, result);
+    for (int64_t l = 0; l < shape.num_layers; ++l) {
+      EXPECT_LE(result.moves[l], budget);
+      int64_t changed = 0;
+      for (int64_t p = 0; p < shape.num_replicas; ++p) {
+        changed += result.phy2log[l * 96 + p] != before.phy2log[l * 96 + p];
+      }
+      EXPECT_EQ(changed, result.moves[l]);
+    }
+  }
+}
+
+}  // namespace
