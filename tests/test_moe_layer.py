@@ -76,3 +76,36 @@ def test_every_comm_method_matches_dense_reference(world_size, layouts):
     checks = run_distributed(run_grid, world_size, layouts, all_cases, backend=backend_under_test(), timeout=600)
     expected = sum(len(all_cases(dp, tp)) for dp, tp in layouts)
     assert checks == [expected] * world_size
+
+
+def test_single_rank_layer_feeds_eplb_load_recorder_and_replicas():
+    from moe_ext.eplb import LoadRecorder
+    from moe_ext.moe import MoEConfig, MoELayer
+    from moe_ext.testing.dense_moe import dense_moe
+
+    torch.manual_seed(3)
+    num_experts, slots, top_k, hidden = 6, 9, 2, 16
+    placement = torch.tensor([2, 0, 1, 5, 4, 3, 0, 0, 4])  # expert 0 has three replicas, 4 has two
+    config = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=8,
+                       num_physical_experts=slots)
+    recorder = LoadRecorder(num_layers=2, num_experts=slots, window=4)
+    layer = MoELayer(config, placement=placement, load_recorder=recorder, layer_index=1)
+    gate, w13, w2 = torch.randn(num_experts, hidden), torch.randn(num_experts, hidden, 16), torch.randn(num_experts, 8, hidden)
+    layer.load_logical_weights(gate, w13, w2)
+    x = torch.randn(12, hidden)
+    torch.testing.assert_close(layer(x), dense_moe(x, gate, w13, w2, top_k), atol=1e-4, rtol=1e-4)
+    _, chosen = layer.route(x)
+    from moe_ext.testing.dense_moe import dense_routing
+    logical = [sorted(experts) for experts, _ in dense_routing(x @ gate.t(), top_k)]
+    assert [sorted(row) for row in placement[chosen.long()].tolist()] == logical  # each slot holds the chosen expert
+    recorder.step()
+    load = recorder.load()
+    assert int(load[1].sum()) == 12 * top_k and int(load[0].sum()) == 0
+    assert torch.equal(load[1], torch.bincount(chosen.reshape(-1).long(), minlength=slots))
+    # the replica of expert e is t % replicas[e]: recompute it per token
+    replicas_of = {0: [1, 6, 7], 4: [4, 8]}
+    for t, row in enumerate(chosen.tolist()):
+        for slot in row:
+            expert = int(placement[slot])
+            if expert in replicas_of:
+                assert slot == replicas_of[expert][t % len(replicas_of[expert])]

@@ -50,11 +50,12 @@ class MoELayer(nn.Module):
     ``comm_method``: "auto" (decided per forward by
     :func:`select_comm_method`), a method name, or an instance.
 
-    ``load_recorder``: called as ``load_recorder(layer_index, tokens_per_slot)``
+    ``load_recorder``: a ``moe_ext.eplb.LoadRecorder`` (its ``record_layer``) or a
+    callable, called as ``(layer_index, tokens_per_slot)``
     each forward with int64 [num_physical_experts] counts of this rank's real
     tokens per physical slot (identical on the ranks of one TP group; the sum
-    over the DP group is the global load). ``moe_ext.eplb.LoadRecorder`` plugs
-    in here when present; the last counts are also kept in ``last_expert_load``.
+    over the DP group is the global load); the last counts are also kept in
+    ``last_expert_load``.
     """
 
     def __init__(self, config: MoEConfig, *, scoring: str = "softmax", renormalize: bool = True,
@@ -160,4 +161,5 @@ class MoELayer(nn.Module):
             load = torch.bincount(slots.reshape(-1).to(torch.int64), minlength=self.config.num_physical_experts)
         self.last_expert_load = load
         if self.load_recorder is not None:
-            self.load_recorder(self.layer_index, load)
+            record = getattr(self.load_recorder, "record_layer", self.load_recorder)  # eplb.LoadRecorder or a callable
+            record(self.layer_index, load)
