@@ -33,5 +33,6 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "moe_ext native planners (torch-free C++ core)";
   m.def("build_info", &build_info, "What this build of moe_ext compiled: backends, CUDA archs, CANN.");
   moe_ext::bindings::bind_permute_indices(m);
+  moe_ext::bindings::bind_transfer(m);
   moe_ext::bindings::bind_eplb(m);
 }

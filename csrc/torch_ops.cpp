@@ -16,14 +16,45 @@ TORCH_LIBRARY(moe_ext, m) {
       "generate_permute_indices(Tensor tokens_per_expert_group, int experts_per_rank, "
       "int num_ranks, int max_len, int alignment) -> (Tensor permuted_indices, Tensor m_sizes, "
       "Tensor m_offsets)");
+  // Token routing (contracts: python/moe_ext/ops/routing.py and regroup.py).
+  // Dropless permute in the npu_moe_init_routing_v2 layout: rows stably sorted by
+  // (mapped) expert id, rows outside [active_start, active_end) dropped;
+  // expanded_row_idx in gather form; counts per active expert (or their cumsum).
+  m.def(
+      "moe_permute(Tensor hidden_states, Tensor topk_ids, int num_experts, int active_start, "
+      "int active_end, Tensor? expert_map, bool counts_cumsum) -> (Tensor permuted, "
+      "Tensor expanded_row_idx, Tensor expert_tokens)");
+  // out[t] = sum_k probs[t,k] * permuted[expanded_row_idx[t*topk+k]], -1 skipped, fp32 sums.
+  m.def("moe_unpermute(Tensor permuted, Tensor expanded_row_idx, Tensor? probs, int topk) -> Tensor");
+  m.def(
+      "moe_unpermute_backward(Tensor grad_output, Tensor permuted, Tensor expanded_row_idx, "
+      "Tensor? probs, int topk, bool compute_grad_probs) -> (Tensor grad_permuted, Tensor grad_probs)");
+  // int64 count of each expert id in [0, num_experts).
+  m.def("expert_histogram(Tensor topk_ids, int num_experts) -> Tensor");
+  // out[p] = x[indices[p]], zeros where indices[p] == -1.
+  m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
+  // out[indices[p]] = x[p]; rows no index names are zeros; each row named at most once.
+  m.def("scatter_rows(Tensor x, Tensor indices, int num_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("generate_permute_indices", &moe_ext::cpu::generate_permute_indices);
+  m.impl("moe_permute", &moe_ext::cpu::moe_permute);
+  m.impl("moe_unpermute", &moe_ext::cpu::moe_unpermute);
+  m.impl("moe_unpermute_backward", &moe_ext::cpu::moe_unpermute_backward);
+  m.impl("expert_histogram", &moe_ext::cpu::expert_histogram);
+  m.impl("gather_rows", &moe_ext::cpu::gather_rows);
+  m.impl("scatter_rows", &moe_ext::cpu::scatter_rows);
 }
 
 #if defined(MOE_EXT_WITH_CUDA)
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
   m.impl("generate_permute_indices", &moe_ext::cuda::generate_permute_indices);
+  m.impl("moe_permute", &moe_ext::cuda::moe_permute);
+  m.impl("moe_unpermute", &moe_ext::cuda::moe_unpermute);
+  m.impl("moe_unpermute_backward", &moe_ext::cuda::moe_unpermute_backward);
+  m.impl("expert_histogram", &moe_ext::cuda::expert_histogram);
+  m.impl("gather_rows", &moe_ext::cuda::gather_rows);
+  m.impl("scatter_rows", &moe_ext::cuda::scatter_rows);
 }
 #endif

@@ -149,3 +149,22 @@ def test_bad_arguments_name_the_argument(call, match):
     weight = torch.rand(2, 16) + 0.1
     with pytest.raises(ValueError, match=match):
         call(weight)
+
+
+def test_count_moves_never_worse_than_greedy_counts_or_public():
+    """Two slots per GPU: count moves (re-pairing) lower the peak and never raise it."""
+    from moe_ext.eplb.public_reference import public_rebalance_experts
+
+    loads = torch.from_numpy(np.random.default_rng(4).lognormal(0.0, 0.8, size=(6, 64)) * 100)
+    shape = (128, 3, 4, 64)  # 3 groups % 4 nodes != 0: global mode
+    refined = plan_placement(loads, *shape)
+    greedy = plan_placement(loads, *shape, refine_counts=False)
+    public_phy2log, _, _ = public_rebalance_experts(loads, *shape)
+    public = placement_imbalance(loads, public_phy2log, 64)
+    assert torch.all(refined.imbalance <= greedy.imbalance * (1 + 1e-12))
+    # Per layer the public planner may pair an expert with its own twin on one GPU
+    # (we refuse twins), so compare the mean over layers with it.
+    assert float(refined.imbalance.mean()) <= float(public.mean())
+    assert int((refined.imbalance < greedy.imbalance * (1 - 1e-6)).sum()) >= 3
+    for layer in range(6):
+        assert torch.equal(refined.logcnt[layer], torch.bincount(refined.phy2log[layer], minlength=64))

@@ -6,6 +6,7 @@
 namespace moe_ext::bindings {
 
 void bind_permute_indices(pybind11::module_& m);
+void bind_transfer(pybind11::module_& m);
 void bind_eplb(pybind11::module_& m);
 
 }  // namespace moe_ext::bindings

@@ -28,7 +28,7 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
               int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus,
               std::optional<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> current,
               int64_t max_moves, bool allow_cross_node, double relax_threshold, double tolerance,
-              int64_t num_threads, bool with_log2phy) {
+              int64_t num_threads, bool with_log2phy, bool refine_counts) {
   MOE_CHECK_ARG(weight.ndim() == 2, "eplb: weight must be 2-D [layers, logical experts], got ",
                 weight.ndim(), " dimensions");
   core::eplb::PlacementShape shape;
@@ -45,6 +45,7 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
   options.max_moves = max_moves;
   options.num_threads = num_threads;
   options.build_log2phy = with_log2phy;
+  options.refine_counts = refine_counts;
   const int64_t* current_data = nullptr;
   if (current.has_value()) {
     MOE_CHECK_ARG(current->ndim() == 2 && current->shape(0) == shape.num_layers &&
@@ -82,6 +83,7 @@ void bind_eplb(py::module_& m) {
         py::arg("max_moves") = -1, py::arg("allow_cross_node") = true,
         py::arg("relax_threshold") = 0.02, py::arg("tolerance") = 0.02,
         py::arg("num_threads") = 1, py::arg("with_log2phy") = true,
+        py::arg("refine_counts") = true,
         "Plan expert placement (numpy in, dict of numpy arrays out). See moe_ext.eplb.");
   m.def(
       "eplb_imbalance",

@@ -72,4 +72,12 @@ inline void check_same_device(const at::Tensor& tensor, const at::Tensor& like, 
                   device_str(tensor.device()), " but ", like_name, " is on ", device_str(like.device()));
 }
 
+inline void check_floating(const at::Tensor& tensor, const char* op, const char* name) {
+  check_dtype(tensor, op, name, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+}
+
+inline void check_index(const at::Tensor& tensor, const char* op, const char* name) {
+  check_dtype(tensor, op, name, {at::kInt, at::kLong});
+}
+
 }  // namespace moe_ext::ops

@@ -23,4 +23,63 @@ cudaError_t launch_generate_permute_indices(const void* counts, bool counts_are_
                                             int32_t* permuted_indices, int32_t* m_sizes,
                                             int32_t* m_offsets, cudaStream_t stream);
 
+// ---------------------------------------------------------------- token routing
+// (csrc/cuda/routing_*.cu). No launcher synchronises. Value errors (an id or a
+// row index out of range, a row named twice) stop the kernel with a
+// device-side assert and the offending entry is never used as an address.
+
+// Element types of the floating-point routing kernels.
+enum class FloatType { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+// Widest active expert range the CUDA permute supports (per-warp counters in
+// shared memory).
+int64_t permute_max_active_experts();
+
+// Workspace moe_permute needs for these sizes (bytes, 16-aligned).
+size_t permute_workspace_bytes(int64_t num_rows, int64_t active_experts);
+
+// moe_permute: builds expanded_row_idx / expert_tokens (counting sort) and
+// copies each token row to its destinations (scatter form). `hidden` is
+// [num_tokens, row_bytes] as bytes; expert_map may be null.
+cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void* topk_ids,
+                               bool ids_are_int64, int64_t num_tokens, int64_t topk,
+                               int64_t num_experts, const void* expert_map, bool map_is_int64,
+                               int64_t active_start, int64_t active_end, bool counts_cumsum,
+                               void* permuted, int32_t* expanded_row_idx, int64_t* expert_tokens,
+                               void* workspace, cudaStream_t stream);
+
+// expert_histogram: counts[e] = entries of ids equal to e (int64).
+cudaError_t launch_expert_histogram(const void* ids, bool ids_are_int64, int64_t count,
+                                    int64_t num_experts, int64_t* counts, cudaStream_t stream);
+
+// moe_unpermute: out[t] = sum_k probs[t,k] * permuted[row_idx[t*K+k]] (-1 skipped),
+// fp32 sums (fp64 for kFloat64). probs may be null (weight 1); probs_are_float32
+// says whether probs is float32 or of `type`.
+cudaError_t launch_moe_unpermute(FloatType type, const void* permuted, int64_t num_rows,
+                                 int64_t hidden_size, const void* row_idx, bool row_idx_is_int64,
+                                 const void* probs, bool probs_are_float32, int64_t num_tokens,
+                                 int64_t topk, void* out, cudaStream_t stream);
+
+// Backward of moe_unpermute. grad_permuted[row] = probs[t,k] * grad_out[t] for
+// row = row_idx[t*K+k], zero for rows no entry names; grad_probs (may be null)
+// [t,k] = dot(grad_out[t], permuted[row]) or 0. inverse is int32 scratch
+// [num_rows]. Each row is written by one thread group: no atomics on data.
+cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, const void* permuted,
+                                          int64_t num_rows, int64_t hidden_size, const void* row_idx,
+                                          bool row_idx_is_int64, const void* probs,
+                                          bool probs_are_float32, int64_t num_tokens, int64_t topk,
+                                          void* grad_permuted, void* grad_probs, int32_t* inverse,
+                                          cudaStream_t stream);
+
+// gather_rows: out[p] = x[indices[p]] or zeros for -1; rows are row_bytes bytes.
+cudaError_t launch_gather_rows(const void* x, int64_t num_rows, int64_t row_bytes,
+                               const void* indices, bool indices_are_int64, int64_t count, void* out,
+                               cudaStream_t stream);
+
+// scatter_rows: out[indices[p]] = x[p], zero rows where nothing lands; inverse
+// is int32 scratch [num_out_rows].
+cudaError_t launch_scatter_rows(const void* x, int64_t count, int64_t row_bytes, const void* indices,
+                                bool indices_are_int64, int64_t num_out_rows, void* out,
+                                int32_t* inverse, cudaStream_t stream);
+
 }  // namespace moe_ext::cuda

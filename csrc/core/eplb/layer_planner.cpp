@@ -85,14 +85,46 @@ std::vector<int32_t> expert_home_of(const LayerGeometry& geometry,
   return home;
 }
 
-SlotState pack_and_refine(const LayerGeometry& geometry, std::vector<PackItem> items,
-                          int64_t gpus_per_domain, double stop_load) {
-  SlotState state = pack_largest_first(std::move(items), geometry.num_gpus, geometry.slots_per_gpu,
-                                       gpus_per_domain);
-  state.gpus_per_node = geometry.gpus_per_node;  // pins always refer to real nodes
-  int64_t unused_moves = 0;
-  refine_by_swaps(state, stop_load, nullptr, 0, &unused_moves, iteration_cap(geometry));
-  return state;
+int64_t count_move_cap(const LayerGeometry& geometry) { return geometry.num_logical; }
+
+double peak_of(const SlotState& state) { return state.gpu_load[state.hottest_gpu()]; }
+
+// Pack, refine by swaps, then re-pair: change replica counts where that lowers
+// the peak on the packed state, pack the new counts afresh (largest first is
+// the optimal pairing with 2 slots per GPU) and keep it when its peak is lower.
+// items_for(counts) builds the items (with their pins) of a count vector.
+template <typename ItemsFor>
+SlotState pack_and_refine(const LayerGeometry& geometry, const double* load,
+                          const std::vector<int32_t>& counts, const ItemsFor& items_for,
+                          int64_t gpus_per_domain, double stop_load, bool change_counts) {
+  auto pack = [&](const std::vector<int32_t>& replica_counts, bool refine) {
+    SlotState state = pack_largest_first(items_for(replica_counts), geometry.num_gpus,
+                                         geometry.slots_per_gpu, gpus_per_domain);
+    state.gpus_per_node = geometry.gpus_per_node;  // pins always refer to real nodes
+    int64_t unused_moves = 0;
+    if (refine) refine_by_swaps(state, stop_load, nullptr, 0, &unused_moves, iteration_cap(geometry));
+    return state;
+  };
+  SlotState best = pack(counts, true);
+  std::vector<int32_t> new_counts(static_cast<size_t>(geometry.num_logical));
+  for (int round = 0; change_counts && round < 8 && peak_of(best) > stop_load; ++round) {
+    SlotState trial = best;
+    int64_t unused_moves = 0;
+    if (refine_by_count_moves(trial, load, geometry.num_logical, nullptr, stop_load, nullptr, 0,
+                              &unused_moves, count_move_cap(geometry)) == 0) {
+      break;
+    }
+    std::fill(new_counts.begin(), new_counts.end(), 0);
+    for (int32_t e : trial.expert) new_counts[e] += 1;
+    // With 2 slots per GPU largest-first is already the optimal pairing and
+    // the swap scan (the costly part) rarely finds anything.
+    SlotState repacked = pack(new_counts, geometry.slots_per_gpu > 2);
+    const double trial_peak = peak_of(trial), repacked_peak = peak_of(repacked);
+    SlotState& winner = repacked_peak <= trial_peak ? repacked : trial;
+    if (!(peak_of(winner) < peak_of(best) * (1.0 - 1e-12))) break;
+    best = std::move(winner);
+  }
+  return best;
 }
 
 // Greedy matching of "new" bins to "old" bins by overlap (largest first, ties
@@ -256,8 +288,8 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
   };
 
   if (!geometry.hierarchical || geometry.num_nodes == 1) {
-    SlotState state = pack_and_refine(geometry, items_from(counts, {}, false), geometry.num_gpus,
-                                      stop_load);
+    SlotState state = pack_and_refine(geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, {}, false); }, geometry.num_gpus,
+                                      stop_load, options.refine_counts);
     return finish(geometry, load, state, {}, nullptr, lower_bound);
   }
 
@@ -284,21 +316,21 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
       for (size_t i = 0; i < node_experts.size(); ++i) node_counts[node_experts[i]] = local_counts[i];
     }
   }
-  SlotState strict_state = pack_and_refine(geometry, items_from(node_counts, home, true),
-                                           geometry.gpus_per_node, stop_load);
+  SlotState strict_state = pack_and_refine(geometry, load, node_counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, true); },
+                                           geometry.gpus_per_node, stop_load, options.refine_counts);
   LayerPlan plan = finish(geometry, load, strict_state, home, nullptr, lower_bound);
   if (options.allow_cross_node && plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
     // Relaxed hierarchy: every expert keeps its primary replica at home, the
     // redundant ones may go wherever the load is lowest.
-    SlotState relaxed_state = pack_and_refine(geometry, items_from(counts, home, false),
-                                              geometry.gpus_per_node, stop_load);
+    SlotState relaxed_state = pack_and_refine(geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
+                                              geometry.gpus_per_node, stop_load, options.refine_counts);
     LayerPlan relaxed = finish(geometry, load, relaxed_state, home, nullptr, lower_bound);
     if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(relaxed);
     if (plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
       // Even with primaries at home the node is too hot (its slots can only be
       // filled with its own experts' replicas): place as in global mode.
-      SlotState global_state = pack_and_refine(geometry, items_from(counts, {}, false),
-                                               geometry.num_gpus, stop_load);
+      SlotState global_state = pack_and_refine(geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, {}, false); },
+                                               geometry.num_gpus, stop_load, options.refine_counts);
       LayerPlan global = finish(geometry, load, global_state, home, nullptr, lower_bound);
       if (global.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(global);
     }
@@ -439,7 +471,11 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
     }
   }
   int64_t moves = count_moves(state, current);
-  refine_by_swaps(state, target_load, current, budget, &moves, iteration_cap(geometry));
+  // Swaps and count moves, both charged by the slots they change; a confined
+  // expert's new replicas stay in its node.
+  const int32_t* confine = !home.empty() && !options.allow_cross_node ? home.data() : nullptr;
+  refine_placement(state, load, num_experts, confine, target_load, current, budget, &moves,
+                   iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0);
   LayerPlan plan = finish(geometry, load, state, home, current, scratch.lower_bound);
 
   if (plan.imbalance > scratch.imbalance * (1.0 + tolerance) * (1.0 + 1e-9)) {

@@ -191,11 +191,11 @@ int64_t count_same_gpu_duplicates(const SlotState& state) {
   return duplicates;
 }
 
-void refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
-                     int64_t move_budget, int64_t* moves, int64_t max_iterations) {
+int64_t refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
+                        int64_t move_budget, int64_t* moves, int64_t max_iterations) {
   const int64_t num_gpus = state.num_gpus;
   const int64_t per_gpu = state.slots_per_gpu;
-  if (num_gpus < 2) return;
+  if (num_gpus < 2) return 0;
   double scale = 0.0;
   for (double load : state.gpu_load) scale = std::max(scale, load);
   const double eps = 1e-12 * std::max(scale, 1e-300);
@@ -204,10 +204,21 @@ void refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
     return current != nullptr && current[slot] != expert ? 1 : 0;
   };
 
+  // Without current every swap costs nothing, so GPUs are visited lightest
+  // first and the scan stops once no lighter partner can beat the best peak
+  // found (a swap with `other` never ends below (hot + other) / 2).
+  std::vector<int32_t> by_load(static_cast<size_t>(num_gpus));
+  int64_t swaps = 0;
   for (int64_t iteration = 0; iteration < max_iterations; ++iteration) {
     const int64_t hot = state.hottest_gpu();
     const double hot_load = state.gpu_load[hot];
-    if (hot_load <= stop_load) return;
+    if (hot_load <= stop_load) return swaps;
+    for (int64_t g = 0; g < num_gpus; ++g) by_load[g] = static_cast<int32_t>(g);
+    if (current == nullptr) {
+      std::sort(by_load.begin(), by_load.end(), [&](int32_t x, int32_t y) {
+        return state.gpu_load[x] != state.gpu_load[y] ? state.gpu_load[x] < state.gpu_load[y] : x < y;
+      });
+    }
     int64_t best_cost = std::numeric_limits<int64_t>::max();
     double best_peak = hot_load - eps;
     int64_t best_p = -1, best_q = -1;
@@ -215,8 +226,10 @@ void refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
       const int32_t a = state.expert[p];
       const double load_a = state.slot_load[p];
       const int32_t home_a = state.home_node[p];
-      for (int64_t other = 0; other < num_gpus; ++other) {
+      for (int64_t rank = 0; rank < num_gpus; ++rank) {
+        const int64_t other = by_load[rank];
         const double gap = hot_load - state.gpu_load[other];
+        if (current == nullptr && 0.5 * (hot_load + state.gpu_load[other]) >= best_peak - eps) break;
         if (other == hot || gap <= eps) continue;
         if (home_a >= 0 && node_of(other) != home_a) continue;
         if (state.gpu_holds(other, a)) continue;
@@ -239,7 +252,7 @@ void refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
         }
       }
     }
-    if (best_p < 0) return;
+    if (best_p < 0) return swaps;
     const double delta = state.slot_load[best_p] - state.slot_load[best_q];
     std::swap(state.expert[best_p], state.expert[best_q]);
     std::swap(state.slot_load[best_p], state.slot_load[best_q]);
@@ -247,7 +260,9 @@ void refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
     state.gpu_load[hot] -= delta;
     state.gpu_load[best_q / per_gpu] += delta;
     *moves += best_cost;
+    ++swaps;
   }
+  return swaps;
 }
 
 }  // namespace moe_ext::core::eplb::detail

@@ -2,5 +2,13 @@
 
 from moe_ext.eplb.load_recorder import LoadRecorder
 from moe_ext.eplb.placement import PlacementPlan, placement_imbalance, plan_placement, rebalance_experts
+from moe_ext.eplb.rearrange import (
+    RearrangementHandle,
+    rearrange_expert_weights_async,
+    rearrange_expert_weights_inplace,
+)
+from moe_ext.eplb.transfer import LayerRankPlan, TransferPlan, plan_expert_transfer
 
-__all__ = ["LoadRecorder", "PlacementPlan", "placement_imbalance", "plan_placement", "rebalance_experts"]
+__all__ = ["LoadRecorder", "PlacementPlan", "placement_imbalance", "plan_placement", "rebalance_experts",
+           "LayerRankPlan", "RearrangementHandle", "TransferPlan", "plan_expert_transfer",
+           "rearrange_expert_weights_async", "rearrange_expert_weights_inplace"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["generate_permute_indices_reference", "generate_permute_indices_vectorized"]
+__all__ = ["generate_permute_indices_reference", "generate_permute_indices_vectorized",
+           "moe_permute_reference", "moe_unpermute_reference", "expert_histogram_reference",
+           "group_by_local_expert_reference", "ungroup_by_local_expert_reference"]
 
 
 def _padded_sizes(tokens_per_expert_group: torch.Tensor, experts_per_rank: int, num_ranks: int,
@@ -72,3 +74,76 @@ def generate_permute_indices_vectorized(tokens_per_expert_group: torch.Tensor, e
     permuted = torch.full((max_len,), -1, dtype=torch.int32, device=device)
     permuted[destination] = (start_by_expert[group_of_row] + offset_in_group).to(torch.int32)
     return permuted, m_sizes.to(torch.int32), m_offsets.to(torch.int32)
+
+
+# ---------------------------------------------------------------- token routing
+
+def moe_permute_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                          active_expert_range=None, expert_map=None, counts: str = "count"):
+    """:func:`moe_ext.ops.moe_permute` step by step in torch ops (any device).
+
+    Returns ``(permuted, expanded_row_idx, expert_tokens)``; rows of
+    ``permuted`` past the valid count are zero here (the op leaves them unwritten).
+    """
+    num_tokens, topk = topk_ids.shape
+    start, end = (0, num_experts) if active_expert_range is None else active_expert_range
+    ids = topk_ids.reshape(-1).to(torch.int64)                     # row f = t * K + k
+    if ids.numel() and not bool(((ids >= 0) & (ids < num_experts)).all()):
+        raise ValueError(f"topk_ids must be in [0, {num_experts})")
+    keys = expert_map.to(torch.int64)[ids] if expert_map is not None else ids
+    valid = (keys >= start) & (keys < end)
+    sort_key = torch.where(valid, keys, torch.full_like(keys, end))  # dropped rows sort last
+    order = torch.sort(sort_key, stable=True).indices
+    num_valid = int(valid.sum())
+    kept = order[:num_valid]
+    permuted = hidden_states.new_zeros((num_tokens * topk, hidden_states.shape[1]))
+    permuted[:num_valid] = hidden_states[kept // topk]
+    expanded_row_idx = torch.full((num_tokens * topk,), -1, dtype=torch.int32, device=ids.device)
+    expanded_row_idx[kept] = torch.arange(num_valid, dtype=torch.int32, device=ids.device)
+    expert_tokens = torch.bincount(keys[valid] - start, minlength=end - start).to(torch.int64)
+    if counts == "cumsum":
+        expert_tokens = torch.cumsum(expert_tokens, 0)
+    return permuted, expanded_row_idx, expert_tokens
+
+
+def moe_unpermute_reference(permuted: torch.Tensor, expanded_row_idx: torch.Tensor, probs=None,
+                            topk: int | None = None):
+    """:func:`moe_ext.ops.moe_unpermute` in torch ops: fp32 (fp64 for fp64) sums over k in order."""
+    if topk is None:
+        topk = probs.shape[1]
+    rows = expanded_row_idx.reshape(-1, topk).to(torch.int64)
+    acc_dtype = torch.float64 if permuted.dtype == torch.float64 else torch.float32
+    out = torch.zeros((rows.shape[0], permuted.shape[1]), dtype=acc_dtype, device=permuted.device)
+    for k in range(topk):
+        row = rows[:, k]
+        taken = row >= 0
+        gathered = permuted[row.clamp_min(0)].to(acc_dtype)
+        weight = probs[:, k].to(acc_dtype) if probs is not None else torch.ones_like(row, dtype=acc_dtype)
+        out += torch.where(taken[:, None], gathered * weight[:, None], torch.zeros_like(gathered))
+    return out.to(permuted.dtype)
+
+
+def expert_histogram_reference(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """:func:`moe_ext.ops.expert_histogram` with ``bincount``."""
+    return torch.bincount(topk_ids.reshape(-1).to(torch.int64), minlength=num_experts)
+
+
+def group_by_local_expert_reference(x: torch.Tensor, tokens_per_expert_group: torch.Tensor,
+                                    experts_per_rank: int, num_ranks: int, alignment: int,
+                                    max_len: int):
+    """The regroup as it is usually written: append a zero row, then gather (``-1`` hits it)."""
+    permuted_indices, m_sizes, m_offsets = generate_permute_indices_reference(
+        tokens_per_expert_group.cpu(), experts_per_rank, num_ranks, max_len, alignment)
+    permuted_indices = permuted_indices.to(x.device)
+    with_zero_row = torch.vstack((x, x.new_zeros((1, x.shape[1]))))
+    return (with_zero_row[permuted_indices.to(torch.int64)], permuted_indices, m_sizes.to(x.device),
+            m_offsets.to(x.device))
+
+
+def ungroup_by_local_expert_reference(grouped: torch.Tensor, permuted_indices: torch.Tensor,
+                                      num_rows: int) -> torch.Tensor:
+    """Inverse of the regroup: rows back to arrival order, zeros where nothing lands."""
+    out = grouped.new_zeros((num_rows, grouped.shape[1]))
+    taken = permuted_indices >= 0
+    out[permuted_indices[taken].to(torch.int64)] = grouped[taken]
+    return out

@@ -1,0 +1,77 @@
+// Host-side argument checks of the routing ops, shared by the CPU kernels and
+// the CUDA glue: everything that does not need to read index values (those
+// are checked by the CPU kernels on the host and by device asserts on CUDA).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "common/op_checks.h"
+#include "core/routing_layout.h"
+
+namespace moe_ext::ops {
+
+inline void check_permute_args(const at::Tensor& hidden_states, const at::Tensor& topk_ids,
+                               int64_t num_experts, int64_t active_start, int64_t active_end,
+                               const std::optional<at::Tensor>& expert_map) {
+  constexpr const char* op = "moe_permute";
+  check_dim(hidden_states, op, "hidden_states", 2);
+  check_floating(hidden_states, op, "hidden_states");
+  check_dim(topk_ids, op, "topk_ids", 2);
+  check_index(topk_ids, op, "topk_ids");
+  check_same_device(topk_ids, hidden_states, op, "topk_ids", "hidden_states");
+  MOE_CHECK_VALUE(topk_ids.size(0) == hidden_states.size(0), op,
+                    ": topk_ids and hidden_states must have the same number of tokens, got ",
+                    topk_ids.size(0), " and ", hidden_states.size(0));
+  if (expert_map.has_value()) {
+    check_dim(*expert_map, op, "expert_map", 1);
+    check_index(*expert_map, op, "expert_map");
+    check_same_device(*expert_map, hidden_states, op, "expert_map", "hidden_states");
+  }
+  call_core([&] {
+    core::check_routing_shape(topk_ids.size(0), topk_ids.size(1), num_experts,
+                              expert_map.has_value() ? expert_map->numel() : -1, active_start,
+                              active_end);
+  });
+}
+
+// Returns the number of tokens T = expanded_row_idx.numel() / topk.
+inline int64_t check_unpermute_args(const at::Tensor& permuted, const at::Tensor& expanded_row_idx,
+                                    const std::optional<at::Tensor>& probs, int64_t topk,
+                                    const char* op) {
+  check_dim(permuted, op, "permuted", 2);
+  check_floating(permuted, op, "permuted");
+  check_dim(expanded_row_idx, op, "expanded_row_idx", 1);
+  check_index(expanded_row_idx, op, "expanded_row_idx");
+  check_same_device(expanded_row_idx, permuted, op, "expanded_row_idx", "permuted");
+  MOE_CHECK_VALUE(topk >= 1, op, ": topk must be >= 1, got ", topk);
+  MOE_CHECK_VALUE(expanded_row_idx.numel() % topk == 0, op, ": expanded_row_idx has ",
+                    expanded_row_idx.numel(), " entries, not a multiple of topk = ", topk);
+  const int64_t num_tokens = expanded_row_idx.numel() / topk;
+  if (probs.has_value()) {
+    check_dim(*probs, op, "probs", 2);
+    check_floating(*probs, op, "probs");
+    check_same_device(*probs, permuted, op, "probs", "permuted");
+    MOE_CHECK_VALUE(probs->size(0) == num_tokens && probs->size(1) == topk, op,
+                      ": probs must be [T, K] = [", num_tokens, ", ", topk,
+                      "] to match expanded_row_idx (T * K = ", expanded_row_idx.numel(), "), got ",
+                      shape_str(probs->sizes()));
+    MOE_CHECK_TYPE(probs->scalar_type() == permuted.scalar_type() ||
+                         probs->scalar_type() == at::kFloat,
+                     op, ": probs must be float32 or the dtype of permuted (",
+                   dtype_str(permuted.scalar_type()), "), got ", dtype_str(probs->scalar_type()));
+  }
+  return num_tokens;
+}
+
+inline void check_rows_args(const at::Tensor& x, const at::Tensor& indices, const char* op,
+                            const char* x_name) {
+  check_dim(x, op, x_name, 2);
+  check_dim(indices, op, "indices", 1);
+  check_index(indices, op, "indices");
+  check_same_device(indices, x, op, "indices", x_name);
+}
+
+}  // namespace moe_ext::ops

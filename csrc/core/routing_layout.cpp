@@ -1,0 +1,137 @@
+#include "core/routing_layout.h"
+
+#include <limits>
+#include <vector>
+
+#include "core/check.h"
+
+namespace moe_ext::core {
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+template <typename IdT>
+void check_ids_in_range(const IdT* ids, int64_t count, int64_t topk, int64_t num_experts,
+                        const char* op) {
+  for (int64_t f = 0; f < count; ++f) {
+    const int64_t id = static_cast<int64_t>(ids[f]);
+    MOE_CHECK_ARG(id >= 0 && id < num_experts, op, ": topk_ids must be in [0, num_experts=",
+                  num_experts, "), got ", id, " at token ", f / topk, ", slot ", f % topk);
+  }
+}
+
+}  // namespace
+
+void check_routing_shape(int64_t num_tokens, int64_t topk, int64_t num_experts,
+                         int64_t expert_map_size, int64_t active_start, int64_t active_end) {
+  MOE_CHECK_ARG(num_tokens >= 0, "moe_permute: num_tokens must be >= 0, got ", num_tokens);
+  MOE_CHECK_ARG(topk >= 1, "moe_permute: topk_ids must have at least one column (K >= 1), got K = ",
+                topk);
+  MOE_CHECK_ARG(num_experts >= 1, "moe_permute: num_experts must be >= 1, got ", num_experts);
+  MOE_CHECK_ARG(num_experts <= kInt32Max, "moe_permute: num_experts must fit in int32, got ",
+                num_experts);
+  // Positions in expanded_row_idx are int32.
+  MOE_CHECK_ARG(num_tokens <= (kInt32Max + 1) / topk, "moe_permute: T * K = ", num_tokens, " * ", topk,
+                " exceeds 2^31 rows (expanded_row_idx is int32)");
+  MOE_CHECK_ARG(expert_map_size < 0 || expert_map_size == num_experts,
+                "moe_permute: expert_map must have num_experts = ", num_experts, " entries, got ",
+                expert_map_size);
+  MOE_CHECK_ARG(active_start >= 0 && active_start <= active_end && active_end <= num_experts,
+                "moe_permute: active_expert_range must satisfy 0 <= start <= end <= num_experts = ",
+                num_experts, ", got (", active_start, ", ", active_end, ")");
+}
+
+template <typename IdT, typename MapT>
+int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t topk,
+                             int64_t num_experts, const MapT* expert_map, int64_t active_start,
+                             int64_t active_end, bool cumulative_counts, int32_t* expanded_row_idx,
+                             int64_t* expert_tokens) {
+  check_routing_shape(num_tokens, topk, num_experts, expert_map ? num_experts : -1, active_start,
+                      active_end);
+  const int64_t rows = num_tokens * topk;
+  check_ids_in_range(topk_ids, rows, topk, num_experts, "moe_permute");
+
+  // Counting sort on the local key: histogram, exclusive scan, stable placement.
+  const int64_t range = active_end - active_start;
+  const auto local_key = [&](int64_t f) -> int64_t {  // -1 = dropped
+    const int64_t id = static_cast<int64_t>(topk_ids[f]);
+    const int64_t key = expert_map ? static_cast<int64_t>(expert_map[id]) : id;
+    const int64_t local = key - active_start;
+    return (local >= 0 && local < range) ? local : -1;
+  };
+  std::vector<int64_t> next_position(static_cast<size_t>(range), 0);
+  for (int64_t f = 0; f < rows; ++f) {
+    const int64_t local = local_key(f);
+    if (local >= 0) ++next_position[static_cast<size_t>(local)];
+  }
+  int64_t valid = 0;
+  for (int64_t e = 0; e < range; ++e) {
+    const int64_t count = next_position[static_cast<size_t>(e)];
+    next_position[static_cast<size_t>(e)] = valid;
+    valid += count;
+    expert_tokens[e] = cumulative_counts ? valid : count;
+  }
+  for (int64_t f = 0; f < rows; ++f) {
+    const int64_t local = local_key(f);
+    expanded_row_idx[f] =
+        local >= 0 ? static_cast<int32_t>(next_position[static_cast<size_t>(local)]++) : -1;
+  }
+  return valid;
+}
+
+template <typename IdT>
+void expert_histogram(const IdT* ids, int64_t count, int64_t num_experts, int64_t* counts) {
+  MOE_CHECK_ARG(num_experts >= 1, "expert_histogram: num_experts must be >= 1, got ", num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) counts[e] = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t id = static_cast<int64_t>(ids[i]);
+    if (id >= 0 && id < num_experts) ++counts[id];
+  }
+}
+
+template <typename IndexT>
+void check_row_indices(const IndexT* indices, int64_t count, int64_t num_rows, const char* op,
+                       const char* name) {
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t row = static_cast<int64_t>(indices[p]);
+    MOE_CHECK_ARG(row >= -1 && row < num_rows, op, ": ", name, " must be in [-1, ", num_rows,
+                  ") (-1 = no row), got ", row, " at index ", p);
+  }
+}
+
+template <typename IndexT>
+void build_inverse_index(const IndexT* indices, int64_t count, int64_t num_rows, const char* op,
+                         const char* name, int64_t* inverse) {
+  check_row_indices(indices, count, num_rows, op, name);
+  std::vector<int64_t> seen(static_cast<size_t>(num_rows), -1);
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t row = static_cast<int64_t>(indices[p]);
+    if (row < 0) continue;
+    MOE_CHECK_ARG(seen[static_cast<size_t>(row)] < 0, op, ": ", name,
+                  " must name each row at most once, but row ", row, " appears at index ",
+                  seen[static_cast<size_t>(row)], " and at index ", p);
+    seen[static_cast<size_t>(row)] = p;
+  }
+  for (int64_t r = 0; r < num_rows; ++r) inverse[r] = seen[static_cast<size_t>(r)];
+}
+
+#define MOE_INSTANTIATE_LAYOUT(IdT, MapT)                                                       \
+  template int64_t build_routing_layout<IdT, MapT>(const IdT*, int64_t, int64_t, int64_t,      \
+                                                   const MapT*, int64_t, int64_t, bool, int32_t*, \
+                                                   int64_t*);
+MOE_INSTANTIATE_LAYOUT(int32_t, int32_t)
+MOE_INSTANTIATE_LAYOUT(int32_t, int64_t)
+MOE_INSTANTIATE_LAYOUT(int64_t, int32_t)
+MOE_INSTANTIATE_LAYOUT(int64_t, int64_t)
+#undef MOE_INSTANTIATE_LAYOUT
+
+template void expert_histogram<int32_t>(const int32_t*, int64_t, int64_t, int64_t*);
+template void expert_histogram<int64_t>(const int64_t*, int64_t, int64_t, int64_t*);
+template void check_row_indices<int32_t>(const int32_t*, int64_t, int64_t, const char*, const char*);
+template void check_row_indices<int64_t>(const int64_t*, int64_t, int64_t, const char*, const char*);
+template void build_inverse_index<int32_t>(const int32_t*, int64_t, int64_t, const char*, const char*,
+                                           int64_t*);
+template void build_inverse_index<int64_t>(const int64_t*, int64_t, int64_t, const char*, const char*,
+                                           int64_t*);
+
+}  // namespace moe_ext::core

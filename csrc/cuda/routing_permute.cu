@@ -1,0 +1,440 @@
+// moe_permute and expert_histogram on CUDA.
+//
+// Index build: a counting sort on the local expert key (<= a few thousand
+// keys: a radix sort over 32 bits would be wasted work), stable because every
+// warp walks its own contiguous segment of rows in order, 32 rows a step,
+// ranking equal keys inside a step with __match_any_sync:
+//   - small inputs (<= kSingleBlockRows rows, decode sizes): one block counts
+//     per warp, scans the counts and places every row: one launch;
+//   - larger inputs: count per block -> scan (one block) -> recount and place
+//     per block: three short launches.
+// Row copy: scatter form, one thread group per source token: the token row is
+// read once (16-byte vectors where alignment allows) and written to each of
+// its K destinations; only valid rows are written.
+//
+// An id outside [0, num_experts) fires a device-side assert and its row is
+// treated as dropped: no id is ever used as an address unchecked.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+
+#include "cuda/device_check.cuh"
+#include "cuda/launchers.h"
+#include "cuda/routing_common.cuh"
+
+namespace moe_ext::cuda {
+namespace {
+
+using namespace routing;
+
+// Per-warp key counters in dynamic shared memory; with the single-block
+// kernel's ~8.3 KiB of static scan storage this stays under the 48 KiB a
+// launch gets without an opt-in.
+constexpr int kCounterBudgetBytes = 32 * 1024;
+constexpr int64_t kMaxActiveExperts = kCounterBudgetBytes / 4;
+constexpr int kIndexThreads = 256;          // multi-block index kernels (8 warps)
+constexpr int kSingleBlockThreads = 1024;   // single-block index kernel (32 warps)
+constexpr int kScanThreads = 1024;
+constexpr int64_t kSingleBlockRows = 4096;
+constexpr int64_t kRowsPerIndexBlock = 2048;
+constexpr int64_t kMaxIndexBlocks = 1024;
+constexpr int64_t kHistogramSharedExperts = 12288;  // 48 KiB of int32 counters
+constexpr int64_t kHistogramSingleBlockCount = 65536;
+
+// Warps that keep their own counters: as many as the budget allows.
+int counting_warps(int64_t active_experts, int max_warps) {
+  if (active_experts <= 0) return max_warps;
+  const int64_t fit = kCounterBudgetBytes / (active_experts * 4);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_warps, fit)));
+}
+
+__host__ __device__ inline int64_t rows_per_warp(int64_t rows_per_block, int warps) {
+  return ceil_div(ceil_div(rows_per_block, warps), 32) * 32;
+}
+
+struct IndexGrid {
+  int64_t blocks = 0;
+  int64_t rows_per_block = 0;
+};
+
+IndexGrid index_grid(int64_t rows) {
+  IndexGrid grid;
+  grid.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, kRowsPerIndexBlock), kMaxIndexBlocks));
+  grid.rows_per_block = ceil_div(ceil_div(rows, grid.blocks), 32) * 32;
+  grid.blocks = ceil_div(rows, grid.rows_per_block);
+  return grid;
+}
+
+// The local key of flattened row f, or -1 when the row is dropped.
+template <typename IdT, typename MapT>
+__device__ __forceinline__ int32_t local_key(const IdT* __restrict__ ids, const MapT* __restrict__ map,
+                                             int64_t f, int64_t num_experts, int64_t start,
+                                             int32_t range) {
+  const int64_t id = static_cast<int64_t>(ids[f]);
+  const bool in_range = id >= 0 && id < num_experts;
+  MOE_DEVICE_CHECK(in_range, "moe_permute: topk_ids out of range [0, num_experts)");
+  if (!in_range) return -1;
+  const int64_t key = map != nullptr ? static_cast<int64_t>(map[id]) : id;
+  const int64_t local = key - start;
+  return (local >= 0 && local < range) ? static_cast<int32_t>(local) : -1;
+}
+
+// One warp walks rows [begin, end) in order, 32 per step. Counting: adds each
+// key's rows to counters[key]. Placing: row f gets counters[key] plus the
+// number of equal keys before it in the step, then counters advance; so equal
+// keys keep their flattened order (stability). All lanes run the same trip count.
+template <bool kPlace, typename IdT, typename MapT>
+__device__ void warp_pass(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t begin,
+                          int64_t end, int64_t num_experts, int64_t start, int32_t range,
+                          int32_t* counters, int32_t* __restrict__ expanded_row_idx) {
+  const int lane = threadIdx.x & 31;
+  const unsigned lanes_before = (1u << lane) - 1u;
+  for (int64_t base = begin; base < end; base += 32) {
+    const int64_t f = base + lane;
+    const int32_t key = f < end ? local_key(ids, map, f, num_experts, start, range) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, key);
+    const bool leader = lane == __ffs(peers) - 1;
+    if constexpr (kPlace) {
+      const int32_t position = key >= 0 ? counters[key] + __popc(peers & lanes_before) : -1;
+      __syncwarp();
+      if (key >= 0 && leader) counters[key] += __popc(peers);
+      if (f < end) expanded_row_idx[f] = position;
+    } else {
+      if (key >= 0 && leader) counters[key] += __popc(peers);
+    }
+    __syncwarp();
+  }
+}
+
+// Zeroes the per-warp counters, then counts this block's rows into them.
+template <typename IdT, typename MapT>
+__device__ void count_block_rows(const IdT* ids, const MapT* map, int64_t block_begin,
+                                 int64_t block_end, int64_t warp_rows, int warps,
+                                 int64_t num_experts, int64_t start, int32_t range,
+                                 int32_t* counters) {
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(warps) * range; i += blockDim.x) counters[i] = 0;
+  __syncthreads();
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  if (warp < warps) {
+    const int64_t begin = std::min(block_end, block_begin + warp * warp_rows);
+    const int64_t end = std::min(block_end, begin + warp_rows);
+    warp_pass<false>(ids, map, begin, end, num_experts, start, range, counters + warp * range, nullptr);
+  }
+  __syncthreads();
+}
+
+template <typename IdT, typename MapT>
+__device__ void place_block_rows(const IdT* ids, const MapT* map, int64_t block_begin,
+                                 int64_t block_end, int64_t warp_rows, int warps,
+                                 int64_t num_experts, int64_t start, int32_t range,
+                                 int32_t* counters, int32_t* expanded_row_idx) {
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  if (warp < warps) {
+    const int64_t begin = std::min(block_end, block_begin + warp * warp_rows);
+    const int64_t end = std::min(block_end, begin + warp_rows);
+    warp_pass<true>(ids, map, begin, end, num_experts, start, range, counters + warp * range,
+                    expanded_row_idx);
+  }
+}
+
+// Writes expert e's count (or inclusive cumsum) from its exclusive prefix.
+__device__ __forceinline__ void write_expert_tokens(int64_t* expert_tokens, int64_t e, long long prefix,
+                                                    long long count, bool cumulative) {
+  expert_tokens[e] = cumulative ? prefix + count : count;
+}
+
+// Decode sizes: count, scan and place in one block.
+template <typename IdT, typename MapT>
+__global__ void __launch_bounds__(kSingleBlockThreads)
+single_block_index_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
+                          int warps, int64_t num_experts, int64_t start, int32_t range,
+                          bool cumulative, int64_t* __restrict__ expert_tokens,
+                          int32_t* __restrict__ expanded_row_idx) {
+  using BlockScan = cub::BlockScan<long long, kSingleBlockThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  extern __shared__ int32_t counters[];  // [warps][range]
+  const int64_t warp_rows = rows_per_warp(rows, warps);
+  count_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters);
+
+  // Exclusive scan of the expert totals; each expert's per-warp counters
+  // become the warps' first positions (expert-major, then warp order).
+  const int64_t per_thread = ceil_div(range, kSingleBlockThreads);
+  const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(range, first + per_thread);
+  long long local_sum = 0;
+  for (int64_t e = first; e < last; ++e)
+    for (int w = 0; w < warps; ++w) local_sum += counters[w * range + e];
+  long long prefix = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix);
+  for (int64_t e = first; e < last; ++e) {
+    long long run = prefix;
+    for (int w = 0; w < warps; ++w) {
+      const int32_t count = counters[w * range + e];
+      counters[w * range + e] = static_cast<int32_t>(run);
+      run += count;
+    }
+    write_expert_tokens(expert_tokens, e, prefix, run - prefix, cumulative);
+    prefix = run;
+  }
+  __syncthreads();
+  place_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters,
+                   expanded_row_idx);
+}
+
+// Large inputs, step 1: per-block key counts, block_counts[e * blocks + b].
+template <typename IdT, typename MapT>
+__global__ void __launch_bounds__(kIndexThreads)
+count_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
+             int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
+             int32_t* __restrict__ block_counts) {
+  extern __shared__ int32_t counters[];
+  const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t block_end = std::min(rows, block_begin + rows_per_block);
+  count_block_rows(ids, map, block_begin, block_end, rows_per_warp(rows_per_block, warps), warps,
+                   num_experts, start, range, counters);
+  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
+    int32_t sum = 0;
+    for (int w = 0; w < warps; ++w) sum += counters[w * range + e];
+    block_counts[e * gridDim.x + blockIdx.x] = sum;
+  }
+}
+
+// Step 2 (one block): exclusive scan of block_counts in place, in
+// expert-major order; writes expert_tokens.
+__global__ void __launch_bounds__(kScanThreads)
+scan_kernel(int32_t* __restrict__ block_counts, int64_t blocks, int32_t range, bool cumulative,
+            int64_t* __restrict__ expert_tokens) {
+  using BlockScan = cub::BlockScan<long long, kScanThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  const int64_t entries = static_cast<int64_t>(range) * blocks;
+  const int64_t per_thread = ceil_div(entries, kScanThreads);
+  const int64_t first = std::min<int64_t>(entries, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(entries, first + per_thread);
+  long long local_sum = 0;
+  for (int64_t i = first; i < last; ++i) local_sum += block_counts[i];
+  long long prefix = 0, total = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix, total);
+  for (int64_t i = first; i < last; ++i) {
+    const int32_t count = block_counts[i];
+    block_counts[i] = static_cast<int32_t>(prefix);
+    prefix += count;
+  }
+  __syncthreads();  // the block's global writes are visible to the whole block after this
+  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
+    const long long begin = block_counts[e * blocks];
+    const long long end = e + 1 < range ? block_counts[(e + 1) * blocks] : total;
+    write_expert_tokens(expert_tokens, e, begin, end - begin, cumulative);
+  }
+}
+
+// Step 3: recount this block's rows per warp, turn the counts into first
+// positions from the scanned table, and place.
+template <typename IdT, typename MapT>
+__global__ void __launch_bounds__(kIndexThreads)
+place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
+             int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
+             const int32_t* __restrict__ block_offsets, int32_t* __restrict__ expanded_row_idx) {
+  extern __shared__ int32_t counters[];
+  const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t block_end = std::min(rows, block_begin + rows_per_block);
+  const int64_t warp_rows = rows_per_warp(rows_per_block, warps);
+  count_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
+                   counters);
+  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
+    int32_t run = block_offsets[e * gridDim.x + blockIdx.x];
+    for (int w = 0; w < warps; ++w) {
+      const int32_t count = counters[w * range + e];
+      counters[w * range + e] = run;
+      run += count;
+    }
+  }
+  __syncthreads();
+  place_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
+                   counters, expanded_row_idx);
+}
+
+// Scatter-form copy: a group of threads_per_row threads per source token.
+template <int kBytes>
+__global__ void __launch_bounds__(kBlockThreads)
+scatter_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int64_t topk,
+                    int64_t vectors_per_row, int threads_per_row_,
+                    const int32_t* __restrict__ expanded_row_idx, uint8_t* __restrict__ permuted) {
+  using V = typename Unit<kBytes>::type;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * (kBlockThreads / threads_per_row_) +
+                        threadIdx.x / threads_per_row_;
+  if (token >= num_tokens) return;
+  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
+  const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + token * vectors_per_row;
+  const int32_t* destinations = expanded_row_idx + token * topk;
+  // Under expert parallelism many tokens have no local destination: skip their read.
+  bool needed = false;
+  for (int64_t k = 0; k < topk; ++k) needed = needed || destinations[k] >= 0;
+  if (!needed) return;
+  const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
+  for (int64_t first = lane; first < vectors_per_row; first += stride) {
+    V values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
+      if (v < vectors_per_row) values[u] = source[v];
+    }
+    for (int64_t k = 0; k < topk; ++k) {
+      const int64_t position = destinations[k];  // written by the index kernels: -1 or a valid row
+      if (position < 0) continue;
+      V* __restrict__ row = reinterpret_cast<V*>(permuted) + position * vectors_per_row;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
+        if (v < vectors_per_row) row[v] = values[u];
+      }
+    }
+  }
+}
+
+template <typename IdT, typename MapT>
+cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t num_experts,
+                         int64_t start, int32_t range, bool cumulative, int32_t* expanded_row_idx,
+                         int64_t* expert_tokens, int32_t* workspace, cudaStream_t stream) {
+  if (rows <= kSingleBlockRows) {
+    const int warps = counting_warps(range, kSingleBlockThreads / 32);
+    const size_t shared = static_cast<size_t>(warps) * static_cast<size_t>(range) * sizeof(int32_t);
+    single_block_index_kernel<<<1, kSingleBlockThreads, shared, stream>>>(
+        ids, map, rows, warps, num_experts, start, range, cumulative, expert_tokens, expanded_row_idx);
+    return cudaGetLastError();
+  }
+  const IndexGrid grid = index_grid(rows);
+  const int warps = counting_warps(range, kIndexThreads / 32);
+  const size_t shared = static_cast<size_t>(warps) * static_cast<size_t>(range) * sizeof(int32_t);
+  const auto blocks = static_cast<unsigned>(grid.blocks);
+  count_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
+                                                          num_experts, start, range, workspace);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  place_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
+                                                          num_experts, start, range, workspace,
+                                                          expanded_row_idx);
+  return cudaGetLastError();
+}
+
+template <typename IdT>
+cudaError_t launch_index_for_ids(const IdT* ids, const void* map, bool map_is_int64, int64_t rows,
+                                 int64_t num_experts, int64_t start, int32_t range, bool cumulative,
+                                 int32_t* expanded_row_idx, int64_t* expert_tokens,
+                                 int32_t* workspace, cudaStream_t stream) {
+  if (map != nullptr && map_is_int64) {
+    return launch_index(ids, static_cast<const int64_t*>(map), rows, num_experts, start, range,
+                        cumulative, expanded_row_idx, expert_tokens, workspace, stream);
+  }
+  return launch_index(ids, static_cast<const int32_t*>(map), rows, num_experts, start, range,
+                      cumulative, expanded_row_idx, expert_tokens, workspace, stream);
+}
+
+template <typename IdT>
+__global__ void __launch_bounds__(kBlockThreads)
+histogram_kernel(const IdT* __restrict__ ids, int64_t count, int64_t num_experts, bool use_shared,
+                 bool write_directly, unsigned long long* __restrict__ counts) {
+  extern __shared__ int32_t histogram[];
+  if (use_shared) {
+    for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
+    __syncthreads();
+  }
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += step) {
+    const int64_t id = static_cast<int64_t>(ids[i]);
+    if (id < 0 || id >= num_experts) continue;  // padding (-1) and foreign ids are not counted
+    if (use_shared) {
+      atomicAdd(&histogram[id], 1);
+    } else {
+      atomicAdd(&counts[id], 1ull);  // integer adds: the result does not depend on the order
+    }
+  }
+  if (!use_shared) return;
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    const int32_t value = histogram[e];
+    if (write_directly) {
+      counts[e] = static_cast<unsigned long long>(value);
+    } else if (value != 0) {
+      atomicAdd(&counts[e], static_cast<unsigned long long>(value));
+    }
+  }
+}
+
+template <typename IdT>
+cudaError_t launch_histogram(const IdT* ids, int64_t count, int64_t num_experts, int64_t* counts,
+                             cudaStream_t stream) {
+  auto* out = reinterpret_cast<unsigned long long*>(counts);
+  const bool use_shared = num_experts <= kHistogramSharedExperts;
+  const size_t shared = use_shared ? static_cast<size_t>(num_experts) * sizeof(int32_t) : 0;
+  if (use_shared && count <= kHistogramSingleBlockCount) {  // one launch, no memset
+    histogram_kernel<<<1, kBlockThreads, shared, stream>>>(ids, count, num_experts, true, true, out);
+    return cudaGetLastError();
+  }
+  const cudaError_t status =
+      cudaMemsetAsync(counts, 0, static_cast<size_t>(num_experts) * sizeof(int64_t), stream);
+  if (status != cudaSuccess) return status;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(count, kBlockThreads * 16), 512));
+  histogram_kernel<<<static_cast<unsigned>(blocks), kBlockThreads, shared, stream>>>(
+      ids, count, num_experts, use_shared, false, out);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t permute_max_active_experts() { return kMaxActiveExperts; }
+
+size_t permute_workspace_bytes(int64_t num_rows, int64_t active_experts) {
+  if (num_rows <= kSingleBlockRows) return 16;
+  const int64_t entries = index_grid(num_rows).blocks * std::max<int64_t>(active_experts, 1);
+  return static_cast<size_t>(ceil_div(entries * 4, 16) * 16);
+}
+
+cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void* topk_ids,
+                               bool ids_are_int64, int64_t num_tokens, int64_t topk,
+                               int64_t num_experts, const void* expert_map, bool map_is_int64,
+                               int64_t active_start, int64_t active_end, bool counts_cumsum,
+                               void* permuted, int32_t* expanded_row_idx, int64_t* expert_tokens,
+                               void* workspace, cudaStream_t stream) {
+  const int64_t rows = num_tokens * topk;
+  const int64_t range = active_end - active_start;
+  if (range < 0 || range > kMaxActiveExperts) return cudaErrorInvalidValue;
+  if (rows == 0) {
+    if (range == 0) return cudaSuccess;
+    return cudaMemsetAsync(expert_tokens, 0, static_cast<size_t>(range) * sizeof(int64_t), stream);
+  }
+  auto* table = static_cast<int32_t*>(workspace);
+  const auto range32 = static_cast<int32_t>(range);
+  cudaError_t status =
+      ids_are_int64
+          ? launch_index_for_ids(static_cast<const int64_t*>(topk_ids), expert_map, map_is_int64, rows,
+                                 num_experts, active_start, range32, counts_cumsum, expanded_row_idx,
+                                 expert_tokens, table, stream)
+          : launch_index_for_ids(static_cast<const int32_t*>(topk_ids), expert_map, map_is_int64, rows,
+                                 num_experts, active_start, range32, counts_cumsum, expanded_row_idx,
+                                 expert_tokens, table, stream);
+  if (status != cudaSuccess || row_bytes == 0) return status;
+
+  const int unit = copy_unit_bytes(row_bytes, {hidden, permuted});
+  const int64_t vectors = row_bytes / unit;
+  const int threads = threads_per_row(vectors);
+  const unsigned blocks = grid_for_rows(num_tokens, threads);
+  return dispatch_unit(unit, [&](auto unit_tag) {
+    constexpr int kBytes = decltype(unit_tag)::value;
+    scatter_copy_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors, threads, expanded_row_idx,
+        static_cast<uint8_t*>(permuted));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_expert_histogram(const void* ids, bool ids_are_int64, int64_t count,
+                                    int64_t num_experts, int64_t* counts, cudaStream_t stream) {
+  if (num_experts <= 0) return cudaErrorInvalidValue;
+  if (ids_are_int64) return launch_histogram(static_cast<const int64_t*>(ids), count, num_experts, counts, stream);
+  return launch_histogram(static_cast<const int32_t*>(ids), count, num_experts, counts, stream);
+}
+
+}  // namespace moe_ext::cuda

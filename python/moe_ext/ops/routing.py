@@ -1,0 +1,270 @@
+"""Token routing: moe_permute, moe_unpermute, expert_histogram.
+
+One contract on every backend, the dropless semantics of torch_npu's
+``npu_moe_init_routing_v2`` (gather-form ``expanded_row_idx``), so that the
+NPU path is a direct call and the CPU / CUDA kernels are drop-in
+replacements. Integer outputs are identical on every backend, bit for bit.
+
+Autograd: ``moe_permute``'s backward is an ``moe_unpermute`` without probs;
+``moe_unpermute``'s backward gives the gradient of ``permuted`` and of
+``probs``. Both are gathers or one-writer-per-row scatters: deterministic,
+no atomics, fp32 sums.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Optional
+
+import torch
+
+__all__ = ["PermuteResult", "expert_histogram", "moe_permute", "moe_unpermute"]
+
+_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX = (torch.int32, torch.int64)
+
+
+class PermuteResult(NamedTuple):
+    """What :func:`moe_permute` returns."""
+
+    permuted: torch.Tensor
+    """``[T*K, H]``: the valid rows first, sorted by (local) expert; rows past
+    the valid count are not written and must not be read."""
+    expanded_row_idx: torch.Tensor
+    """int32 ``[T*K]``: row ``t*K + k``'s position in ``permuted``, or -1 if dropped."""
+    expert_tokens: torch.Tensor
+    """int64 ``[end - start]``: rows per active expert, or their inclusive cumsum."""
+
+
+def moe_permute(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    num_experts: int,
+    active_expert_range: Optional[tuple[int, int]] = None,
+    expert_map: Optional[torch.Tensor] = None,
+    counts: Literal["count", "cumsum"] = "count",
+) -> PermuteResult:
+    """Copies each token's hidden state to the rows of the experts it is routed to.
+
+    The layout is the dropless one of ``torch_npu.npu_moe_init_routing_v2``
+    (``drop_pad_mode=0``, ``row_idx_type=0``):
+
+    1. ``topk_ids`` is flattened token-major: row ``f = t * K + k``.
+    2. Each row's key is its expert id, or ``expert_map[id]`` when a map is
+       given (global id -> local id, ``-1`` = not on this rank).
+    3. Rows whose key lies outside ``active_expert_range = (start, end)``
+       (default ``(0, num_experts)``) are dropped - a map's ``-1`` always is.
+    4. The remaining rows are stably sorted by key (ties keep flattened order)
+       and ``permuted[i] = hidden_states[sorted_row[i] // K]`` for the first
+       ``valid = expert_tokens.sum()`` rows. Rows at or past ``valid`` are
+       **not written** (under expert parallelism writing them would cost more
+       than the useful rows); nothing may read them, and
+       :func:`moe_unpermute` never does.
+
+    Args:
+        hidden_states: ``[T, H]``, float32 / float16 / bfloat16 / float64.
+        topk_ids: ``[T, K]`` int32 or int64 expert ids, each in ``[0, num_experts)``.
+        num_experts: number of global experts (``>= 1``).
+        active_expert_range: ``(start, end)`` with ``0 <= start <= end <= num_experts``,
+            in the key space (after ``expert_map``). With contiguous expert
+            parallelism rank ``r`` of ``W`` passes ``(r * L, (r + 1) * L)``.
+        expert_map: optional int32/int64 ``[num_experts]`` global -> local id
+            map; keys outside the active range (``-1`` included) drop the row.
+            With a map, pass ``active_expert_range=(0, num_local_experts)``.
+        counts: ``"count"``: rows per active expert; ``"cumsum"``: their
+            inclusive cumulative sum (what grouped GEMMs take as group_list).
+
+    Returns:
+        :class:`PermuteResult` ``(permuted [T*K, H], expanded_row_idx int32 [T*K],
+        expert_tokens int64 [end - start])``, all on the input's device.
+        Shapes depend only on the arguments' shapes and integers (no host
+        synchronisation: CUDA graphs and ``torch.compile(fullgraph=True)`` work).
+
+    Errors:
+        Wrong dtypes, shapes, devices or ranges raise ``TypeError`` /
+        ``ValueError`` naming the argument. An id outside ``[0, num_experts)``
+        raises ``ValueError`` on CPU before anything is written; on CUDA it
+        stops the kernel with a device-side assert (surfacing at the next
+        synchronisation, as torch's own index checks do) and the offending
+        row is never used as an index, so nothing is written out of bounds.
+        Non-contiguous inputs are accepted (copied to contiguous first).
+        The CUDA kernel supports an active range of at most 8192 experts
+        (``ValueError`` beyond).
+
+    Autograd: the gradient of ``hidden_states`` is
+    ``moe_unpermute(grad_permuted, expanded_row_idx, topk=K)`` (a per-token
+    gather of the token's K rows, fp32 sums); dropped rows contribute nothing.
+    """
+    if counts not in ("count", "cumsum"):
+        raise ValueError(f"moe_permute: counts must be 'count' or 'cumsum', got {counts!r}")
+    start, end = (0, num_experts) if active_expert_range is None else active_expert_range
+    permuted, expanded_row_idx, expert_tokens = torch.ops.moe_ext.moe_permute(
+        hidden_states, topk_ids, int(num_experts), int(start), int(end), expert_map,
+        counts == "cumsum")
+    return PermuteResult(permuted, expanded_row_idx, expert_tokens)
+
+
+def moe_unpermute(
+    permuted: torch.Tensor,
+    expanded_row_idx: torch.Tensor,
+    probs: Optional[torch.Tensor] = None,
+    *,
+    topk: Optional[int] = None,
+) -> torch.Tensor:
+    """Combines each token's expert rows: ``out[t] = sum_k probs[t,k] * permuted[expanded_row_idx[t*K+k]]``.
+
+    Entries equal to ``-1`` (dropped rows) are skipped, so rows of
+    ``permuted`` that no entry names are never read (they may hold garbage,
+    e.g. the unwritten tail of :func:`moe_permute`). Sums run in fp32 (fp64
+    for fp64 inputs) whatever the dtype, in order ``k = 0 .. K-1``, and are
+    rounded once to ``permuted``'s dtype. One gather per token: deterministic.
+    Same index form as ``torch_npu.npu_moe_token_unpermute``'s
+    ``sorted_indices`` (which with ``probs=None`` uses ``topk=1``).
+
+    Args:
+        permuted: ``[R, H]`` float32 / float16 / bfloat16 / float64.
+        expanded_row_idx: int32/int64 ``[T*K]`` (or ``[T, K]``), values in ``[-1, R)``.
+        probs: optional ``[T, K]`` weights, float32 or ``permuted``'s dtype;
+            ``None`` means weight 1.
+        topk: ``K``; taken from ``probs`` or a 2-D ``expanded_row_idx`` when
+            omitted, and required otherwise.
+
+    Returns:
+        ``[T, H]`` in ``permuted``'s dtype.
+
+    Errors:
+        ``ValueError`` when ``probs`` is not ``[T, K]`` for the ``T * K`` of
+        ``expanded_row_idx`` (K mismatch), ``TypeError`` for a wrong dtype, an
+        index outside ``[-1, R)`` raises ``ValueError`` on CPU and a
+        device-side assert on CUDA (never read out of bounds).
+
+    Autograd: ``grad_permuted[row] = probs[t,k] * grad_out[t]`` for
+    ``row = expanded_row_idx[t*K+k]``, zero for rows no entry names;
+    ``grad_probs[t,k] = dot(grad_out[t], permuted[row])`` in fp32 (0 for
+    dropped entries). The backward requires each row to be named at most once
+    (true of :func:`moe_permute`'s output); a repeated row is refused
+    (``ValueError`` on CPU, device-side assert on CUDA) rather than summed
+    with atomics.
+    """
+    if expanded_row_idx.dim() == 2:
+        if topk is not None and topk != expanded_row_idx.shape[1]:
+            raise ValueError(f"moe_unpermute: topk={topk} but expanded_row_idx has shape "
+                             f"{tuple(expanded_row_idx.shape)}")
+        topk = expanded_row_idx.shape[1]
+        expanded_row_idx = expanded_row_idx.reshape(-1)
+    if topk is None:
+        if probs is None:
+            raise ValueError("moe_unpermute: pass topk= (or probs) so that the K rows of each "
+                             "token can be summed")
+        if probs.dim() != 2:
+            raise ValueError(f"moe_unpermute: probs must be [T, K], got shape {tuple(probs.shape)}")
+        topk = probs.shape[1]
+    return torch.ops.moe_ext.moe_unpermute(permuted, expanded_row_idx, probs, int(topk))
+
+
+def expert_histogram(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of ``topk_ids`` route to each expert: int64 ``[num_experts]``.
+
+    What expert-load balancing records every step. ``topk_ids`` is int32 or
+    int64 of any shape. Ids outside ``[0, num_experts)`` - the ``-1`` of padded
+    or masked tokens - are not counted (unlike :func:`moe_permute`, which
+    refuses them: a load counter sees padding every step). One pass, no host
+    synchronisation (one launch up to 65536 ids; a memset and one launch above).
+    """
+    return torch.ops.moe_ext.expert_histogram(topk_ids, int(num_experts))
+
+
+# ---------------------------------------------------------------- fake kernels
+
+def _check_floating(op: str, name: str, tensor: torch.Tensor) -> None:
+    torch._check(tensor.dtype in _FLOATING,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+
+
+@torch.library.register_fake("moe_ext::moe_permute")
+def _moe_permute_fake(hidden_states, topk_ids, num_experts, active_start, active_end, expert_map,
+                      counts_cumsum):
+    torch._check(hidden_states.dim() == 2, lambda: "moe_permute: hidden_states must be 2-D")
+    torch._check(topk_ids.dim() == 2, lambda: "moe_permute: topk_ids must be 2-D")
+    _check_floating("moe_permute", "hidden_states", hidden_states)
+    torch._check(topk_ids.dtype in _INDEX, lambda: "moe_permute: topk_ids must be int32 or int64")
+    torch._check(topk_ids.shape[0] == hidden_states.shape[0],
+                 lambda: "moe_permute: topk_ids and hidden_states must have the same number of tokens")
+    torch._check(0 <= active_start <= active_end <= num_experts,
+                 lambda: "moe_permute: active_expert_range must satisfy 0 <= start <= end <= num_experts")
+    rows = topk_ids.shape[0] * topk_ids.shape[1]
+    return (hidden_states.new_empty((rows, hidden_states.shape[1])),
+            topk_ids.new_empty((rows,), dtype=torch.int32),
+            topk_ids.new_empty((active_end - active_start,), dtype=torch.int64))
+
+
+@torch.library.register_fake("moe_ext::moe_unpermute")
+def _moe_unpermute_fake(permuted, expanded_row_idx, probs, topk):
+    torch._check(permuted.dim() == 2, lambda: "moe_unpermute: permuted must be 2-D")
+    _check_floating("moe_unpermute", "permuted", permuted)
+    torch._check(expanded_row_idx.dim() == 1, lambda: "moe_unpermute: expanded_row_idx must be 1-D")
+    torch._check(topk >= 1, lambda: "moe_unpermute: topk must be >= 1")
+    num_tokens = expanded_row_idx.shape[0] // topk
+    if probs is not None:
+        torch._check(probs.dim() == 2 and probs.shape[0] == num_tokens and probs.shape[1] == topk,
+                     lambda: "moe_unpermute: probs must be [T, K]")
+    return permuted.new_empty((num_tokens, permuted.shape[1]))
+
+
+@torch.library.register_fake("moe_ext::moe_unpermute_backward")
+def _moe_unpermute_backward_fake(grad_output, permuted, expanded_row_idx, probs, topk,
+                                 compute_grad_probs):
+    torch._check(topk >= 1, lambda: "moe_unpermute_backward: topk must be >= 1")
+    num_tokens = expanded_row_idx.shape[0] // topk
+    grad_probs = (probs.new_empty((num_tokens, topk)) if probs is not None
+                  else permuted.new_empty((0,)))
+    return permuted.new_empty(permuted.shape), grad_probs
+
+
+@torch.library.register_fake("moe_ext::expert_histogram")
+def _expert_histogram_fake(topk_ids, num_experts):
+    torch._check(topk_ids.dtype in _INDEX, lambda: "expert_histogram: topk_ids must be int32 or int64")
+    torch._check(num_experts >= 1, lambda: "expert_histogram: num_experts must be >= 1")
+    return topk_ids.new_empty((num_experts,), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- autograd
+
+def _permute_setup_context(ctx, inputs, output):
+    _, topk_ids, *_ = inputs
+    _, expanded_row_idx, _ = output
+    ctx.save_for_backward(expanded_row_idx)
+    ctx.topk = topk_ids.shape[1]
+
+
+def _permute_backward(ctx, grad_permuted, grad_row_idx, grad_counts):
+    grad_hidden = None
+    if ctx.needs_input_grad[0]:
+        (expanded_row_idx,) = ctx.saved_tensors
+        grad_hidden = torch.ops.moe_ext.moe_unpermute(grad_permuted, expanded_row_idx, None, ctx.topk)
+    return grad_hidden, None, None, None, None, None, None
+
+
+torch.library.register_autograd("moe_ext::moe_permute", _permute_backward,
+                                setup_context=_permute_setup_context)
+
+
+def _unpermute_setup_context(ctx, inputs, output):
+    permuted, expanded_row_idx, probs, topk = inputs
+    ctx.save_for_backward(permuted, expanded_row_idx, probs)
+    ctx.topk = topk
+
+
+def _unpermute_backward(ctx, grad_output):
+    permuted, expanded_row_idx, probs = ctx.saved_tensors
+    want_permuted = ctx.needs_input_grad[0]
+    want_probs = probs is not None and ctx.needs_input_grad[2]
+    if not (want_permuted or want_probs):
+        return None, None, None, None
+    grad_permuted, grad_probs = torch.ops.moe_ext.moe_unpermute_backward(
+        grad_output.to(permuted.dtype), permuted, expanded_row_idx, probs, ctx.topk, want_probs)
+    return (grad_permuted if want_permuted else None, None, grad_probs if want_probs else None, None)
+
+
+torch.library.register_autograd("moe_ext::moe_unpermute", _unpermute_backward,
+                                setup_context=_unpermute_setup_context)

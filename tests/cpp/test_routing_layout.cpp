@@ -1,0 +1,108 @@
+// GoogleTest suite of the routing index maths (core/routing_layout.h): the
+// contract on a hand-worked case and against a brute-force stable sort.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "core/routing_layout.h"
+
+namespace {
+
+using moe_ext::core::build_inverse_index;
+using moe_ext::core::build_routing_layout;
+using moe_ext::core::expert_histogram;
+
+struct Layout {
+  std::vector<int32_t> row_idx;
+  std::vector<int64_t> tokens;
+  int64_t valid = 0;
+};
+
+Layout run(const std::vector<int32_t>& ids, int64_t topk, int64_t experts, const int32_t* map,
+           int64_t start, int64_t end, bool cumulative = false) {
+  Layout out;
+  out.row_idx.assign(ids.size(), 12345);
+  out.tokens.assign(static_cast<size_t>(end - start), 12345);
+  out.valid = build_routing_layout(ids.data(), static_cast<int64_t>(ids.size()) / topk, topk, experts,
+                                   map, start, end, cumulative, out.row_idx.data(), out.tokens.data());
+  return out;
+}
+
+TEST(RoutingLayout, HandWorkedExample) {
+  // T=3, K=2; active experts [1, 3).
+  const Layout got = run({2, 1, 1, 3, 2, 0}, 2, 4, nullptr, 1, 3);
+  EXPECT_EQ(got.row_idx, (std::vector<int32_t>{2, 0, 1, -1, 3, -1}));
+  EXPECT_EQ(got.tokens, (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(got.valid, 4);
+  EXPECT_EQ(run({2, 1, 1, 3, 2, 0}, 2, 4, nullptr, 1, 3, true).tokens, (std::vector<int64_t>{2, 4}));
+}
+
+TEST(RoutingLayout, ExpertMapDropsMinusOne) {
+  const std::vector<int32_t> map = {-1, 1, 0, -1};
+  const Layout got = run({0, 1, 2, 3, 1, 2}, 2, 4, map.data(), 0, 2);
+  // keys: -1, 1, 0, -1, 1, 0 -> local 0 rows f=2,5; local 1 rows f=1,4
+  EXPECT_EQ(got.row_idx, (std::vector<int32_t>{-1, 2, 0, -1, 3, 1}));
+  EXPECT_EQ(got.tokens, (std::vector<int64_t>{2, 2}));
+}
+
+TEST(RoutingLayout, MatchesStableSortOnRandomInputs) {
+  std::mt19937 rng(42);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t tokens = rng() % 50, topk = 1 + rng() % 8, experts = 1 + rng() % 40;
+    const int64_t start = rng() % (experts + 1), end = start + rng() % (experts - start + 1);
+    std::vector<int32_t> ids(static_cast<size_t>(tokens * topk));
+    for (auto& id : ids) id = static_cast<int32_t>(rng() % experts);
+    const Layout got = run(ids, topk, experts, nullptr, start, end);
+    std::vector<int64_t> order(ids.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+    std::vector<int32_t> want(ids.size(), -1);
+    int32_t position = 0;
+    for (int64_t f : order)
+      if (ids[f] >= start && ids[f] < end) want[f] = position++;
+    EXPECT_EQ(got.row_idx, want);
+    EXPECT_EQ(got.valid, position);
+  }
+}
+
+TEST(RoutingLayout, RefusesBadIdsBeforeWriting) {
+  std::vector<int32_t> ids = {0, 5};
+  std::vector<int32_t> row_idx(2, 7);
+  std::vector<int64_t> tokens(4, 7);
+  EXPECT_THROW((build_routing_layout<int32_t, int32_t>)(ids.data(), 1, 2, 4, nullptr, 0, 4, false,
+                                                      row_idx.data(), tokens.data()),
+               std::invalid_argument);
+  EXPECT_EQ(row_idx, (std::vector<int32_t>{7, 7}));
+  EXPECT_EQ(tokens, (std::vector<int64_t>{7, 7, 7, 7}));
+  EXPECT_THROW((build_routing_layout<int32_t, int32_t>)(ids.data(), 1, 2, 8, nullptr, 3, 9, false,
+                                                      row_idx.data(), tokens.data()),
+               std::invalid_argument);
+}
+
+TEST(RoutingLayout, HistogramAndInverse) {
+  std::vector<int64_t> ids = {3, 0, 3, 2};
+  std::vector<int64_t> counts(4);
+  expert_histogram(ids.data(), 4, 4, counts.data());
+  EXPECT_EQ(counts, (std::vector<int64_t>{1, 0, 1, 2}));
+  std::vector<int64_t> padded = {3, -1, 7, 0};  // outside [0, 4): not counted
+  expert_histogram(padded.data(), 4, 4, counts.data());
+  EXPECT_EQ(counts, (std::vector<int64_t>{1, 0, 0, 1}));
+
+  std::vector<int32_t> indices = {2, -1, 0};
+  std::vector<int64_t> inverse(4);
+  build_inverse_index(indices.data(), 3, 4, "op", "indices", inverse.data());
+  EXPECT_EQ(inverse, (std::vector<int64_t>{2, -1, 0, -1}));
+  std::vector<int32_t> repeated = {1, 1};
+  EXPECT_THROW(build_inverse_index(repeated.data(), 2, 4, "op", "indices", inverse.data()),
+               std::invalid_argument);
+  std::vector<int32_t> outside = {4};
+  EXPECT_THROW(build_inverse_index(outside.data(), 1, 4, "op", "indices", inverse.data()),
+               std::invalid_argument);
+}
+
+}  // namespace
