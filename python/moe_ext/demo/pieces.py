@@ -1,54 +1,40 @@
-"""The seams between the demo and moe_ext: one function per piece, real module when it is built.
-
-Each function uses the real moe_ext module when it can be imported and falls
-back to a marked stand-in (moe_ext.demo.standins) otherwise; :func:`describe`
-says which was used, and the demo prints it and puts it in its JSON.
+"""The demo's seams to the rest of moe_ext: one function per piece.
 
 - parallel state  -> moe_ext.distributed (ParallelConfig, init_parallel_state)
-- MoE layer       -> moe_ext.moe.MoELayer (routing ops, comm methods, experts)
+- MoE layer       -> moe_ext.moe.MoELayer (top-k, comm method, routing ops, experts)
 - rearrangement   -> moe_ext.eplb.rearrange_expert_weights_inplace
 - dense reference -> moe_ext.testing.dense_moe
-- planning, load recording -> moe_ext.eplb (always real)
+- planning, load recording -> moe_ext.eplb.plan_placement, LoadRecorder (used in rank.py)
+
+The demo was built while these pieces were landing, with stand-ins behind the
+same functions; every piece is now the real module and :func:`describe` lists them.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from moe_ext.demo import standins
 from moe_ext.demo.config import DemoConfig
 from moe_ext.demo.model import LogicalWeights, routing_options
 
-__all__ = ["describe", "EPGroups", "make_ep_groups", "build_layer", "rearrange_weights", "dense_reference"]
-
-
-def _module_attr(module: str, name: str) -> Optional[Any]:
-    """``module.name`` when the module imports and has it, else None (a piece not built here)."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
+__all__ = ["describe", "DemoLayer", "EPGroups", "make_ep_groups", "destroy_ep_groups", "build_layer", "rearrange_weights",
+           "dense_reference"]
 
 
 def describe() -> dict[str, str]:
-    """Which implementation each piece uses in this build."""
-    def pick(real: bool, module: str) -> str:
-        return module if real else "stand-in (moe_ext.demo.standins)"
+    """Which moe_ext module does each part of the demo's work."""
+    from moe_ext.moe.routing import using_native_routing_ops
 
     return {
-        "parallel_state": pick(_module_attr("moe_ext.distributed", "init_parallel_state") is not None,
-                               "moe_ext.distributed"),
-        "moe_layer": pick(_module_attr("moe_ext.moe", "MoELayer") is not None, "moe_ext.moe.MoELayer"),
-        "routing_ops": pick(_module_attr("moe_ext.ops", "moe_permute") is not None,
-                            "moe_ext.ops.moe_permute/moe_unpermute"),
-        "rearrangement": pick(_module_attr("moe_ext.eplb", "rearrange_expert_weights_inplace") is not None,
-                              "moe_ext.eplb.rearrange_expert_weights_inplace"),
-        "dense_reference": pick(_module_attr("moe_ext.testing.dense_moe", "dense_moe") is not None,
-                                "moe_ext.testing.dense_moe"),
+        "parallel_state": "moe_ext.distributed",
+        "moe_layer": "moe_ext.moe.MoELayer",
+        "routing_ops": ("moe_ext.ops.moe_permute/moe_unpermute" if using_native_routing_ops()
+                        else "moe_ext.moe.routing plain-torch path (op library without the routing ops)"),
+        "rearrangement": "moe_ext.eplb.rearrange_expert_weights_inplace",
+        "dense_reference": "moe_ext.testing.dense_moe",
         "planner": "moe_ext.eplb.plan_placement",
         "load_recorder": "moe_ext.eplb.LoadRecorder",
     }
@@ -61,9 +47,9 @@ def describe() -> dict[str, str]:
 class EPGroups:
     """The groups the demo uses; all span every rank (expert parallelism over the world)."""
 
-    ep: Any  # ParallelGroup or process group: token dispatch / combine (the MC2 family)
-    eplb: Any  # ParallelGroup or process group: load all-reduce and weight movement (dynamic EPLB)
-    tp: Any  # tensor-parallel group (one rank)
+    ep: Any  # ParallelGroup: token dispatch / combine (the MC2 family)
+    eplb: Any  # ParallelGroup: load all-reduce and weight movement (the dynamic-EPLB family)
+    tp: Any  # ParallelGroup: tensor parallel (one rank)
 
     @staticmethod
     def process_group(group: Any):
@@ -71,12 +57,8 @@ class EPGroups:
 
 
 def make_ep_groups(world_size: int) -> EPGroups:
-    init_parallel_state = _module_attr("moe_ext.distributed", "init_parallel_state")
-    if init_parallel_state is None:  # STAND-IN: the default group for everything
-        import torch.distributed as dist
-
-        return EPGroups(ep=dist.group.WORLD, eplb=dist.group.WORLD, tp=None)
-    from moe_ext.distributed import ParallelConfig, get_dynamic_eplb_group, get_mc2_group, get_tp_group
+    from moe_ext.distributed import (ParallelConfig, get_dynamic_eplb_group, get_mc2_group, get_tp_group,
+                                     init_parallel_state)
 
     init_parallel_state(ParallelConfig(world_size=world_size, tensor_parallel_size=1,
                                        data_parallel_size=world_size, dynamic_eplb=True), cpu_groups=False)
@@ -84,16 +66,16 @@ def make_ep_groups(world_size: int) -> EPGroups:
 
 
 def destroy_ep_groups() -> None:
-    destroy = _module_attr("moe_ext.distributed", "destroy_parallel_state")
-    if destroy is not None:
-        destroy()
+    from moe_ext.distributed import destroy_parallel_state
+
+    destroy_parallel_state()
 
 
 # ----------------------------------------------------------------------- MoE layer
 
 
-class _RealLayer:
-    """moe_ext.moe.MoELayer behind the demo's narrow interface."""
+class DemoLayer:
+    """moe_ext.moe.MoELayer behind the demo's narrow interface (forward, loads, weights, placement)."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -114,6 +96,7 @@ class _RealLayer:
         return [self.layer.w13.data, self.layer.w2.data]
 
     def set_placement(self, placement: torch.Tensor) -> None:
+        """Route by ``placement`` from now on (the weights must already be where it says)."""
         from moe_ext.moe import logical_to_physical_table
 
         table, replicas = logical_to_physical_table(placement, self.layer.config.num_experts)
@@ -126,35 +109,24 @@ class _RealLayer:
         self.layer.w2.data[0].add_(1.0)
 
 
-class _StandInLayer(standins.StandInMoELayer):
-    def corrupt(self) -> None:
-        self.w2[0].add_(1.0)
-
-
 def _npu_runtime(config: DemoConfig, device_type: str):
     """The NPU runtime the comm methods take: real on an NPU, the CPU emulation for a forced MC2."""
     if device_type == "npu":
-        return _module_attr("moe_ext.platform.npu", "detect_npu_runtime")()
-    if config.comm_method == "mc2":
-        return _module_attr("moe_ext.testing.npu", "emulated_runtime")("A3")
+        from moe_ext.platform.npu import detect_npu_runtime
+
+        return detect_npu_runtime()
+    if config.comm_method == "mc2":  # MC2 off Ascend: the CPU emulation of the torch_npu ops (A2 limits)
+        from moe_ext.testing.npu import emulated_runtime
+
+        return emulated_runtime("A2")
     return None
 
 
 def build_layer(config: DemoConfig, groups: EPGroups, placement: torch.Tensor, weights: LogicalWeights,
                 rank: int, device: torch.device):
     """This rank's part of the expert-parallel layer, its slots filled from ``weights`` by ``placement``."""
-    moe = importlib.import_module("moe_ext.moe") if _module_attr("moe_ext.moe", "MoELayer") else None
-    first = rank * config.slots_per_rank
-    local_experts = placement[first:first + config.slots_per_rank].to(weights.w13.device)
-    if moe is None:
-        if config.comm_method not in ("auto", "allgather"):
-            raise ValueError(f"--comm-method {config.comm_method} needs moe_ext.moe, which this build lacks "
-                             "(the stand-in layer only does allgather)")
-        return _StandInLayer(num_experts=config.experts, top_k=config.top_k, placement=placement,
-                             gate=weights.gate, w13_slots=weights.w13.index_select(0, local_experts).clone(),
-                             w2_slots=weights.w2.index_select(0, local_experts).clone(), rank=rank,
-                             world_size=config.ranks, group=EPGroups.process_group(groups.ep),
-                             routing=routing_options(config))
+    from moe_ext import moe
+
     moe_config = moe.MoEConfig(num_experts=config.experts, top_k=config.top_k, hidden_size=config.hidden_size,
                                intermediate_size=config.intermediate_size,
                                num_physical_experts=config.num_physical_experts, dp_size=config.ranks, dp_rank=rank,
@@ -167,21 +139,19 @@ def build_layer(config: DemoConfig, groups: EPGroups, placement: torch.Tensor, w
                          npu=_npu_runtime(config, device.type), placement=placement, device=device)
     layer.requires_grad_(False)
     layer.load_logical_weights(weights.gate, weights.w13, weights.w2)
-    return _RealLayer(layer)
+    return DemoLayer(layer)
 
 
 # ------------------------------------------------------------------- rearrangement
 
 
 def rearrange_weights(old_placement: torch.Tensor, new_placement: torch.Tensor, tensors: list[torch.Tensor],
-                      groups: EPGroups, rank: int, world_size: int) -> int:
+                      groups: EPGroups) -> int:
     """Move this rank's expert rows to ``new_placement`` (collective); returns rows that crossed ranks."""
-    rearrange = _module_attr("moe_ext.eplb", "rearrange_expert_weights_inplace")
-    group = EPGroups.process_group(groups.eplb)
-    if rearrange is None:
-        return standins.standin_rearrange(old_placement, new_placement, tensors, group, rank, world_size)
-    plan = rearrange(old_placement.reshape(1, -1).cpu(), new_placement.reshape(1, -1).cpu(), [tensors],
-                     ep_group=group)
+    from moe_ext.eplb import rearrange_expert_weights_inplace
+
+    plan = rearrange_expert_weights_inplace(old_placement.reshape(1, -1).cpu(), new_placement.reshape(1, -1).cpu(),
+                                            [tensors], ep_group=EPGroups.process_group(groups.eplb))
     return int(plan.total_rows_moved)
 
 
@@ -190,5 +160,6 @@ def rearrange_weights(old_placement: torch.Tensor, new_placement: torch.Tensor, 
 
 def dense_reference(config: DemoConfig, x: torch.Tensor, weights: LogicalWeights) -> torch.Tensor:
     """The layer's output for ``x`` computed densely in this process from the logical weights."""
-    dense_moe = _module_attr("moe_ext.testing.dense_moe", "dense_moe") or standins.standin_dense_moe
+    from moe_ext.testing.dense_moe import dense_moe
+
     return dense_moe(x, weights.gate, weights.w13, weights.w2, config.top_k, **routing_options(config))

@@ -147,8 +147,7 @@ def _rebalance(config: DemoConfig, step: int, layer, placement: torch.Tensor, re
     _synchronize(device)
     dist.barrier(group=pieces.EPGroups.process_group(groups.eplb))
     started = time.perf_counter()
-    rows_moved = pieces.rearrange_weights(placement, new_placement, layer.expert_weight_tensors(), groups, rank,
-                                          config.ranks)
+    rows_moved = pieces.rearrange_weights(placement, new_placement, layer.expert_weight_tensors(), groups)
     _synchronize(device)
     transfer_seconds = time.perf_counter() - started
     layer.set_placement(new_placement)

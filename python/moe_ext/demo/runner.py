@@ -121,11 +121,7 @@ def run_demo(config: DemoConfig, *, interactive: Optional[bool] = None, stream: 
                  f"{config.num_physical_experts} slots ({config.slots_per_rank} per rank), top-{config.top_k}, "
                  f"hidden {config.hidden_size}, {config.tokens_per_rank} tokens/rank/step, {config.steps} steps, "
                  f"rebalance every {config.rebalance_interval} (at most {config.move_bound} slots moved)\n")
-    standing_in = [name for name, source in used.items() if source.startswith("stand-in")]
-    stream.write("pieces: " + ", ".join(f"{name}={source}" for name, source in used.items()
-                                         if not source.startswith("stand-in")) + "\n")
-    if standing_in:
-        stream.write(f"stand-ins (not in this build yet): {', '.join(standing_in)}\n")
+    stream.write("pieces: " + ", ".join(f"{name}={source}" for name, source in used.items()) + "\n")
     stream.flush()
     started = time.perf_counter()
     try:
