@@ -90,16 +90,6 @@ def _summarise(config: DemoConfig, device_type: str, backend: str, per_rank: lis
     }
 
 
-def _failure_message(error: Exception, config: DemoConfig) -> str:
-    """One readable paragraph from a DistributedRunError (its first line names the rank)."""
-    text = str(error).strip()
-    head, _, trace = text.partition("\n")
-    if trace:  # a rank raised: keep the exception line of its traceback
-        last = [line for line in trace.splitlines() if line.strip()][-1]
-        return f"{head} {last}"
-    return f"{text}; the other ranks were stopped (timeout {config.timeout:.0f} s)"
-
-
 def run_demo(config: DemoConfig, *, interactive: Optional[bool] = None, stream: Optional[TextIO] = None) -> dict:
     """Run the demo and return its summary (the JSON report).
 
@@ -114,7 +104,7 @@ def run_demo(config: DemoConfig, *, interactive: Optional[bool] = None, stream: 
 
     from moe_ext.demo import pieces
     from moe_ext.demo.rank import run_rank
-    from moe_ext.testing.distributed import DistributedRunError, run_distributed
+    from moe_ext.demo.launch import RankFailure, launch
 
     used = pieces.describe()
     stream.write(f"moe-ext demo: {config.ranks} ranks on {device_type} ({backend}); {config.experts} experts in "
@@ -125,8 +115,8 @@ def run_demo(config: DemoConfig, *, interactive: Optional[bool] = None, stream: 
     stream.flush()
     started = time.perf_counter()
     try:
-        per_rank = run_distributed(run_rank, config.ranks, config, device_type, interactive, backend=backend,
-                                   timeout=config.timeout)
-    except DistributedRunError as error:
-        raise DemoFailure(_failure_message(error, config)) from None
+        per_rank = launch(run_rank, config.ranks, (config, device_type, interactive), backend=backend,
+                          timeout=config.timeout)
+    except RankFailure as error:
+        raise DemoFailure(str(error)) from None
     return _summarise(config, device_type, backend, per_rank, time.perf_counter() - started)
