@@ -14,6 +14,8 @@ communicators are shared follows the reference engine:
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -126,6 +128,18 @@ def init_parallel_state(config: ParallelConfig, backend: Optional[str] = None, *
     _STATE = state
 
 
+# torch >= 2.12 can keep a group's rank order (new_group(sort_ranks=False));
+# older torch always sorts it, so there the group's ranks are reported sorted,
+# which keeps rank_in_group consistent with the communicator.
+_KEEP_ORDER = ({"sort_ranks": False}
+               if "sort_ranks" in inspect.signature(dist.new_group).parameters else {})
+
+
+def _group_order(ranks: list[int]) -> list[int]:
+    """The member order the created group will really have."""
+    return list(ranks) if _KEEP_ORDER else sorted(ranks)
+
+
 def _create_family(name: str, layout: list[list[int]], backend: str, make_cpu_twin: bool,
                    owned: list[dist.ProcessGroup]) -> ParallelGroup:
     """Create every group of a family (collectively) and return this rank's."""
@@ -133,11 +147,12 @@ def _create_family(name: str, layout: list[list[int]], backend: str, make_cpu_tw
     mine: Optional[ParallelGroup] = None
     for index, ranks in enumerate(layout):
         description = f"moe_ext_{name}_{index}"
-        device_group = dist.new_group(ranks, backend=backend, group_desc=description, sort_ranks=False)
+        ranks = _group_order(ranks)
+        device_group = dist.new_group(ranks, backend=backend, group_desc=description, **_KEEP_ORDER)
         cpu_group = None
         if make_cpu_twin:
             cpu_group = dist.new_group(ranks, backend="gloo", group_desc=description + "_cpu",
-                                       sort_ranks=False)
+                                       **_KEEP_ORDER)
         if rank in ranks:
             owned.append(device_group)
             if cpu_group is not None:
