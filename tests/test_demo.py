@@ -91,7 +91,7 @@ def test_four_ranks_auto_with_plot(tmp_path, capfd):
     (["--ranks", "3"], "must be divisible by --ranks (3)"),
     (["--experts", "10", "--redundant-experts", "2", "--expert-groups", "4"], "--expert-groups must divide --experts (10)"),
     (["--top-k", "20"], "--top-k must be <= --experts"),
-    (["--ranks", "2", "--comm-method", "dummy"], "needs --ranks 1"),
+    (["--ranks", "1", "--comm-method", "mc2"], "--comm-method mc2 needs --ranks >= 2"),
     _CUDA_CASE,
     (["--kill-rank", "9", "--kill-step", "1"], "--kill-rank/--kill-step"),
 ])
