@@ -111,6 +111,13 @@ def run_demo(config: DemoConfig, *, interactive: Optional[bool] = None, stream: 
                  f"{config.num_physical_experts} slots ({config.slots_per_rank} per rank), top-{config.top_k}, "
                  f"hidden {config.hidden_size}, {config.tokens_per_rank} tokens/rank/step, {config.steps} steps, "
                  f"rebalance every {config.rebalance_interval} (at most {config.move_bound} slots moved)\n")
+    if device_type == "cpu" and config.device == "auto":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus:
+            stream.write(f"note: {gpus} GPU(s) seen, fewer than --ranks {config.ranks}; on GPUs run "
+                         f"--ranks {gpus} (one rank per GPU, NCCL)\n")
     stream.write("pieces: " + ", ".join(f"{name}={source}" for name, source in used.items()) + "\n")
     stream.flush()
     started = time.perf_counter()
