@@ -88,7 +88,7 @@ def test_four_ranks_auto_with_plot(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ranks", "3"], "must be divisible by --ranks (3)"),
+    (["--ranks", "3", "--redundant-experts", "4"], "must be divisible by --ranks (3)"),
     (["--experts", "10", "--redundant-experts", "2", "--expert-groups", "4"], "--expert-groups must divide --experts (10)"),
     (["--top-k", "20"], "--top-k must be <= --experts"),
     (["--ranks", "1", "--comm-method", "mc2"], "--comm-method mc2 needs --ranks >= 2"),

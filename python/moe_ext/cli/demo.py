@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--ranks", type=int, default=_DEFAULTS.ranks, help="local processes (expert-parallel ranks)")
     add("--experts", type=int, default=_DEFAULTS.experts, help="logical (routed) experts")
-    add("--redundant-experts", type=int, default=_DEFAULTS.redundant_experts,
-        help="extra physical slots for replicas of hot experts; experts + redundant must divide by ranks")
+    add("--redundant-experts", type=int, default=None,
+        help="extra physical slots for replicas of hot experts; experts + redundant must divide by ranks "
+             "(default: 4, or the next count that does)")
     add("--top-k", type=int, default=_DEFAULTS.top_k, help="experts per token")
     add("--hidden-size", type=int, default=_DEFAULTS.hidden_size, help="model hidden size")
     add("--intermediate-size", type=int, default=_DEFAULTS.intermediate_size, help="expert MLP intermediate size")

@@ -27,7 +27,7 @@ class DemoConfig:
 
     ranks: int = 4
     experts: int = 16
-    redundant_experts: int = 4
+    redundant_experts: Optional[int] = None  # None: 4, or the next count that fills every rank equally
     top_k: int = 2
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -48,6 +48,12 @@ class DemoConfig:
     kill_step: Optional[int] = None
     corrupt_rank: Optional[int] = None
     corrupt_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.redundant_experts is None and isinstance(self.ranks, int) and self.ranks >= 1 \
+                and isinstance(self.experts, int):
+            # The fewest replicas from 4 up that give every rank the same number of slots.
+            self.redundant_experts = 4 + (-(self.experts + 4)) % self.ranks
 
     @property
     def num_physical_experts(self) -> int:
