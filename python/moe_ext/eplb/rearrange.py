@@ -6,10 +6,12 @@ plan of :func:`moe_ext.eplb.transfer.plan_expert_transfer` on the calling rank:
 per layer, local copies (straight into place where the exchange does not read
 the row, else into a one-layer buffer), the sends and receives of the layer
 posted as one ``torch.distributed.batch_isend_irecv`` batch (gloo, NCCL, HCCL:
-whatever backend the group has; receives land in place where they can), then
-the buffered rows copied into place, then the remaining local copies and
-duplicate fills. The asynchronous form writes nothing in place before a
-layer's commit.
+whatever backend the group has; receives land in place where they can; one
+message per run of adjacent rows and tensor, not one per row), then the
+buffered rows copied into place, then the remaining local copies and
+duplicate fills. The blocking form posts layer l + 1's exchange before
+committing layer l, so commits overlap transfers. The asynchronous form
+writes nothing in place before a layer's commit.
 
 Everything is checked before any weight is touched, and the ranks agree on the
 outcome through one small all-reduce: when one rank refuses the call, every
