@@ -31,8 +31,9 @@ struct Case {
   bool write_before_commit = true;
 };
 
-ExpertTransferPlan plan_of(const Case& c) {
+ExpertTransferPlan plan_of(const Case& c, int64_t num_threads = 0) {
   TransferPlanArgs args;
+  args.num_threads = num_threads;
   args.num_layers = c.num_layers;
   args.ep_size = c.ep_size;
   args.slots_per_rank = c.slots_per_rank;
@@ -427,6 +428,47 @@ TEST(TransferPlan, IsDeterministic) {
   EXPECT_EQ(a.duplicate_fills.dst_rows, b.duplicate_fills.dst_rows);
 }
 
+void expect_same_plan(const ExpertTransferPlan& a, const ExpertTransferPlan& b) {
+  EXPECT_EQ(a.unchanged.offsets, b.unchanged.offsets);
+  EXPECT_EQ(a.unchanged.rows, b.unchanged.rows);
+  EXPECT_EQ(a.local_copies.offsets, b.local_copies.offsets);
+  EXPECT_EQ(a.local_copies.src_rows, b.local_copies.src_rows);
+  EXPECT_EQ(a.local_copies.dst_rows, b.local_copies.dst_rows);
+  EXPECT_EQ(a.local_copies.buffer_rows, b.local_copies.buffer_rows);
+  EXPECT_EQ(a.local_copies.stages, b.local_copies.stages);
+  EXPECT_EQ(a.sends.offsets, b.sends.offsets);
+  EXPECT_EQ(a.sends.experts, b.sends.experts);
+  EXPECT_EQ(a.sends.src_rows, b.sends.src_rows);
+  EXPECT_EQ(a.sends.dst_ranks, b.sends.dst_ranks);
+  EXPECT_EQ(a.sends.dst_rows, b.sends.dst_rows);
+  EXPECT_EQ(a.receives.offsets, b.receives.offsets);
+  EXPECT_EQ(a.receives.experts, b.receives.experts);
+  EXPECT_EQ(a.receives.dst_rows, b.receives.dst_rows);
+  EXPECT_EQ(a.receives.src_ranks, b.receives.src_ranks);
+  EXPECT_EQ(a.receives.src_rows, b.receives.src_rows);
+  EXPECT_EQ(a.receives.buffer_rows, b.receives.buffer_rows);
+  EXPECT_EQ(a.duplicate_fills.offsets, b.duplicate_fills.offsets);
+  EXPECT_EQ(a.duplicate_fills.src_rows, b.duplicate_fills.src_rows);
+  EXPECT_EQ(a.duplicate_fills.dst_rows, b.duplicate_fills.dst_rows);
+  EXPECT_EQ(a.buffer_rows, b.buffer_rows);
+}
+
+TEST(TransferPlan, ThreadCountDoesNotChangeThePlan) {
+  std::mt19937_64 rng(11);
+  for (bool write_before_commit : {true, false}) {
+    Case c = random_case(rng, 13, 8, 6, 0.1);
+    c.ranks_per_node = 4;
+    c.write_before_commit = write_before_commit;
+    const auto serial = plan_of(c, 1);
+    check_plan(c, serial);
+    for (int64_t threads : {2, 3, 5, 13, 40}) {
+      const auto parallel = plan_of(c, threads);
+      check_plan(c, parallel);
+      expect_same_plan(serial, parallel);
+    }
+  }
+}
+
 TEST(TransferPlan, RefusesBadArguments) {
   Map old_map{0, 1, 2, 3}, new_map{3, 2, 1, 0};
   auto call = [&](TransferPlanArgs args, const Map& o, const Map& n) {
@@ -445,6 +487,9 @@ TEST(TransferPlan, RefusesBadArguments) {
   EXPECT_THROW(call(bad, old_map, new_map), std::invalid_argument);
   bad = good;
   bad.num_layers = -1;
+  EXPECT_THROW(call(bad, old_map, new_map), std::invalid_argument);
+  bad = good;
+  bad.num_threads = -1;
   EXPECT_THROW(call(bad, old_map, new_map), std::invalid_argument);
   bad = good;
   bad.ranks_per_node = -2;

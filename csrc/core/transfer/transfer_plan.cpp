@@ -1,7 +1,10 @@
 #include "core/transfer/transfer_plan.h"
 
 #include <algorithm>
+#include <exception>
 #include <limits>
+#include <thread>
+#include <utility>
 
 #include "core/check.h"
 
@@ -97,19 +100,15 @@ struct Workspace {
   std::vector<int64_t> sender_rank;
 };
 
-}  // namespace
-
-ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_t* new_phy2log,
-                                        const TransferPlanArgs& args) {
-  check_scalar_args(args);
+// Plans args.num_layers layers (checked arguments) with its own workspace:
+// layers are independent, so chunks of layers can be planned concurrently.
+ExpertTransferPlan plan_layers(const int64_t* old_phy2log, const int64_t* new_phy2log,
+                               const TransferPlanArgs& args, int64_t num_experts) {
   const int64_t num_layers = args.num_layers;
   const int64_t ep = args.ep_size;
   const int64_t per_rank = args.slots_per_rank;
   const int64_t slots = ep * per_rank;
   const int64_t rpn = args.ranks_per_node;
-  MOE_CHECK_ARG(num_layers == 0 || (old_phy2log != nullptr && new_phy2log != nullptr),
-                "plan_expert_transfer: maps must not be null");
-  const int64_t num_experts = check_ids(old_phy2log, new_phy2log, args);
 
   ExpertTransferPlan plan;
   plan.num_layers = num_layers;
@@ -347,6 +346,97 @@ ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_
       plan.buffer_rows[group] = buffer_rows;
     }
   }
+  return plan;
+}
+
+template <typename Offsets, typename... Columns>
+void append_list(Offsets& offsets, const Offsets& part_offsets, size_t group_base, Columns&&... columns) {
+  const int64_t shift = offsets[group_base];
+  for (size_t g = 1; g < part_offsets.size(); ++g) offsets[group_base + g] = shift + part_offsets[g];
+  (columns.first.insert(columns.first.end(), columns.second.begin(), columns.second.end()), ...);
+}
+
+void append_plan(ExpertTransferPlan& plan, const ExpertTransferPlan& part, size_t group_base) {
+  auto col = [](PlanColumn& into, const PlanColumn& from) {
+    return std::pair<PlanColumn&, const PlanColumn&>(into, from);
+  };
+  append_list(plan.unchanged.offsets, part.unchanged.offsets, group_base,
+              col(plan.unchanged.rows, part.unchanged.rows));
+  append_list(plan.local_copies.offsets, part.local_copies.offsets, group_base,
+              col(plan.local_copies.src_rows, part.local_copies.src_rows),
+              col(plan.local_copies.dst_rows, part.local_copies.dst_rows),
+              col(plan.local_copies.buffer_rows, part.local_copies.buffer_rows),
+              col(plan.local_copies.stages, part.local_copies.stages));
+  append_list(plan.sends.offsets, part.sends.offsets, group_base,
+              col(plan.sends.experts, part.sends.experts), col(plan.sends.src_rows, part.sends.src_rows),
+              col(plan.sends.dst_ranks, part.sends.dst_ranks), col(plan.sends.dst_rows, part.sends.dst_rows));
+  append_list(plan.receives.offsets, part.receives.offsets, group_base,
+              col(plan.receives.experts, part.receives.experts),
+              col(plan.receives.dst_rows, part.receives.dst_rows),
+              col(plan.receives.src_ranks, part.receives.src_ranks),
+              col(plan.receives.src_rows, part.receives.src_rows),
+              col(plan.receives.buffer_rows, part.receives.buffer_rows));
+  append_list(plan.duplicate_fills.offsets, part.duplicate_fills.offsets, group_base,
+              col(plan.duplicate_fills.src_rows, part.duplicate_fills.src_rows),
+              col(plan.duplicate_fills.dst_rows, part.duplicate_fills.dst_rows));
+  std::copy(part.buffer_rows.begin(), part.buffer_rows.end(), plan.buffer_rows.begin() + group_base);
+}
+
+}  // namespace
+
+ExpertTransferPlan plan_expert_transfer(const int64_t* old_phy2log, const int64_t* new_phy2log,
+                                        const TransferPlanArgs& args) {
+  check_scalar_args(args);
+  MOE_CHECK_ARG(args.num_threads >= 0, "plan_expert_transfer: num_threads must be >= 0 (0 = automatic), got ",
+                args.num_threads);
+  MOE_CHECK_ARG(args.num_layers == 0 || (old_phy2log != nullptr && new_phy2log != nullptr),
+                "plan_expert_transfer: maps must not be null");
+  const int64_t num_experts = check_ids(old_phy2log, new_phy2log, args);
+  const int64_t slots = args.ep_size * args.slots_per_rank;
+
+  // Chunks of consecutive layers on threads. Each layer's plan depends only on
+  // its own maps, so the result is the same for any thread count.
+  int64_t threads = args.num_threads;
+  if (threads == 0) {
+    // Automatic: a thread per ~4k slots (~0.2 ms of planning), at most the hardware's.
+    const int64_t hardware = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+    threads = std::min<int64_t>(hardware, std::max<int64_t>(1, args.num_layers * slots / 4096));
+  }
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, args.num_layers));
+  if (threads == 1) return plan_layers(old_phy2log, new_phy2log, args, num_experts);
+
+  std::vector<ExpertTransferPlan> parts(static_cast<size_t>(threads));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
+  std::vector<std::thread> workers;
+  workers.reserve(static_cast<size_t>(threads));
+  auto first_layer = [&](int64_t t) { return args.num_layers * t / threads; };
+  for (int64_t t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      try {
+        TransferPlanArgs chunk = args;
+        chunk.num_layers = first_layer(t + 1) - first_layer(t);
+        const int64_t offset = first_layer(t) * slots;
+        parts[static_cast<size_t>(t)] = plan_layers(old_phy2log + offset, new_phy2log + offset, chunk, num_experts);
+      } catch (...) {
+        errors[static_cast<size_t>(t)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& worker : workers) worker.join();
+  for (auto& error : errors)
+    if (error) std::rethrow_exception(error);
+
+  ExpertTransferPlan plan;
+  plan.num_layers = args.num_layers;
+  plan.ep_size = args.ep_size;
+  plan.slots_per_rank = args.slots_per_rank;
+  const size_t groups = static_cast<size_t>(args.num_layers * args.ep_size);
+  for (auto* offsets : {&plan.unchanged.offsets, &plan.local_copies.offsets, &plan.sends.offsets,
+                        &plan.receives.offsets, &plan.duplicate_fills.offsets})
+    offsets->assign(groups + 1, 0);
+  plan.buffer_rows.assign(groups, 0);
+  for (int64_t t = 0; t < threads; ++t)
+    append_plan(plan, parts[static_cast<size_t>(t)], static_cast<size_t>(first_layer(t) * args.ep_size));
   return plan;
 }
 

@@ -63,6 +63,9 @@ struct TransferPlanArgs {
   // buffer and a copy. false: no weight row is written before the exchange
   // has completed (layer-by-layer serving, where the model still reads them).
   bool write_before_commit = true;
+  // Threads planning chunks of layers concurrently (0: automatic). The plan
+  // does not depend on it.
+  int64_t num_threads = 0;
 };
 
 // Every list is grouped by (layer, rank): the entries of (l, r) are

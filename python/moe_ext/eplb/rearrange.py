@@ -6,10 +6,12 @@ plan of :func:`moe_ext.eplb.transfer.plan_expert_transfer` on the calling rank:
 per layer, local copies (straight into place where the exchange does not read
 the row, else into a one-layer buffer), the sends and receives of the layer
 posted as one ``torch.distributed.batch_isend_irecv`` batch (gloo, NCCL, HCCL:
-whatever backend the group has; receives land in place where they can), then
-the buffered rows copied into place, then the remaining local copies and
-duplicate fills. The asynchronous form writes nothing in place before a
-layer's commit.
+whatever backend the group has; receives land in place where they can; one
+message per run of adjacent rows and tensor, not one per row), then the
+buffered rows copied into place, then the remaining local copies and
+duplicate fills. The blocking form posts layer l + 1's exchange before
+committing layer l, so commits overlap transfers. The asynchronous form
+writes nothing in place before a layer's commit.
 
 Everything is checked before any weight is touched, and the ranks agree on the
 outcome through one small all-reduce: when one rank refuses the call, every
@@ -270,6 +272,42 @@ def _buffer_views(buffer: torch.Tensor, tensors: list, rows: int) -> list:
     return views
 
 
+def _runs(src_rows: np.ndarray, in_buffer: np.ndarray, targets: np.ndarray) -> list:
+    """Cut a pair's row sequence into messages: (src_row, in_buffer, target_row, rows).
+
+    Consecutive entries merge when the source rows and the target rows (both in
+    the buffer or both in place) are consecutive, so adjacent rows travel as one
+    slice. Sender and receiver cut the same sequence, so the messages pair up.
+    """
+    runs: list = []
+    for src, buffered, target in zip(src_rows.tolist(), in_buffer.tolist(), targets.tolist()):
+        if runs:
+            last_src, last_buffered, last_target, count = runs[-1]
+            if src == last_src + count and buffered == last_buffered and target == last_target + count:
+                runs[-1] = (last_src, last_buffered, last_target, count + 1)
+                continue
+        runs.append((src, buffered, target, 1))
+    return runs
+
+
+def _pair_runs(plan: TransferPlan, layer: int, src_rank: int, dst_rank: int) -> list:
+    """The messages from src_rank to dst_rank in a layer, from the receiver's part of the plan."""
+    group = layer * plan.ep_size + dst_rank
+    offsets = plan.columns["recv_offsets"]
+    begin, end = int(offsets[group]), int(offsets[group + 1])
+    columns = plan.columns
+    mine = columns["recv_src_ranks"][begin:end] == src_rank
+    buffer_rows = columns["recv_buffer_rows"][begin:end][mine]
+    in_buffer = buffer_rows >= 0
+    targets = np.where(in_buffer, buffer_rows, columns["recv_dst_rows"][begin:end][mine])
+    return _runs(columns["recv_src_rows"][begin:end][mine], in_buffer, targets)
+
+
+def _in_order(ranks: np.ndarray) -> list:
+    """Distinct ranks in order of first appearance."""
+    return list(dict.fromkeys(ranks.tolist()))
+
+
 class _LayerTransfer:
     """One layer in flight: steps 1 (local copies) and 2 (P2P) posted; step 3 in commit()."""
 
@@ -289,17 +327,23 @@ class _LayerTransfer:
                 elif stage == COPY_THROUGH_BUFFER:
                     for weight, view in zip(weights, views):
                         view[buffer_row].copy_(weight[src], non_blocking=True)
+            # One message per run of adjacent rows and tensor: a run of rows is a
+            # contiguous slice of the tensor (rows are contiguous, checked), and
+            # fewer, larger P2P ops are much faster on NCCL than one op per row.
             ops = []
             moving = [i for i, w in enumerate(weights) if w[0].numel()]  # empty rows carry nothing
-            for src, dst_rank in zip(plan.send_src_rows.tolist(), plan.send_dst_ranks.tolist()):
+            me, whole = prepared.ep_rank, prepared.plan
+            for dst_rank in _in_order(plan.send_dst_ranks):
                 peer = prepared.global_ranks[dst_rank]
-                ops += [dist.P2POp(dist.isend, weights[i][src], peer, prepared.group) for i in moving]
-            for dst, buffer_row, src_rank in zip(plan.recv_dst_rows.tolist(), plan.recv_buffer_rows.tolist(),
-                                                 plan.recv_src_ranks.tolist()):
+                for src, _, _, count in _pair_runs(whole, layer, me, dst_rank):
+                    ops += [dist.P2POp(dist.isend, weights[i][src:src + count], peer, prepared.group)
+                            for i in moving]
+            for src_rank in _in_order(plan.recv_src_ranks):
                 peer = prepared.global_ranks[src_rank]
-                targets = views if buffer_row >= 0 else weights
-                row = buffer_row if buffer_row >= 0 else dst
-                ops += [dist.P2POp(dist.irecv, targets[i][row], peer, prepared.group) for i in moving]
+                for _, buffered, target, count in _pair_runs(whole, layer, src_rank, me):
+                    targets = views if buffered else weights
+                    ops += [dist.P2POp(dist.irecv, targets[i][target:target + count], peer, prepared.group)
+                            for i in moving]
             if ops:
                 self.works = dist.batch_isend_irecv(ops)
 
@@ -339,6 +383,17 @@ def _allocate_buffer(prepared: _Prepared, full_layer: bool) -> torch.Tensor:
         needed = prepared.plan.slots_per_rank if full_layer else int(rows[layer])
         size = max(size, _buffer_bytes(tensors, needed))
     return torch.empty(size, dtype=torch.uint8, device=prepared.device)
+
+
+def _allocate_buffers(prepared: _Prepared) -> list:
+    """Two buffers (alternating layers) when both fit in one layer of this rank's
+    weights, which is what ``is_profile`` reserves; else one."""
+    first = _allocate_buffer(prepared, full_layer=False)
+    full_layer = max((_buffer_bytes(tensors, prepared.plan.slots_per_rank) for tensors in prepared.layers),
+                     default=0)
+    if prepared.plan.num_layers > 1 and 0 < 2 * first.numel() <= full_layer:
+        return [first, torch.empty_like(first)]
+    return [first]
 
 
 def _reserve_for_profile(prepared: _Prepared) -> None:
@@ -392,20 +447,40 @@ def rearrange_expert_weights_inplace(old_global_expert_indices: Any, new_global_
     rank_mapping, an expert the new map places that no rank holds now, weights
     whose first dimension is not slots_per_rank, different maps on different ranks).
 
-    Peak extra memory: one buffer of the largest layer's rows that must go
-    through it on this rank (at most one layer of its weights): rows that the
-    exchange itself reads. Every other row is copied or received straight into place.
+    Peak extra memory: at most one layer of this rank's weights (what
+    ``is_profile`` reserves). A buffer holds the largest layer's rows that must
+    go through it on this rank (rows that the exchange itself reads; every
+    other row is copied or received straight into place). When two such
+    buffers fit in one layer of weights, two are used, alternating layers, so
+    that a layer's copies out of the buffer overlap the next layer's
+    transfer; otherwise one (peak = one buffer).
     """
     prepared = _prepare(old_global_expert_indices, new_global_expert_indices, expert_weights, ep_group,
                         is_profile, rank_mapping, ranks_per_node, write_before_commit=True)
     if is_profile:
         _reserve_for_profile(prepared)
         return prepared.plan
-    buffer = _allocate_buffer(prepared, full_layer=False)
+    buffers = _allocate_buffers(prepared)
+    buffer_rows = prepared.plan.buffer_rows[:, prepared.ep_rank] if prepared.plan.num_layers else []
+    # Layer l + 1's exchange is posted before layer l is committed, so layer l's
+    # copies out of its buffer (current stream) overlap layer l + 1's transfer
+    # (the backend's stream). Layer l + 2 is posted after layer l's commit is
+    # enqueued, so a buffer is never written while a commit still reads it.
+    pending: Optional[_LayerTransfer] = None
     for layer in range(prepared.plan.num_layers):
-        transfer = _LayerTransfer(prepared, layer, buffer)
-        transfer.wait()
-        transfer.commit()
+        if (pending is not None and len(buffers) == 1 and buffer_rows[layer] > 0
+                and buffer_rows[layer - 1] > 0):
+            pending.wait()  # one buffer, used by both layers: no overlap
+            pending.commit()
+            pending = None
+        transfer = _LayerTransfer(prepared, layer, buffers[layer % len(buffers)])
+        if pending is not None:
+            pending.wait()
+            pending.commit()
+        pending = transfer
+    if pending is not None:
+        pending.wait()
+        pending.commit()
     return prepared.plan
 
 
