@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "common/op_checks.h"
+#include "common/permute_indices_args.h"
 #include "core/permute_indices.h"
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
@@ -37,12 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
     const at::Tensor& tokens_per_expert_group, int64_t experts_per_rank, int64_t num_ranks,
     int64_t max_len, int64_t alignment) {
   constexpr const char* op = "generate_permute_indices";
-  ops::check_dim(tokens_per_expert_group, op, "tokens_per_expert_group", 1);
-  ops::check_dtype(tokens_per_expert_group, op, "tokens_per_expert_group", {at::kInt, at::kLong});
-  ops::call_core([&] {
-    core::check_permute_indices_shape(tokens_per_expert_group.numel(), experts_per_rank, num_ranks,
-                                      max_len, alignment);
-  });
+  auto call = ops::prepare_permute_indices(tokens_per_expert_group, experts_per_rank, num_ranks,
+                                          max_len, alignment);
   const c10::cuda::CUDAGuard device_guard(tokens_per_expert_group.device());
   const int max_shared = max_shared_bytes_per_block(tokens_per_expert_group.get_device());
   const size_t shared_bytes = permute_indices_shared_bytes(experts_per_rank, num_ranks);
@@ -51,17 +47,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
                     " is too large for the single-launch CUDA kernel on this GPU (needs ", shared_bytes,
                     " bytes of shared memory, the device offers ", max_shared, ")");
 
-  const at::Tensor counts = tokens_per_expert_group.contiguous();
-  const auto int32_options = counts.options().dtype(at::kInt);
-  at::Tensor permuted_indices = at::empty({max_len}, int32_options);
-  at::Tensor m_sizes = at::empty({experts_per_rank}, int32_options);
-  at::Tensor m_offsets = at::empty({experts_per_rank}, int32_options);
+  const at::Tensor& counts = call.counts;
   MOE_CUDA_CHECK(op, launch_generate_permute_indices(
                          counts.data_ptr(), counts.scalar_type() == at::kLong, experts_per_rank,
-                         num_ranks, max_len, alignment, permuted_indices.data_ptr<int32_t>(),
-                         m_sizes.data_ptr<int32_t>(), m_offsets.data_ptr<int32_t>(),
+                         num_ranks, max_len, alignment, call.permuted_indices.data_ptr<int32_t>(),
+                         call.m_sizes.data_ptr<int32_t>(), call.m_offsets.data_ptr<int32_t>(),
                          c10::cuda::getCurrentCUDAStream()));
-  return {permuted_indices, m_sizes, m_offsets};
+  return {call.permuted_indices, call.m_sizes, call.m_offsets};
 }
 
 }  // namespace moe_ext::cuda
