@@ -6,8 +6,8 @@
 // ranking equal keys inside a step with __match_any_sync:
 //   - small inputs (<= kSingleBlockRows rows, decode sizes): one block counts
 //     per warp, scans the counts and places every row: one launch;
-//   - larger inputs: count per block -> (scan the count table, recount and
-//     place) per block: two short launches.
+//   - larger inputs: count per block -> scan (one block) -> recount and place
+//     per block: three short launches.
 // Row copy: scatter form, one thread group per source token: the token row is
 // read once (16-byte vectors where alignment allows) and written to each of
 // its K destinations; only valid rows are written. Inputs too small to fill
@@ -35,6 +35,7 @@ constexpr int kCounterBudgetBytes = 32 * 1024;
 constexpr int64_t kMaxActiveExperts = kCounterBudgetBytes / 4;
 constexpr int kIndexThreads = 256;          // multi-block index kernels (8 warps)
 constexpr int kSingleBlockThreads = 1024;   // single-block index kernel (32 warps)
+constexpr int kScanThreads = 1024;
 constexpr int64_t kSingleBlockRows = 4096;
 // Multi-block index: 256 rows a block (one 32-row step per warp) so the count
 // and place kernels are short and spread over the SMs; the block count is
@@ -208,51 +209,53 @@ count_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
   }
 }
 
-// Step 2: every block redoes the exclusive scan of the whole count table in
-// expert-major order (<= kMaxScanEntries int32 from L2: cheaper than a
-// separate one-block scan launch), takes its own entries (e, block) as first
-// positions, recounts its rows per warp and places them. Block 0 also writes
-// expert_tokens.
+// Step 2 (one block): exclusive scan of block_counts in place, in
+// expert-major order; writes expert_tokens.
+__global__ void __launch_bounds__(kScanThreads)
+scan_kernel(int32_t* __restrict__ block_counts, int64_t blocks, int32_t range, bool cumulative,
+            int64_t* __restrict__ expert_tokens) {
+  using BlockScan = cub::BlockScan<long long, kScanThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  const int64_t entries = static_cast<int64_t>(range) * blocks;
+  const int64_t per_thread = ceil_div(entries, kScanThreads);
+  const int64_t first = std::min<int64_t>(entries, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(entries, first + per_thread);
+  long long local_sum = 0;
+  for (int64_t i = first; i < last; ++i) local_sum += block_counts[i];
+  long long prefix = 0, total = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix, total);
+  for (int64_t i = first; i < last; ++i) {
+    const int32_t count = block_counts[i];
+    block_counts[i] = static_cast<int32_t>(prefix);
+    prefix += count;
+  }
+  __syncthreads();  // the block's global writes are visible to the whole block after this
+  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
+    const long long begin = block_counts[e * blocks];
+    const long long end = e + 1 < range ? block_counts[(e + 1) * blocks] : total;
+    write_expert_tokens(expert_tokens, e, begin, end - begin, cumulative);
+  }
+}
+
+// Step 3: recount this block's rows per warp, turn the counts into first
+// positions from the scanned table, and place.
 template <typename IdT, typename MapT>
 __global__ void __launch_bounds__(kIndexThreads)
 place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
              int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
-             const int32_t* __restrict__ block_counts, bool cumulative,
-             int64_t* __restrict__ expert_tokens, int32_t* __restrict__ expanded_row_idx) {
-  using BlockScan = cub::BlockScan<long long, kIndexThreads>;
-  __shared__ typename BlockScan::TempStorage temp;
+             const int32_t* __restrict__ block_offsets, int32_t* __restrict__ expanded_row_idx) {
   extern __shared__ int32_t counters[];
-  const int32_t blocks = static_cast<int32_t>(gridDim.x);
-  const int32_t block = static_cast<int32_t>(blockIdx.x);
-  const int64_t block_begin = static_cast<int64_t>(block) * rows_per_block;
+  const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t block_end = std::min(rows, block_begin + rows_per_block);
   const int64_t warp_rows = rows_per_warp(rows_per_block, warps);
   count_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
                    counters);
-  const int32_t entries = range * blocks;  // <= kMaxScanEntries
-  const int32_t per_thread = static_cast<int32_t>(ceil_div(entries, kIndexThreads));
-  const int32_t first = std::min<int32_t>(entries, static_cast<int32_t>(threadIdx.x) * per_thread);
-  const int32_t last = std::min<int32_t>(entries, first + per_thread);
-  long long local_sum = 0;
-  for (int32_t i = first; i < last; ++i) local_sum += block_counts[i];
-  long long run = 0;
-  BlockScan(temp).ExclusiveSum(local_sum, run);
-  // The entries (e, block) at i = e * blocks + block inside [first, last).
-  int32_t next = first;
-  for (int32_t e = first <= block ? 0 : static_cast<int32_t>(ceil_div(first - block, blocks)); e < range; ++e) {
-    const int32_t i = e * blocks + block;
-    if (i >= last) break;
-    while (next < i) run += block_counts[next++];
-    long long position = run;
+  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
+    int32_t run = block_offsets[e * gridDim.x + blockIdx.x];
     for (int w = 0; w < warps; ++w) {
       const int32_t count = counters[w * range + e];
-      counters[w * range + e] = static_cast<int32_t>(position);
-      position += count;
-    }
-    if (block == 0) {
-      long long count = 0;
-      for (int32_t b = 0; b < blocks; ++b) count += block_counts[e * blocks + b];
-      write_expert_tokens(expert_tokens, e, run, count, cumulative);
+      counters[w * range + e] = run;
+      run += count;
     }
   }
   __syncthreads();
@@ -349,9 +352,12 @@ cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t 
                                                           num_experts, start, range, workspace);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
+  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
   place_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
                                                           num_experts, start, range, workspace,
-                                                          cumulative, expert_tokens, expanded_row_idx);
+                                                          expanded_row_idx);
   return cudaGetLastError();
 }
 
