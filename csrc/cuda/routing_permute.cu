@@ -10,7 +10,8 @@
 //     per block: three short launches.
 // Row copy: scatter form, one thread group per source token: the token row is
 // read once (16-byte vectors where alignment allows) and written to each of
-// its K destinations; only valid rows are written.
+// its K destinations; only valid rows are written. Inputs too small to fill
+// the GPU that way (decode sizes) copy per routed row instead.
 //
 // An id outside [0, num_experts) fires a device-side assert and its row is
 // treated as dropped: no id is ever used as an address unchecked.
@@ -36,10 +37,17 @@ constexpr int kIndexThreads = 256;          // multi-block index kernels (8 warp
 constexpr int kSingleBlockThreads = 1024;   // single-block index kernel (32 warps)
 constexpr int kScanThreads = 1024;
 constexpr int64_t kSingleBlockRows = 4096;
-constexpr int64_t kRowsPerIndexBlock = 2048;
+// Multi-block index: 256 rows a block (one 32-row step per warp) so the count
+// and place kernels are short and spread over the SMs; the block count is
+// capped so the one-block scan over [experts][blocks] stays small.
+constexpr int64_t kRowsPerIndexBlock = 256;
 constexpr int64_t kMaxIndexBlocks = 1024;
+constexpr int64_t kMaxScanEntries = 32768;
+// Below this many scatter-form blocks the copy cannot fill an H100 (132 SMs):
+// copy per routed row instead (K times the parallelism; the K reads of a
+// token row are neighbours and hit L2).
+constexpr int64_t kMinScatterBlocks = 512;
 constexpr int64_t kHistogramSharedExperts = 12288;  // 48 KiB of int32 counters
-constexpr int64_t kHistogramSingleBlockCount = 65536;
 
 // Warps that keep their own counters: as many as the budget allows.
 int counting_warps(int64_t active_experts, int max_warps) {
@@ -57,9 +65,11 @@ struct IndexGrid {
   int64_t rows_per_block = 0;
 };
 
-IndexGrid index_grid(int64_t rows) {
+IndexGrid index_grid(int64_t rows, int64_t active_experts) {
   IndexGrid grid;
-  grid.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, kRowsPerIndexBlock), kMaxIndexBlocks));
+  const int64_t max_blocks =
+      std::max<int64_t>(1, std::min(kMaxIndexBlocks, kMaxScanEntries / std::max<int64_t>(active_experts, 1)));
+  grid.blocks = std::max<int64_t>(1, std::min(ceil_div(rows, kRowsPerIndexBlock), max_blocks));
   grid.rows_per_block = ceil_div(ceil_div(rows, grid.blocks), 32) * 32;
   grid.blocks = ceil_div(rows, grid.rows_per_block);
   return grid;
@@ -291,6 +301,38 @@ scatter_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int6
   }
 }
 
+// Row-form copy (small inputs): a group of threads_per_row threads per routed
+// row f copies token f / K to its position, if it has one.
+template <int kBytes>
+__global__ void __launch_bounds__(kBlockThreads)
+row_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_rows, int64_t topk,
+                int64_t vectors_per_row, int threads_per_row_,
+                const int32_t* __restrict__ expanded_row_idx, uint8_t* __restrict__ permuted) {
+  using V = typename Unit<kBytes>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kBlockThreads / threads_per_row_) +
+                      threadIdx.x / threads_per_row_;
+  if (row >= num_rows) return;
+  const int64_t position = expanded_row_idx[row];  // written by the index kernels: -1 or a valid row
+  if (position < 0) return;
+  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
+  const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + (row / topk) * vectors_per_row;
+  V* __restrict__ destination = reinterpret_cast<V*>(permuted) + position * vectors_per_row;
+  const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
+  for (int64_t first = lane; first < vectors_per_row; first += stride) {
+    V values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
+      if (v < vectors_per_row) values[u] = source[v];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
+      if (v < vectors_per_row) destination[v] = values[u];
+    }
+  }
+}
+
 template <typename IdT, typename MapT>
 cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t num_experts,
                          int64_t start, int32_t range, bool cumulative, int32_t* expanded_row_idx,
@@ -302,7 +344,7 @@ cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t 
         ids, map, rows, warps, num_experts, start, range, cumulative, expert_tokens, expanded_row_idx);
     return cudaGetLastError();
   }
-  const IndexGrid grid = index_grid(rows);
+  const IndexGrid grid = index_grid(rows, range);
   const int warps = counting_warps(range, kIndexThreads / 32);
   const size_t shared = static_cast<size_t>(warps) * static_cast<size_t>(range) * sizeof(int32_t);
   const auto blocks = static_cast<unsigned>(grid.blocks);
@@ -332,6 +374,15 @@ cudaError_t launch_index_for_ids(const IdT* ids, const void* map, bool map_is_in
                       cumulative, expanded_row_idx, expert_tokens, workspace, stream);
 }
 
+constexpr int64_t kHistogramIdsPerThread = 8;
+constexpr int kHistogramBatch = 8;
+
+// Histogram. Each block counts its slice in shared memory (warp-aggregated:
+// lanes holding the same id add once, so a skewed routing does not serialise
+// on one counter), then adds each non-zero bin to the global counts once.
+// The counts are zeroed by a memset before (or, for a single block, written
+// directly). Many blocks, a few ids per thread: a single block walking 64k ids
+// was latency-bound (~46 us for 0.26 MB on an H100).
 template <typename IdT>
 __global__ void __launch_bounds__(kBlockThreads)
 histogram_kernel(const IdT* __restrict__ ids, int64_t count, int64_t num_experts, bool use_shared,
@@ -341,14 +392,28 @@ histogram_kernel(const IdT* __restrict__ ids, int64_t count, int64_t num_experts
     for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
     __syncthreads();
   }
+  const int lane = static_cast<int>(threadIdx.x & 31);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += step) {
-    const int64_t id = static_cast<int64_t>(ids[i]);
-    if (id < 0 || id >= num_experts) continue;  // padding (-1) and foreign ids are not counted
-    if (use_shared) {
-      atomicAdd(&histogram[id], 1);
-    } else {
-      atomicAdd(&counts[id], 1ull);  // integer adds: the result does not depend on the order
+  // All lanes of a warp run the same trip count (__match_any_sync needs them).
+  const int64_t warp_first = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u);
+  // kHistogramBatch ids a thread are loaded together (one memory latency), then counted.
+  for (int64_t batch = warp_first; batch < count; batch += step * kHistogramBatch) {
+    int64_t id[kHistogramBatch];
+#pragma unroll
+    for (int j = 0; j < kHistogramBatch; ++j) {
+      const int64_t i = batch + j * step + lane;
+      id[j] = i < count ? static_cast<int64_t>(ids[i]) : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < kHistogramBatch; ++j) {
+      const int64_t key = id[j] >= 0 && id[j] < num_experts ? id[j] : -1;  // padding and foreign ids: not counted
+      const unsigned peers = __match_any_sync(0xffffffffu, key);
+      if (key < 0 || lane != __ffs(peers) - 1) continue;
+      if (use_shared) {
+        atomicAdd(&histogram[key], __popc(peers));
+      } else {
+        atomicAdd(&counts[key], static_cast<unsigned long long>(__popc(peers)));  // order-independent
+      }
     }
   }
   if (!use_shared) return;
@@ -363,20 +428,25 @@ histogram_kernel(const IdT* __restrict__ ids, int64_t count, int64_t num_experts
   }
 }
 
+
 template <typename IdT>
 cudaError_t launch_histogram(const IdT* ids, int64_t count, int64_t num_experts, int64_t* counts,
                              cudaStream_t stream) {
   auto* out = reinterpret_cast<unsigned long long*>(counts);
   const bool use_shared = num_experts <= kHistogramSharedExperts;
   const size_t shared = use_shared ? static_cast<size_t>(num_experts) * sizeof(int32_t) : 0;
-  if (use_shared && count <= kHistogramSingleBlockCount) {  // one launch, no memset
+  // Blocks: kHistogramIdsPerThread ids per thread, fewer when the bins are many
+  // (each block zeroes and flushes every bin).
+  int64_t blocks = ceil_div(count, kBlockThreads * kHistogramIdsPerThread);
+  if (use_shared) blocks = std::min<int64_t>(blocks, std::max<int64_t>(1, 4 * count / num_experts));
+  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, 528));
+  if (use_shared && blocks == 1) {  // one launch, no memset
     histogram_kernel<<<1, kBlockThreads, shared, stream>>>(ids, count, num_experts, true, true, out);
     return cudaGetLastError();
   }
   const cudaError_t status =
       cudaMemsetAsync(counts, 0, static_cast<size_t>(num_experts) * sizeof(int64_t), stream);
   if (status != cudaSuccess) return status;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(count, kBlockThreads * 16), 512));
   histogram_kernel<<<static_cast<unsigned>(blocks), kBlockThreads, shared, stream>>>(
       ids, count, num_experts, use_shared, false, out);
   return cudaGetLastError();
@@ -388,7 +458,7 @@ int64_t permute_max_active_experts() { return kMaxActiveExperts; }
 
 size_t permute_workspace_bytes(int64_t num_rows, int64_t active_experts) {
   if (num_rows <= kSingleBlockRows) return 16;
-  const int64_t entries = index_grid(num_rows).blocks * std::max<int64_t>(active_experts, 1);
+  const int64_t entries = index_grid(num_rows, active_experts).blocks * std::max<int64_t>(active_experts, 1);
   return static_cast<size_t>(ceil_div(entries * 4, 16) * 16);
 }
 
@@ -421,8 +491,15 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   const int64_t vectors = row_bytes / unit;
   const int threads = threads_per_row(vectors);
   const unsigned blocks = grid_for_rows(num_tokens, threads);
+  const bool per_row = blocks < kMinScatterBlocks && topk > 1;
   return dispatch_unit(unit, [&](auto unit_tag) {
     constexpr int kBytes = decltype(unit_tag)::value;
+    if (per_row) {
+      row_copy_kernel<kBytes><<<grid_for_rows(rows, threads), kBlockThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(hidden), rows, topk, vectors, threads, expanded_row_idx,
+          static_cast<uint8_t*>(permuted));
+      return cudaGetLastError();
+    }
     scatter_copy_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(
         static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors, threads, expanded_row_idx,
         static_cast<uint8_t*>(permuted));

@@ -11,6 +11,7 @@
 // rows (each row has one writer) and reduces grad_probs[t,k] =
 // dot(grad_out[t], permuted[row]) in a fixed order; (3) rows no entry names
 // are zeroed. Every output element is written exactly once.
+#include <algorithm>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
@@ -23,6 +24,7 @@ namespace {
 using namespace routing;
 
 constexpr int kBackwardThreads = 256;
+constexpr int64_t kMinUnpermuteBlocks = 1024;  // ~8 blocks per SM of an H100
 
 template <typename P, typename A>
 __device__ __forceinline__ P to_prob(A value) {
@@ -32,6 +34,12 @@ __device__ __forceinline__ P to_prob(A value) {
     return store_acc<P>(value);
   }
 }
+
+// A group of threads_per_row threads per token (blockIdx.x), the row split
+// over gridDim.y chunks when the tokens are too few to fill the GPU. The K
+// rows are loaded kRowBatch at a time, all in flight together, and summed in
+// order k = 0..K-1.
+constexpr int kRowBatch = 8;
 
 template <typename T, typename P, typename IndexT, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -48,20 +56,38 @@ unpermute_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidde
   const PackT* __restrict__ source = reinterpret_cast<const PackT*>(permuted);
   PackT* __restrict__ destination = reinterpret_cast<PackT*>(out) + token * packs;
   const IndexT* rows = row_idx + token * topk;
-  for (int64_t v = lane; v < packs; v += threads_per_row_) {
+  const int64_t stride = static_cast<int64_t>(threads_per_row_) * gridDim.y;
+  for (int64_t v = static_cast<int64_t>(blockIdx.y) * threads_per_row_ + lane; v < packs; v += stride) {
     A sum[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) sum[i] = A(0);
-#pragma unroll 4
-    for (int64_t k = 0; k < topk; ++k) {
-      const int64_t row = static_cast<int64_t>(rows[k]);
-      const bool in_range = row >= -1 && row < num_rows;
-      MOE_DEVICE_CHECK(in_range, "moe_unpermute: expanded_row_idx out of range [-1, rows of permuted)");
-      if (row < 0 || !in_range) continue;
-      const A weight = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k])) : A(1);
-      const PackT x = source[row * packs + v];
+    for (int64_t k0 = 0; k0 < topk; k0 += kRowBatch) {
+      int64_t row[kRowBatch];
+      A weight[kRowBatch];
+      PackT x[kRowBatch];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sum[i] += weight * static_cast<A>(to_acc(x.value[i]));
+      for (int j = 0; j < kRowBatch; ++j) {
+        row[j] = -1;
+        weight[j] = A(0);
+        if (k0 + j < topk) {
+          const int64_t r = static_cast<int64_t>(rows[k0 + j]);
+          const bool in_range = r >= -1 && r < num_rows;
+          MOE_DEVICE_CHECK(in_range, "moe_unpermute: expanded_row_idx out of range [-1, rows of permuted)");
+          if (in_range && r >= 0) {
+            row[j] = r;
+            weight[j] = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k0 + j])) : A(1);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j)
+        if (row[j] >= 0) x[j] = source[row[j] * packs + v];
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        if (row[j] < 0) continue;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) sum[i] += weight[j] * static_cast<A>(to_acc(x[j].value[i]));
+      }
     }
     PackT y;
 #pragma unroll
@@ -70,19 +96,21 @@ unpermute_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidde
   }
 }
 
-// Sum over the block in a fixed order; the result is valid in thread 0.
+// Backward, one block per token. The grad_out row is held in registers
+// (kCachedPacks packs a thread per pass over the row) and reused for all K
+// rows; per (pass, k) each warp reduces its dot with shuffles and adds it to
+// its own shared slot, so no block barrier sits inside the k loop. grad_probs
+// is reduced over the warps in a fixed order at the end of each window of
+// kProbWindow k's: deterministic.
+constexpr int kCachedPacks = 4;
+constexpr int kProbWindow = 64;
+constexpr int kBackwardWarps = kBackwardThreads / 32;
+
 template <typename A>
-__device__ A block_sum(A value, A* partial) {
+__device__ __forceinline__ A warp_sum(A value) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  const int warp = static_cast<int>(threadIdx.x / 32);
-  if ((threadIdx.x & 31) == 0) partial[warp] = value;
-  __syncthreads();
-  A total = A(0);
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kBackwardThreads / 32; ++w) total += partial[w];
-  __syncthreads();  // partial is reused by the next call
-  return total;
+  return value;
 }
 
 template <typename T, typename P, typename IndexT, int kVec>
@@ -93,37 +121,71 @@ unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ 
                           P* __restrict__ grad_probs) {
   using A = typename Acc<T>::type;
   using PackT = Pack<T, kVec>;
-  __shared__ A partial[kBackwardThreads / 32];
+  __shared__ A partial[kBackwardWarps][kProbWindow];
   const int64_t token = blockIdx.x;
   const int64_t packs = hidden_size / kVec;
+  const int warp = static_cast<int>(threadIdx.x / 32);
   const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + token * packs;
-  for (int64_t k = 0; k < topk; ++k) {
-    const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
-    // Range and uniqueness were asserted while building the inverse; skip, never write, if broken.
-    const bool valid = row >= 0 && row < num_rows;
-    A dot = A(0);
-    if (valid) {
-      const A weight = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k])) : A(1);
-      PackT* __restrict__ out = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
-      const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
-      for (int64_t v = threadIdx.x; v < packs; v += kBackwardThreads) {
-        const PackT g = gradient[v];
-        PackT o;
+  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCachedPacks;
+  for (int64_t window = 0; window < topk; window += kProbWindow) {
+    const int64_t window_end = window + kProbWindow < topk ? window + kProbWindow : topk;
+    for (int64_t base = 0; base < packs; base += pass_packs) {
+      PackT g[kCachedPacks];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g.value[i])));
-        out[v] = o;
+      for (int u = 0; u < kCachedPacks; ++u) {
+        const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+        if (v < packs) g[u] = gradient[v];
+      }
+      for (int64_t k = window; k < window_end; ++k) {
+        const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
+        // Range and uniqueness were asserted while building the inverse; skip, never write, if broken.
+        const bool valid = row >= 0 && row < num_rows;  // uniform over the block
+        A dot = A(0);
+        if (valid) {
+          const A weight = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k])) : A(1);
+          PackT* __restrict__ out = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
+          const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
+          PackT xv[kCachedPacks];
+          if (grad_probs != nullptr) {
+#pragma unroll
+            for (int u = 0; u < kCachedPacks; ++u) {
+              const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+              if (v < packs) xv[u] = x[v];
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kCachedPacks; ++u) {
+            const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+            if (v >= packs) continue;
+            PackT o;
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
+            out[v] = o;
+            if (grad_probs != nullptr) {
+#pragma unroll
+              for (int i = 0; i < kVec; ++i)
+                dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[u].value[i]));
+            }
+          }
+        }
         if (grad_probs != nullptr) {
-          const PackT xv = x[v];
-#pragma unroll
-          for (int i = 0; i < kVec; ++i)
-            dot += static_cast<A>(to_acc(g.value[i])) * static_cast<A>(to_acc(xv.value[i]));
+          dot = warp_sum(dot);
+          if ((threadIdx.x & 31) == 0) {
+            A& slot = partial[warp][k - window];
+            slot = base == 0 ? dot : slot + dot;
+          }
         }
       }
     }
-    if (grad_probs != nullptr) {  // uniform over the block
-      const A total = block_sum(dot, partial);
-      if (threadIdx.x == 0) grad_probs[token * topk + k] = to_prob<P>(valid ? total : A(0));
+    if (grad_probs == nullptr) continue;
+    __syncthreads();
+    for (int64_t k = window + threadIdx.x; k < window_end; k += kBackwardThreads) {
+      const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
+      A total = A(0);
+      for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][k - window];
+      grad_probs[token * topk + k] = to_prob<P>(row >= 0 && row < num_rows ? total : A(0));
     }
+    __syncthreads();  // partial is reused by the next window
   }
 }
 
@@ -141,7 +203,11 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
   const int64_t packs = vectors ? hidden_size / kVec : hidden_size;
   // A thread sums one pack at a time, with up to 4 of its K row loads in flight.
   const int threads = threads_per_row(packs);
-  const unsigned blocks = grid_for_rows(num_tokens, threads);
+  const unsigned token_blocks = grid_for_rows(num_tokens, threads);
+  // Few tokens (decode): split each row over more blocks, down to one pack a thread.
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(packs, threads), kMinUnpermuteBlocks / static_cast<int64_t>(token_blocks)));
+  const dim3 blocks(token_blocks, static_cast<unsigned>(chunks));
   if (vectors) {
     unpermute_kernel<T, P, IndexT, kVec><<<blocks, kBlockThreads, 0, stream>>>(
         permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, threads, out);
