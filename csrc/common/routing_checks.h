@@ -74,4 +74,30 @@ inline void check_rows_args(const at::Tensor& x, const at::Tensor& indices, cons
   check_same_device(indices, x, op, "indices", x_name);
 }
 
+// moe_unpermute_backward: the forward's checks plus grad_output [T, H] of permuted's dtype.
+inline int64_t check_unpermute_backward_args(const at::Tensor& grad_output, const at::Tensor& permuted,
+                                             const at::Tensor& expanded_row_idx,
+                                             const std::optional<at::Tensor>& probs, int64_t topk,
+                                             const char* op) {
+  const int64_t num_tokens = check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
+  check_dim(grad_output, op, "grad_output", 2);
+  check_same_device(grad_output, permuted, op, "grad_output", "permuted");
+  MOE_CHECK_VALUE(grad_output.size(0) == num_tokens && grad_output.size(1) == permuted.size(1), op,
+                  ": grad_output must be [T, H] = [", num_tokens, ", ", permuted.size(1), "], got ",
+                  shape_str(grad_output.sizes()));
+  MOE_CHECK_TYPE(grad_output.scalar_type() == permuted.scalar_type(), op,
+                 ": grad_output must have the dtype of permuted (", dtype_str(permuted.scalar_type()),
+                 "), got ", dtype_str(grad_output.scalar_type()));
+  return num_tokens;
+}
+
+// scatter_rows: one index per row of x, and a non-negative output row count.
+inline void check_scatter_rows_args(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows,
+                                    const char* op) {
+  check_rows_args(x, indices, op, "x");
+  MOE_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
+                  x.size(0), "), got ", indices.numel());
+  MOE_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+}
+
 }  // namespace moe_ext::ops

@@ -51,10 +51,7 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& indices) {
 
 at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
-  ops::check_rows_args(x, indices, op, "x");
-  MOE_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
-                    x.size(0), "), got ", indices.numel());
-  MOE_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+  ops::check_scatter_rows_args(x, indices, num_rows, op);
   const at::Tensor source = x.contiguous();
   const at::Tensor rows = indices.contiguous().to(at::kLong);
   at::Tensor inverse = at::empty({num_rows}, rows.options());

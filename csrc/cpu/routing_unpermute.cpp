@@ -71,15 +71,8 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& probs,
                                                           int64_t topk, bool compute_grad_probs) {
   constexpr const char* op = "moe_unpermute_backward";
-  const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
-  ops::check_dim(grad_output, op, "grad_output", 2);
-  ops::check_same_device(grad_output, permuted, op, "grad_output", "permuted");
-  MOE_CHECK_VALUE(grad_output.size(0) == num_tokens && grad_output.size(1) == permuted.size(1), op,
-                    ": grad_output must be [T, H] = [", num_tokens, ", ", permuted.size(1), "], got ",
-                    ops::shape_str(grad_output.sizes()));
-  MOE_CHECK_TYPE(grad_output.scalar_type() == permuted.scalar_type(), op,
-                   ": grad_output must have the dtype of permuted (", ops::dtype_str(permuted.scalar_type()), "), got ",
-                   ops::dtype_str(grad_output.scalar_type()));
+  const int64_t num_tokens =
+      ops::check_unpermute_backward_args(grad_output, permuted, expanded_row_idx, probs, topk, op);
   const at::Tensor source = permuted.contiguous();
   const at::Tensor grad = grad_output.contiguous();
   const int64_t num_rows = source.size(0), hidden_size = source.size(1);

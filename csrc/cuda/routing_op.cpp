@@ -94,15 +94,8 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& probs,
                                                           int64_t topk, bool compute_grad_probs) {
   constexpr const char* op = "moe_unpermute_backward";
-  const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
-  ops::check_dim(grad_output, op, "grad_output", 2);
-  ops::check_same_device(grad_output, permuted, op, "grad_output", "permuted");
-  MOE_CHECK_VALUE(grad_output.size(0) == num_tokens && grad_output.size(1) == permuted.size(1), op,
-                    ": grad_output must be [T, H] = [", num_tokens, ", ", permuted.size(1), "], got ",
-                    ops::shape_str(grad_output.sizes()));
-  MOE_CHECK_TYPE(grad_output.scalar_type() == permuted.scalar_type(), op,
-                   ": grad_output must have the dtype of permuted (", ops::dtype_str(permuted.scalar_type()), "), got ",
-                   ops::dtype_str(grad_output.scalar_type()));
+  const int64_t num_tokens =
+      ops::check_unpermute_backward_args(grad_output, permuted, expanded_row_idx, probs, topk, op);
   MOE_CHECK_VALUE(expanded_row_idx.numel() <= kInt32Max, op,
                     ": expanded_row_idx must have fewer than 2^31 entries, got ", expanded_row_idx.numel());
   const c10::cuda::CUDAGuard device_guard(permuted.device());
@@ -156,10 +149,7 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& indices) {
 
 at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
-  ops::check_rows_args(x, indices, op, "x");
-  MOE_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",
-                    x.size(0), "), got ", indices.numel());
-  MOE_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+  ops::check_scatter_rows_args(x, indices, num_rows, op);
   MOE_CHECK_VALUE(indices.numel() <= kInt32Max, op, ": indices must have fewer than 2^31 entries, got ",
                     indices.numel());
   const c10::cuda::CUDAGuard device_guard(x.device());
