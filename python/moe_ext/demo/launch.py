@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from moe_ext.testing.distributed import find_free_port
+from moe_ext.testing.distributed import find_free_port, stop_processes
 
 __all__ = ["RankFailure", "launch"]
 
@@ -58,20 +58,6 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, timeout: flo
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
-
-
-def _stop(processes: list, grace: float) -> None:
-    deadline = time.monotonic() + grace
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=2.0)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=2.0)
 
 
 def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any], *, backend: str = "gloo",
@@ -122,4 +108,4 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any], *, back
                 raise RankFailure(missing[0], f"ranks {missing} did not finish within {timeout:.0f} s "
                                               "(--timeout); they were stopped")
     finally:
-        _stop(processes, grace=10.0 if clean else 0.0)
+        stop_processes(processes, grace=10.0 if clean else 0.0)

@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["DistributedRunError", "find_free_port", "run_distributed", "test_backend"]
+__all__ = ["DistributedRunError", "find_free_port", "run_distributed", "stop_processes", "test_backend"]
 
 
 class DistributedRunError(RuntimeError):
@@ -136,7 +136,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
                 raise DistributedRunError(f"ranks {missing} did not finish within {timeout:.0f} s")
     finally:
         finished = len(outcomes) == world_size and all(o.ok for o in outcomes.values())
-        _stop(processes, grace=10.0 if finished else 0.0)
+        stop_processes(processes, grace=10.0 if finished else 0.0)
     failures = sorted((o for o in outcomes.values() if not o.ok), key=lambda o: o.rank)
     if failures:
         first = failures[0]
@@ -144,7 +144,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
     return [outcomes[rank].value for rank in range(world_size)]
 
 
-def _stop(processes: list[Any], grace: float) -> None:
+def stop_processes(processes: list[Any], grace: float) -> None:
     """Let ranks exit within ``grace`` seconds, then terminate, then kill."""
     deadline = time.monotonic() + grace
     for process in processes:
