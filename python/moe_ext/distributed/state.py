@@ -133,6 +133,7 @@ def init_parallel_state(config: ParallelConfig, backend: Optional[str] = None, *
 # which keeps rank_in_group consistent with the communicator.
 _KEEP_ORDER = ({"sort_ranks": False}
                if "sort_ranks" in inspect.signature(dist.new_group).parameters else {})
+KEEPS_RANK_ORDER = bool(_KEEP_ORDER)  # False: groups come out in sorted rank order
 
 
 def _group_order(ranks: list[int]) -> list[int]:
