@@ -295,3 +295,43 @@ TEST(EplbPlacement, CountMovesRespectStrictHierarchy) {
 }
 
 }  // namespace
+
+// plan_placement_into writes every entry of caller buffers full of garbage,
+// exactly as plan_placement fills its own vectors (threads or not).
+TEST(EplbPlacement, PlanIntoCallerBuffersWritesEverything) {
+  using moe_ext::core::eplb::PlacementOutputs;
+  using moe_ext::core::eplb::plan_placement_into;
+  const auto shape = make_shape(7, 32, 48, 4, 2, 8);
+  const auto loads = lognormal_loads(7 * 32, 5);
+  PlacementOptions options;
+  const PlacementResult expected = plan_placement(shape, loads.data(), nullptr, options);
+  expect_valid(shape, expected);
+  for (int64_t threads : {1, 3}) {
+    options.num_threads = threads;
+    const size_t layers = 7, max_rep = static_cast<size_t>(expected.max_replicas);
+    std::vector<int64_t> phy2log(layers * 48, 77), log2phy(layers * 32 * max_rep, 77),
+        logcnt(layers * 32, 77), moves(layers, 77), cross(layers, 77), dups(layers, 77);
+    std::vector<double> imbalance(layers, -5.0), bound(layers, -5.0);
+    std::vector<uint8_t> relaxed(layers, 9);
+    PlacementOutputs out;
+    out.phy2log = phy2log.data();
+    out.log2phy = log2phy.data();
+    out.logcnt = logcnt.data();
+    out.imbalance = imbalance.data();
+    out.lower_bound = bound.data();
+    out.moves = moves.data();
+    out.cross_node_replicas = cross.data();
+    out.same_gpu_duplicates = dups.data();
+    out.hierarchy_relaxed = relaxed.data();
+    plan_placement_into(shape, loads.data(), nullptr, options, out);
+    EXPECT_EQ(phy2log, expected.phy2log);
+    EXPECT_EQ(log2phy, expected.log2phy);
+    EXPECT_EQ(logcnt, expected.logcnt);
+    EXPECT_EQ(imbalance, expected.imbalance);
+    EXPECT_EQ(bound, expected.lower_bound);
+    EXPECT_EQ(moves, expected.moves);
+    EXPECT_EQ(cross, expected.cross_node_replicas);
+    EXPECT_EQ(dups, expected.same_gpu_duplicates);
+    EXPECT_EQ(relaxed, expected.hierarchy_relaxed);
+  }
+}
