@@ -267,6 +267,16 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
     return false;
   };
   recompute();
+  // Slots of every expert in the plan (kept current through the swaps below).
+  std::vector<std::vector<int32_t>> slots_of(static_cast<size_t>(geometry.num_logical));
+  for (int64_t p = 0; p < num_slots; ++p) slots_of[plan[p]].push_back(static_cast<int32_t>(p));
+  auto move_slot = [&](int32_t from_expert, int32_t to_expert, int64_t slot) {
+    auto& from = slots_of[from_expert];
+    from.erase(std::find(from.begin(), from.end(), static_cast<int32_t>(slot)));
+    auto& to = slots_of[to_expert];
+    to.insert(std::lower_bound(to.begin(), to.end(), static_cast<int32_t>(slot)),
+              static_cast<int32_t>(slot));
+  };
   bool changed = true;
   for (int pass = 0; changed && pass < 4; ++pass) {
     changed = false;
@@ -278,8 +288,8 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
       // (a) Swap with a changed slot q that holds `before` in the plan: no
       // replica count changes, only the two GPUs' loads.
       bool done = false;
-      for (int64_t q = 0; q < num_slots && !done; ++q) {
-        if (plan[q] != before || plan[q] == current[q]) continue;
+      for (const int32_t q : slots_of[before]) {  // ascending, as a scan of all slots
+        if (plan[q] == current[q]) continue;
         const int64_t other = q / per_gpu;
         if (other != gpu && (holds(gpu, before, p) || holds(other, now, q))) continue;
         if (!node_of_expert.empty() && node_of_expert[now] != q / slots_per_node) continue;
@@ -291,7 +301,10 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
         std::swap(plan[p], plan[q]);
         gpu_load[gpu] += delta;
         gpu_load[other] -= delta;
+        move_slot(now, before, p);
+        move_slot(before, now, q);  // invalidates this loop's range: leave it now
         done = true;
+        break;
       }
       if (done) {
         changed = true;
@@ -305,6 +318,7 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
       counts[before] += 1;
       recompute();
       if (*std::max_element(gpu_load.begin(), gpu_load.end()) <= limit_load * (1.0 + 1e-12)) {
+        move_slot(now, before, p);
         changed = true;
       } else {
         plan[p] = now;
