@@ -22,8 +22,10 @@
 // replica-count moves with re-packing (options.refine_counts).
 // Planning from a current placement: keep every slot that can stay, repair the
 // replica counts with as few slot changes as possible, refine with swaps that
-// are charged by the slots they change, and fall back to the from-scratch plan
-// relabelled onto the current GPUs when that is better and within budget.
+// are charged by the slots they change; a second candidate is the from-scratch
+// plan relabelled onto the current GPUs and walked back toward current while
+// within tolerance. The layer takes the one that moves fewer slots within
+// tolerance (else the better balanced), never beyond max_moves.
 //
 // Everything is deterministic: layers are independent and every tie is broken
 // by index, so threads and ranks give identical plans.
