@@ -54,24 +54,44 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
                   "] (layers, num_replicas)");
     current_data = current->data();
   }
-  core::eplb::PlacementResult result;
+  // Validate before sizing the outputs from the shape; the planner checks again.
+  core::eplb::check_placement_shape(shape, options);
+  const py::ssize_t layers = shape.num_layers, experts = shape.num_logical;
+  const py::ssize_t max_replicas = shape.max_replicas();
+  // numpy owns the outputs (its allocator backs large arrays with huge pages,
+  // so the 32 MB log2phy of the largest case costs no page-fault storm); the
+  // planner writes them in place, each layer by the thread that plans it.
+  py::array_t<int64_t> phy2log({layers, static_cast<py::ssize_t>(num_replicas)});
+  py::array_t<int64_t> log2phy;
+  if (with_log2phy) log2phy = py::array_t<int64_t>({layers, experts, max_replicas});
+  py::array_t<int64_t> logcnt({layers, experts});
+  py::array_t<double> imbalance(layers), lower_bound(layers);
+  py::array_t<int64_t> moves(layers), cross_node(layers), duplicates(layers);
+  py::array_t<uint8_t> relaxed(layers);
+  core::eplb::PlacementOutputs outputs;
+  outputs.phy2log = phy2log.mutable_data();
+  outputs.log2phy = with_log2phy ? log2phy.mutable_data() : nullptr;
+  outputs.logcnt = logcnt.mutable_data();
+  outputs.imbalance = imbalance.mutable_data();
+  outputs.lower_bound = lower_bound.mutable_data();
+  outputs.moves = moves.mutable_data();
+  outputs.cross_node_replicas = cross_node.mutable_data();
+  outputs.same_gpu_duplicates = duplicates.mutable_data();
+  outputs.hierarchy_relaxed = relaxed.mutable_data();
   {
     py::gil_scoped_release release;
-    result = core::eplb::plan_placement(shape, weight.data(), current_data, options);
+    core::eplb::plan_placement_into(shape, weight.data(), current_data, options, outputs);
   }
-  const py::ssize_t layers = shape.num_layers, experts = shape.num_logical;
   py::dict out;
-  out["phy2log"] = to_numpy(std::move(result.phy2log), {layers, num_replicas});
-  if (with_log2phy) {
-    out["log2phy"] = to_numpy(std::move(result.log2phy), {layers, experts, result.max_replicas});
-  }
-  out["logcnt"] = to_numpy(std::move(result.logcnt), {layers, experts});
-  out["imbalance"] = to_numpy(std::move(result.imbalance), {layers});
-  out["lower_bound"] = to_numpy(std::move(result.lower_bound), {layers});
-  out["moves"] = to_numpy(std::move(result.moves), {layers});
-  out["cross_node_replicas"] = to_numpy(std::move(result.cross_node_replicas), {layers});
-  out["same_gpu_duplicates"] = to_numpy(std::move(result.same_gpu_duplicates), {layers});
-  out["hierarchy_relaxed"] = to_numpy(std::move(result.hierarchy_relaxed), {layers});
+  out["phy2log"] = phy2log;
+  if (with_log2phy) out["log2phy"] = log2phy;
+  out["logcnt"] = logcnt;
+  out["imbalance"] = imbalance;
+  out["lower_bound"] = lower_bound;
+  out["moves"] = moves;
+  out["cross_node_replicas"] = cross_node;
+  out["same_gpu_duplicates"] = duplicates;
+  out["hierarchy_relaxed"] = relaxed;
   return out;
 }
 

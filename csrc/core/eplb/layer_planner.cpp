@@ -234,6 +234,102 @@ std::vector<int32_t> relabel_onto_current(const LayerGeometry& geometry,
   return result;
 }
 
+// Walk a plan back toward the current map: revert single slots to the expert
+// they hold now (slot order, repeated until nothing changes) whenever the
+// layer stays at or below limit_imbalance, every expert keeps a replica and no
+// GPU gains a twin (strict hierarchy: and no expert gets a replica outside
+// the node that holds its replicas in the plan). Used on the relabelled from-scratch plan, where most slots
+// changed only because the from-scratch packing knows nothing of current.
+void revert_toward_current(const LayerGeometry& geometry, const double* load,
+                           std::vector<int32_t>& plan, const int64_t* current,
+                           double limit_imbalance, bool keep_experts_in_their_node) {
+  const int64_t num_slots = geometry.num_replicas, per_gpu = geometry.slots_per_gpu;
+  const double total = total_of(load, geometry.num_logical);
+  if (!(total > 0.0)) return;
+  const double limit_load = limit_imbalance * total / static_cast<double>(geometry.num_gpus);
+  std::vector<int32_t> counts(static_cast<size_t>(geometry.num_logical), 0);
+  for (int32_t e : plan) counts[e] += 1;
+  const int64_t slots_per_node = per_gpu * geometry.gpus_per_node;
+  std::vector<int64_t> node_of_expert;
+  if (keep_experts_in_their_node) {
+    node_of_expert.assign(static_cast<size_t>(geometry.num_logical), -1);
+    for (int64_t p = 0; p < num_slots; ++p) node_of_expert[plan[p]] = p / slots_per_node;
+  }
+  std::vector<double> gpu_load(static_cast<size_t>(geometry.num_gpus), 0.0);
+  auto recompute = [&]() {
+    std::fill(gpu_load.begin(), gpu_load.end(), 0.0);
+    for (int64_t p = 0; p < num_slots; ++p) gpu_load[p / per_gpu] += load[plan[p]] / counts[plan[p]];
+  };
+  auto holds = [&](int64_t gpu, int32_t expert, int64_t except_slot) {
+    for (int64_t q = gpu * per_gpu; q < (gpu + 1) * per_gpu; ++q) {
+      if (q != except_slot && plan[q] == expert) return true;
+    }
+    return false;
+  };
+  recompute();
+  // Slots of every expert in the plan (kept current through the swaps below).
+  std::vector<std::vector<int32_t>> slots_of(static_cast<size_t>(geometry.num_logical));
+  for (int64_t p = 0; p < num_slots; ++p) slots_of[plan[p]].push_back(static_cast<int32_t>(p));
+  auto move_slot = [&](int32_t from_expert, int32_t to_expert, int64_t slot) {
+    auto& from = slots_of[from_expert];
+    from.erase(std::find(from.begin(), from.end(), static_cast<int32_t>(slot)));
+    auto& to = slots_of[to_expert];
+    to.insert(std::lower_bound(to.begin(), to.end(), static_cast<int32_t>(slot)),
+              static_cast<int32_t>(slot));
+  };
+  bool changed = true;
+  for (int pass = 0; changed && pass < 4; ++pass) {
+    changed = false;
+    for (int64_t p = 0; p < num_slots; ++p) {
+      const int32_t now = plan[p], before = static_cast<int32_t>(current[p]);
+      if (now == before) continue;
+      const int64_t gpu = p / per_gpu;
+      if (!node_of_expert.empty() && node_of_expert[before] != p / slots_per_node) continue;
+      // (a) Swap with a changed slot q that holds `before` in the plan: no
+      // replica count changes, only the two GPUs' loads.
+      bool done = false;
+      for (const int32_t q : slots_of[before]) {  // ascending, as a scan of all slots
+        if (plan[q] == current[q]) continue;
+        const int64_t other = q / per_gpu;
+        if (other != gpu && (holds(gpu, before, p) || holds(other, now, q))) continue;
+        if (!node_of_expert.empty() && node_of_expert[now] != q / slots_per_node) continue;
+        const double delta = load[before] / counts[before] - load[now] / counts[now];
+        if (other != gpu && std::max(gpu_load[gpu] + delta, gpu_load[other] - delta) >
+                                limit_load * (1.0 + 1e-12)) {
+          continue;
+        }
+        std::swap(plan[p], plan[q]);
+        gpu_load[gpu] += delta;
+        gpu_load[other] -= delta;
+        move_slot(now, before, p);
+        move_slot(before, now, q);  // invalidates this loop's range: leave it now
+        done = true;
+        break;
+      }
+      if (done) {
+        changed = true;
+        continue;
+      }
+      // (b) Give the slot back to `before` outright when `now` can spare it
+      // (changes two replica counts: every GPU is re-evaluated).
+      if (counts[now] < 2 || holds(gpu, before, p)) continue;
+      plan[p] = before;
+      counts[now] -= 1;
+      counts[before] += 1;
+      recompute();
+      if (*std::max_element(gpu_load.begin(), gpu_load.end()) <= limit_load * (1.0 + 1e-12)) {
+        move_slot(now, before, p);
+        changed = true;
+      } else {
+        plan[p] = now;
+        counts[now] += 1;
+        counts[before] -= 1;
+        recompute();
+      }
+    }
+  }
+}
+
 // Hierarchical planning from a current map: each group lives on the node that
 // holds most of its replicas now (each node keeps groups_per_node groups).
 std::vector<int32_t> node_of_group_from_current(const LayerGeometry& geometry,
@@ -478,13 +574,38 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
                    iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0);
   LayerPlan plan = finish(geometry, load, state, home, current, scratch.lower_bound);
 
-  if (plan.imbalance > scratch.imbalance * (1.0 + tolerance) * (1.0 + 1e-9)) {
-    // Local repair fell short: the from-scratch plan, relabelled to keep what it can.
+  // Second candidate: the from-scratch plan relabelled onto the current GPUs
+  // and walked back toward current while within tolerance. It wins when the
+  // repair fell short, or when both are within tolerance and it moves fewer
+  // slots (ties: the repair). Never beyond the budget.
+  const double limit = scratch.imbalance * (1.0 + tolerance);
+  const bool repair_within = plan.imbalance <= limit * (1.0 + 1e-9);
+  if (!repair_within || plan.moves > 0) {
     LayerPlan relabelled = scratch;
     relabelled.slot_expert = relabel_onto_current(geometry, scratch.slot_expert, current);
-    relabelled.moves = 0;
-    for (int64_t p = 0; p < num_slots; ++p) relabelled.moves += relabelled.slot_expert[p] != current[p];
-    if (relabelled.moves <= budget && relabelled.imbalance < plan.imbalance) plan = std::move(relabelled);
+    revert_toward_current(geometry, load, relabelled.slot_expert, current, limit,
+                          geometry.hierarchical && geometry.num_nodes > 1 && !options.allow_cross_node);
+    std::vector<int64_t> phy2log(relabelled.slot_expert.begin(), relabelled.slot_expert.end());
+    relabelled.imbalance = placement_imbalance(load, phy2log.data(), num_experts, num_slots,
+                                               geometry.num_gpus);
+    SlotState reverted;
+    reverted.num_gpus = geometry.num_gpus;
+    reverted.slots_per_gpu = geometry.slots_per_gpu;
+    reverted.expert = relabelled.slot_expert;
+    relabelled.duplicates = count_same_gpu_duplicates(reverted);
+    if (!home.empty()) {
+      relabelled.cross_node = 0;
+      for (int64_t p = 0; p < num_slots; ++p) {
+        relabelled.cross_node += home[relabelled.slot_expert[p]] != node_of_slot(p);
+      }
+      relabelled.relaxed = relabelled.cross_node > 0;
+    }
+    relabelled.moves = count_moves(reverted, current);
+    const bool relabelled_within = relabelled.imbalance <= limit * (1.0 + 1e-9);
+    const bool take = relabelled.moves <= budget &&
+                      (repair_within ? relabelled_within && relabelled.moves < plan.moves
+                                     : relabelled.imbalance < plan.imbalance);
+    if (take) plan = std::move(relabelled);
   }
   return plan;
 }

@@ -80,8 +80,9 @@ double placement_imbalance(const double* load, const int64_t* phy2log, int64_t n
   return hottest / (total / static_cast<double>(num_gpus));
 }
 
-PlacementResult plan_placement(const PlacementShape& shape, const double* weight,
-                               const int64_t* current, const PlacementOptions& options) {
+void plan_placement_into(const PlacementShape& shape, const double* weight,
+                         const int64_t* current, const PlacementOptions& options,
+                         const PlacementOutputs& outputs) {
   check_placement_shape(shape, options);
   check_placement_loads(shape, weight);
   const int64_t layers = shape.num_layers, experts = shape.num_logical, slots = shape.num_replicas;
@@ -113,19 +114,12 @@ PlacementResult plan_placement(const PlacementShape& shape, const double* weight
   geometry.num_groups = shape.num_groups;
   geometry.group_size = geometry.hierarchical ? experts / shape.num_groups : experts;
 
-  PlacementResult result;
-  result.max_replicas = shape.max_replicas();
-  result.phy2log.assign(static_cast<size_t>(layers * slots), -1);
-  if (options.build_log2phy) {
-    result.log2phy.assign(static_cast<size_t>(layers * experts * result.max_replicas), -1);
-  }
-  result.logcnt.assign(static_cast<size_t>(layers * experts), 0);
-  result.imbalance.assign(static_cast<size_t>(layers), 1.0);
-  result.lower_bound.assign(static_cast<size_t>(layers), 1.0);
-  result.moves.assign(static_cast<size_t>(layers), 0);
-  result.cross_node_replicas.assign(static_cast<size_t>(layers), 0);
-  result.same_gpu_duplicates.assign(static_cast<size_t>(layers), 0);
-  result.hierarchy_relaxed.assign(static_cast<size_t>(layers), 0);
+  const int64_t max_replicas = shape.max_replicas();
+  if (layers == 0) return;  // (empty outputs may be null)
+  MOE_INTERNAL_ASSERT(outputs.phy2log != nullptr && outputs.logcnt != nullptr &&
+                      outputs.imbalance != nullptr && outputs.lower_bound != nullptr &&
+                      outputs.moves != nullptr && outputs.cross_node_replicas != nullptr &&
+                      outputs.same_gpu_duplicates != nullptr && outputs.hierarchy_relaxed != nullptr);
 
   auto plan_one = [&](int64_t l) {
     const double* load = weight + l * experts;
@@ -133,27 +127,29 @@ PlacementResult plan_placement(const PlacementShape& shape, const double* weight
         current == nullptr
             ? detail::plan_layer_from_scratch(geometry, load, options)
             : detail::plan_layer_from_current(geometry, load, current + l * slots, options, l);
-    int64_t* phy2log = result.phy2log.data() + l * slots;
-    int64_t* logcnt = result.logcnt.data() + l * experts;
+    int64_t* phy2log = outputs.phy2log + l * slots;
+    int64_t* logcnt = outputs.logcnt + l * experts;
+    std::fill(logcnt, logcnt + experts, int64_t{0});
     int64_t* log2phy =
-        options.build_log2phy ? result.log2phy.data() + l * experts * result.max_replicas : nullptr;
+        outputs.log2phy != nullptr ? outputs.log2phy + l * experts * max_replicas : nullptr;
+    if (log2phy != nullptr) std::fill(log2phy, log2phy + experts * max_replicas, int64_t{-1});
     for (int64_t p = 0; p < slots; ++p) {
       const int64_t e = plan.slot_expert[p];
       MOE_INTERNAL_ASSERT(e >= 0 && e < experts, "slot ", p, " of layer ", l, " holds ", e);
       phy2log[p] = e;
-      MOE_INTERNAL_ASSERT(logcnt[e] < result.max_replicas, "expert ", e, " over-replicated");
-      if (log2phy != nullptr) log2phy[e * result.max_replicas + logcnt[e]] = p;
+      MOE_INTERNAL_ASSERT(logcnt[e] < max_replicas, "expert ", e, " over-replicated");
+      if (log2phy != nullptr) log2phy[e * max_replicas + logcnt[e]] = p;
       logcnt[e] += 1;
     }
     for (int64_t e = 0; e < experts; ++e) {
       MOE_INTERNAL_ASSERT(logcnt[e] >= 1, "expert ", e, " of layer ", l, " has no replica");
     }
-    result.imbalance[l] = plan.imbalance;
-    result.lower_bound[l] = plan.lower_bound;
-    result.moves[l] = plan.moves;
-    result.cross_node_replicas[l] = plan.cross_node;
-    result.same_gpu_duplicates[l] = plan.duplicates;
-    result.hierarchy_relaxed[l] = plan.relaxed ? 1 : 0;
+    outputs.imbalance[l] = plan.imbalance;
+    outputs.lower_bound[l] = plan.lower_bound;
+    outputs.moves[l] = plan.moves;
+    outputs.cross_node_replicas[l] = plan.cross_node;
+    outputs.same_gpu_duplicates[l] = plan.duplicates;
+    outputs.hierarchy_relaxed[l] = plan.relaxed ? 1 : 0;
   };
 
   int64_t threads = options.num_threads;
@@ -161,7 +157,7 @@ PlacementResult plan_placement(const PlacementShape& shape, const double* weight
   threads = std::min(threads, layers);
   if (threads <= 1) {
     for (int64_t l = 0; l < layers; ++l) plan_one(l);
-    return result;
+    return;
   }
   // Layers are independent and each writes only its own rows: the plan does
   // not depend on the number of threads or their timing.
@@ -180,6 +176,37 @@ PlacementResult plan_placement(const PlacementShape& shape, const double* weight
   for (auto& error : errors) {
     if (error) std::rethrow_exception(error);
   }
+}
+
+PlacementResult plan_placement(const PlacementShape& shape, const double* weight,
+                               const int64_t* current, const PlacementOptions& options) {
+  check_placement_shape(shape, options);  // before sizing anything from the shape
+  const size_t layers = static_cast<size_t>(std::max<int64_t>(shape.num_layers, 0));
+  const size_t experts = static_cast<size_t>(shape.num_logical);
+  PlacementResult result;
+  result.max_replicas = shape.max_replicas();
+  result.phy2log.assign(layers * static_cast<size_t>(shape.num_replicas), -1);
+  if (options.build_log2phy) {
+    result.log2phy.assign(layers * experts * static_cast<size_t>(result.max_replicas), -1);
+  }
+  result.logcnt.assign(layers * experts, 0);
+  result.imbalance.assign(layers, 1.0);
+  result.lower_bound.assign(layers, 1.0);
+  result.moves.assign(layers, 0);
+  result.cross_node_replicas.assign(layers, 0);
+  result.same_gpu_duplicates.assign(layers, 0);
+  result.hierarchy_relaxed.assign(layers, 0);
+  PlacementOutputs outputs;
+  outputs.phy2log = result.phy2log.data();
+  outputs.log2phy = options.build_log2phy ? result.log2phy.data() : nullptr;
+  outputs.logcnt = result.logcnt.data();
+  outputs.imbalance = result.imbalance.data();
+  outputs.lower_bound = result.lower_bound.data();
+  outputs.moves = result.moves.data();
+  outputs.cross_node_replicas = result.cross_node_replicas.data();
+  outputs.same_gpu_duplicates = result.same_gpu_duplicates.data();
+  outputs.hierarchy_relaxed = result.hierarchy_relaxed.data();
+  plan_placement_into(shape, weight, current, options, outputs);
   return result;
 }
 

@@ -22,8 +22,10 @@
 // replica-count moves with re-packing (options.refine_counts).
 // Planning from a current placement: keep every slot that can stay, repair the
 // replica counts with as few slot changes as possible, refine with swaps that
-// are charged by the slots they change, and fall back to the from-scratch plan
-// relabelled onto the current GPUs when that is better and within budget.
+// are charged by the slots they change; a second candidate is the from-scratch
+// plan relabelled onto the current GPUs and walked back toward current while
+// within tolerance. The layer takes the one that moves fewer slots within
+// tolerance (else the better balanced), never beyond max_moves.
 //
 // Everything is deterministic: layers are independent and every tie is broken
 // by index, so threads and ranks give identical plans.
@@ -92,6 +94,28 @@ void check_placement_shape(const PlacementShape& shape, const PlacementOptions& 
 void check_placement_loads(const PlacementShape& shape, const double* weight);
 // Refuse expert ids out of [0, num_logical).
 void check_current_placement(const PlacementShape& shape, const int64_t* current);
+
+// Caller-owned output buffers of plan_placement_into (sizes as in
+// PlacementResult; log2phy may be null: not built). Every entry is written.
+struct PlacementOutputs {
+  int64_t* phy2log = nullptr;
+  int64_t* log2phy = nullptr;
+  int64_t* logcnt = nullptr;
+  double* imbalance = nullptr;
+  double* lower_bound = nullptr;
+  int64_t* moves = nullptr;
+  int64_t* cross_node_replicas = nullptr;
+  int64_t* same_gpu_duplicates = nullptr;
+  uint8_t* hierarchy_relaxed = nullptr;
+};
+
+// As plan_placement, written straight into the caller's buffers (the binding
+// hands numpy arrays here: no copies, and each layer's log2phy rows are filled
+// by the thread that plans the layer). options.build_log2phy is ignored: a
+// null outputs.log2phy means none. Validates everything before writing.
+void plan_placement_into(const PlacementShape& shape, const double* weight,
+                         const int64_t* current, const PlacementOptions& options,
+                         const PlacementOutputs& outputs);
 
 // weight: [layers, logical] loads. current: [layers, replicas] physical->logical
 // map in force now, or nullptr to plan from scratch. Validates everything first.
