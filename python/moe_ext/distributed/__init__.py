@@ -15,48 +15,7 @@ See docs/parallel_state.md for the families and a worked example.
 from moe_ext.distributed.config import ParallelConfig
 from moe_ext.distributed.layouts import FAMILIES, group_layouts
 from moe_ext.distributed.group import ParallelGroup
-from moe_ext.distributed.state import (
-    destroy_parallel_state,
-    get_dynamic_eplb_group,
-    get_embed_tp_group,
-    get_fc3_quant_x_group,
-    get_flashcomm2_odp_group,
-    get_flashcomm2_otp_group,
-    get_group,
-    get_lmhead_tp_group,
-    get_mc2_group,
-    get_mlp_tp_group,
-    get_otp_group,
-    get_p_tp_group,
-    get_parallel_config,
-    get_shard_weight_group,
-    get_tp_group,
-    has_group,
-    init_parallel_state,
-    is_initialized,
-)
+from moe_ext.distributed import state as _state
+from moe_ext.distributed.state import *  # noqa: F401,F403  (the registry: init, teardown, getters)
 
-__all__ = [
-    "FAMILIES",
-    "ParallelConfig",
-    "ParallelGroup",
-    "group_layouts",
-    "init_parallel_state",
-    "destroy_parallel_state",
-    "is_initialized",
-    "get_parallel_config",
-    "get_group",
-    "has_group",
-    "get_tp_group",
-    "get_mc2_group",
-    "get_dynamic_eplb_group",
-    "get_otp_group",
-    "get_lmhead_tp_group",
-    "get_embed_tp_group",
-    "get_mlp_tp_group",
-    "get_flashcomm2_otp_group",
-    "get_flashcomm2_odp_group",
-    "get_shard_weight_group",
-    "get_p_tp_group",
-    "get_fc3_quant_x_group",
-]
+__all__ = ["FAMILIES", "ParallelConfig", "ParallelGroup", "group_layouts", *_state.__all__]
