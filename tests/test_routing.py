@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -14,6 +9,7 @@ import moe_ext
 from moe_ext.ops import expert_histogram, moe_permute, moe_unpermute
 from moe_ext.testing.reference import (expert_histogram_reference, moe_permute_reference,
                                        moe_unpermute_reference)
+from device_assert import assert_stops_with_device_assert
 
 requires_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                       reason="needs a CUDA GPU")]
@@ -347,16 +343,7 @@ def test_non_contiguous_inputs_are_accepted(device):
      "False)", "names a row twice"),
 ])
 def test_cuda_bad_values_stop_with_a_device_assert(case, message):
-    # A device-side assert poisons the CUDA context, so each case runs in its own process.
-    script = textwrap.dedent(f"""
-        import torch, moe_ext
-        out = {case}
-        torch.cuda.synchronize()
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ))
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    assert_stops_with_device_assert(case, message)
 
 
 # ---------------------------------------------------------------- torch integration

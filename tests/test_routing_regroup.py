@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from moe_ext.ops import gather_rows, group_by_local_expert, scatter_rows, ungroup_by_local_expert
 from moe_ext.testing.reference import (group_by_local_expert_reference,
                                        ungroup_by_local_expert_reference)
+from device_assert import assert_stops_with_device_assert
 
 
 def random_counts(generator, num_ranks, experts_per_rank, max_count):
@@ -93,15 +89,7 @@ def test_row_ops_refuse_bad_indices_on_cpu():
      "names a row twice"),
 ])
 def test_cuda_bad_indices_stop_with_a_device_assert(case, message):
-    script = textwrap.dedent(f"""
-        import torch, moe_ext
-        out = {case}
-        torch.cuda.synchronize()
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ))
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    assert_stops_with_device_assert(case, message)
 
 
 def test_opcheck(device):
