@@ -57,62 +57,36 @@ unpermute_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidde
   PackT* __restrict__ destination = reinterpret_cast<PackT*>(out) + token * packs;
   const IndexT* rows = row_idx + token * topk;
   const int64_t stride = static_cast<int64_t>(threads_per_row_) * gridDim.y;
-
-  // Loads rows k0 .. k0 + kRowBatch - 1 of this token (-1 where absent or dropped) and their weights.
-  auto load_batch = [&](int64_t k0, int64_t (&row)[kRowBatch], A (&weight)[kRowBatch]) {
-#pragma unroll
-    for (int j = 0; j < kRowBatch; ++j) {
-      row[j] = -1;
-      weight[j] = A(0);
-      if (k0 + j < topk) {
-        const int64_t r = static_cast<int64_t>(rows[k0 + j]);
-        const bool in_range = r >= -1 && r < num_rows;
-        MOE_DEVICE_CHECK(in_range, "moe_unpermute: expanded_row_idx out of range [-1, rows of permuted)");
-        if (in_range && r >= 0) {
-          row[j] = r;
-          weight[j] = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k0 + j])) : A(1);
-        }
-      }
-    }
-  };
-  // Sums the present rows of one batch into sum, all loads in flight together.
-  auto add_batch = [&](int64_t v, const int64_t (&row)[kRowBatch], const A (&weight)[kRowBatch], A (&sum)[kVec]) {
-    PackT x[kRowBatch];
-#pragma unroll
-    for (int j = 0; j < kRowBatch; ++j)
-      if (row[j] >= 0) x[j] = source[row[j] * packs + v];
-#pragma unroll
-    for (int j = 0; j < kRowBatch; ++j) {
-      if (row[j] < 0) continue;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) sum[i] += weight[j] * static_cast<A>(to_acc(x[j].value[i]));
-    }
-  };
-
-  // K <= kRowBatch (every common model): the token's indices and weights are read once, not once per
-  // pack, and a token with no row here (most tokens under wide expert parallelism) only writes zeros.
-  const bool single_batch = topk <= kRowBatch;
-  int64_t first_row[kRowBatch];
-  A first_weight[kRowBatch];
-  bool any_row = true;
-  if (single_batch) {
-    load_batch(0, first_row, first_weight);
-    any_row = false;
-#pragma unroll
-    for (int j = 0; j < kRowBatch; ++j) any_row |= first_row[j] >= 0;
-  }
   for (int64_t v = static_cast<int64_t>(blockIdx.y) * threads_per_row_ + lane; v < packs; v += stride) {
     A sum[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) sum[i] = A(0);
-    if (single_batch) {
-      if (any_row) add_batch(v, first_row, first_weight, sum);
-    } else {
-      for (int64_t k0 = 0; k0 < topk; k0 += kRowBatch) {
-        int64_t row[kRowBatch];
-        A weight[kRowBatch];
-        load_batch(k0, row, weight);
-        add_batch(v, row, weight, sum);
+    for (int64_t k0 = 0; k0 < topk; k0 += kRowBatch) {
+      int64_t row[kRowBatch];
+      A weight[kRowBatch];
+      PackT x[kRowBatch];
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        row[j] = -1;
+        weight[j] = A(0);
+        if (k0 + j < topk) {
+          const int64_t r = static_cast<int64_t>(rows[k0 + j]);
+          const bool in_range = r >= -1 && r < num_rows;
+          MOE_DEVICE_CHECK(in_range, "moe_unpermute: expanded_row_idx out of range [-1, rows of permuted)");
+          if (in_range && r >= 0) {
+            row[j] = r;
+            weight[j] = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k0 + j])) : A(1);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j)
+        if (row[j] >= 0) x[j] = source[row[j] * packs + v];
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        if (row[j] < 0) continue;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) sum[i] += weight[j] * static_cast<A>(to_acc(x[j].value[i]));
       }
     }
     PackT y;
