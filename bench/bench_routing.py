@@ -146,7 +146,7 @@ def floors_us(num_bytes: int, device: str) -> tuple[float, float]:
     engine path tops out near 2.7 TB/s), so a ratio against memcpy alone flatters.
     """
     half = max(16, num_bytes // 2) // 16 * 16
-    source = torch.empty(half // 4, dtype=torch.float32, device=device).normal_()
+    source = torch.ones(half // 4, dtype=torch.float32, device=device)  # no RNG: safe after a failed capture
     sets = input_sets((source, torch.empty_like(source)), 2 * half, device)
     memcpy = time_us(lambda src, dst: dst.copy_(src), sets, device)[0]
     kernel = time_us(lambda src, dst: torch.neg(src, out=dst), sets, device)[0]
@@ -256,14 +256,16 @@ def unpermute_backward_case(name, num_tokens, hidden_size, topk, num_experts, ep
     # the grad_permuted rows written, indices and probs read, grad_probs written
     moved = needed_tokens * row_bytes + 2 * valid_rows * row_bytes + num_tokens * topk * 12
 
-    def seed_backward(g, p, r, w):  # autograd of x[row_idx] * p summed over k, in plain torch
+    def seed_backward(g, p, r, w):  # autograd of x[row_idx] * p summed over k, in plain torch (no host sync)
         keep = r >= 0
+        dump = p.shape[0]  # dropped entries write into one extra row, cut off afterwards
+        target = torch.where(keep, r, torch.full_like(r, dump)).long()
         safe = torch.where(keep, r, torch.zeros_like(r)).long()
         gathered = g.unsqueeze(1) * w.unsqueeze(2).to(dtype)          # [T, K, H]
-        grad_permuted = torch.zeros_like(p)
-        grad_permuted.index_copy_(0, r[keep].long(), gathered.reshape(-1, hidden_size)[keep])
+        grad_permuted = p.new_zeros((dump + 1, hidden_size))
+        grad_permuted.index_copy_(0, target, gathered.reshape(-1, hidden_size))
         grad_probs = (p[safe].view(num_tokens, topk, -1).float() * g.unsqueeze(1).float()).sum(-1)
-        return grad_permuted, grad_probs * keep.view(num_tokens, topk)
+        return grad_permuted[:dump], grad_probs * keep.view(num_tokens, topk)
 
     return measure(name, moved,
                    lambda g, p, r, w: torch.ops.moe_ext.moe_unpermute_backward(g, p, r, w, topk, True),
