@@ -140,6 +140,7 @@ class CMakeBuild(build_ext):
         for index, python in enumerate(extra_pythons()):
             extra_dir = build_dir.parent / f"cmake-native-{index}"
             extra = [f"-DPython_EXECUTABLE={python}", "-DMOE_EXT_BUILD_TORCH=OFF",
+                     f"-DMOE_EXT_PREBUILT_CORE={build_dir / 'libmoe_ext_core.a'}",
                      "-DMOE_EXT_ENABLE_CUDA=OFF", "-DMOE_EXT_ENABLE_ASCEND=OFF",
                      "-DMOE_EXT_WRITE_BUILD_INFO=OFF", *common]
             run(["cmake", "-S", str(ROOT), "-B", str(extra_dir), *extra], f"configure _native for {python}")
