@@ -264,3 +264,28 @@ def test_extreme_loads_give_finite_metrics(scale):
     # A balanced-looking answer is never given for garbage: non-finite loads are refused.
     with pytest.raises(ArgumentError):
         placement_imbalance(torch.full((1, 6), float("nan")), plan.phy2log, 4)
+
+
+# 7. History planning --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups,nodes", [(1, 1), (4, 2), (3, 2)])
+def test_history_plan_never_worse_than_point_plan_or_current(groups, nodes):
+    generator = np.random.default_rng(5)
+    history = torch.from_numpy(generator.lognormal(0.0, 1.0, size=(5, 3, 32)) * 100)
+    weights = torch.tensor([1.0, 1.0, 2.0, 2.0, 4.0])
+    plan = plan_placement(history, 48, groups, nodes, 8, window_weights=weights)
+    normalised = weights / weights.sum()
+
+    def objective(phy2log):
+        per_window = torch.stack([placement_imbalance(w, phy2log, 8) for w in history])
+        return (normalised[:, None] * per_window).sum(0), per_window
+
+    mean, per_window = objective(plan.phy2log)
+    assert torch.allclose(plan.imbalance, mean) and torch.allclose(plan.window_imbalance, per_window)
+    assert torch.allclose(plan.worst_window_imbalance, per_window.max(0).values)
+    point = plan_placement(history.sum(0), 48, groups, nodes, 8)
+    assert (plan.imbalance <= objective(point.phy2log)[0] + 1e-12).all()
+    current = random_placement(3, 32, 48, 1)
+    migrated = plan_placement(history, 48, groups, nodes, 8, current=current, max_moves=3, window_weights=weights)
+    assert (migrated.imbalance <= objective(current)[0] + 1e-12).all()
+    assert (migrated.moves <= 3).all() and torch.equal(migrated.moves, (migrated.phy2log != current).sum(1))
