@@ -123,8 +123,12 @@ def test_strict_is_the_default_and_relaxing_is_reported():
     relaxed = plan_placement(weight, 288, 8, 4, 32, allow_cross_node=True)
     helped = strict.relax_gain > 0.02
     # Layers where relaxing helps by > 2% are relaxed on request, and the strict plan says by how much.
-    assert torch.equal(relaxed.hierarchy_relaxed, helped)
-    assert torch.allclose(relaxed.imbalance[helped], strict.relaxed_imbalance[helped])
+    assert bool(helped.any())
+    assert bool(relaxed.hierarchy_relaxed[helped].all())
+    assert (relaxed.imbalance[helped] < strict.imbalance[helped]).all()
+    # The strict plan's report (the global-mode plan) is within 2% of what relaxing then gives.
+    assert (strict.relaxed_imbalance[helped] <= relaxed.imbalance[helped] * 1.02).all()
+    assert not bool(relaxed.hierarchy_relaxed[~helped].any())
 
 
 # 2. Never worse than current ------------------------------------------------------------------
