@@ -71,9 +71,18 @@ def mean_worst(values: torch.Tensor) -> str:
     return f"{float(values.mean()):.3f} / {float(values.max()):.3f}"
 
 
+TRACE_KINDS = {  # name: (log-load random-walk sigma per window, per-window noise sigma, regime switches)
+    "drift": (0.15, 0.10, False),    # drift dominated: the last window predicts best
+    "noisy": (0.03, 0.40, False),    # sampling noise dominated (short windows)
+    "regimes": (0.05, 0.20, True),   # prefill-like / decode-like mixes switching
+}
+
+
 def drifting_trace(layers: int, windows: int, seed: int, kind: str) -> torch.Tensor:
-    """[windows, layers, experts]: a random walk of log-loads, plus regime switches between a
-    prefill-like and a decode-like mix (two different hot sets), plus per-window noise."""
+    """[windows, layers, experts]: a random walk of log-loads (log-normal drift), optional regime
+    switches between a prefill-like and a decode-like mix (two different hot sets, switching with
+    probability 0.35 per window), and per-window log-normal noise."""
+    walk_sigma, noise_sigma, regimes = TRACE_KINDS[kind]
     generator = np.random.default_rng(seed)
     prefill = generator.lognormal(0.0, 0.8, size=(layers, EXPERTS))
     decode = generator.lognormal(0.0, 0.8, size=(layers, EXPERTS))
@@ -81,12 +90,12 @@ def drifting_trace(layers: int, windows: int, seed: int, kind: str) -> torch.Ten
     regime = 0
     out = []
     for _ in range(windows):
-        walk += generator.normal(0.0, 0.15 if kind == "drift" else 0.05, size=walk.shape)
-        if kind == "regimes" and generator.random() < 0.35:
+        walk += generator.normal(0.0, walk_sigma, size=walk.shape)
+        if regimes and generator.random() < 0.35:
             regime = 1 - regime
         share = 0.8 if regime == 0 else 0.2  # the prefill-like share of tokens in this window
-        mix = share * prefill + (1 - share) * decode if kind == "regimes" else prefill
-        noise = generator.lognormal(0.0, 0.1, size=walk.shape)
+        mix = share * prefill + (1 - share) * decode if regimes else prefill
+        noise = generator.lognormal(0.0, noise_sigma, size=walk.shape)
         out.append(mix * np.exp(walk) * noise * 1e4)
     return torch.tensor(np.stack(out))
 
@@ -155,27 +164,30 @@ def main() -> None:
     drift_rows = []
     steps = 4 if args.quick else 10
     k = 6
-    for kind in ("drift", "regimes"):
+    recency = torch.tensor([2.0 ** i for i in range(k)])
+    for kind in TRACE_KINDS:
         for nodes, gpus, slots in ((4, 32, 288), (32, 256, 512)):
             history_all = drifting_trace(16, k + steps, seed=3, kind=kind)
             shape = (slots, GROUPS, nodes, gpus)
-            results = {"point (last window)": [], "sum of windows": [], "history": [], "public (sum)": []}
+            results = {"point (last window)": [], "sum of windows": [], "history": [], "history, recent x2": [],
+                       "public (sum)": []}
             for t in range(k, k + steps):
                 past, future = history_all[t - k:t], history_all[t]
                 plans = {
                     "point (last window)": plan_placement(past[-1], *shape).phy2log,
                     "sum of windows": plan_placement(past.sum(0), *shape).phy2log,
                     "history": plan_placement(past, *shape).phy2log,
+                    "history, recent x2": plan_placement(past, *shape, window_weights=recency).phy2log,
                     "public (sum)": public_rebalance_experts(past.sum(0), *shape)[0],
                 }
                 for name, phy2log in plans.items():
                     results[name].append(placement_imbalance(future, phy2log, gpus).mean().item())
             means = {name: float(np.mean(values)) for name, values in results.items()}
-            gain = ((means["point (last window)"] - 1) - (means["history"] - 1)) / max(means["point (last window)"] - 1,
-                                                                                       1e-12)
+            point = means["point (last window)"] - 1
+            gains = [100 * (point - (means[name] - 1)) / max(point, 1e-12) for name in ("history", "history, recent x2")]
             drift_rows.append(f"| {kind}, {slots} slots / {gpus} GPUs / {nodes} nodes | "
                               + " | ".join(f"{means[name]:.3f}" for name in results)
-                              + f" | {100 * gain:.0f}% |")
+                              + f" | {gains[0]:.0f}% / {gains[1]:.0f}% |")
             print(drift_rows[-1], flush=True)
 
     print()
@@ -197,8 +209,9 @@ def main() -> None:
     print("\n".join(migration))
     print()
     print(f"Next-window imbalance (plan on the {k} previous windows, mean over {steps} steps x 16 layers):")
-    print("| trace | point (last window) | sum of windows | history | public (sum) | history: closer to 1 than point |")
-    print("|" + " --- |" * 6)
+    print("| trace | point (last window) | sum of windows | history | history, recent x2 | public (sum) "
+          "| history / recent x2: closer to 1 than point |")
+    print("|" + " --- |" * 7)
     print("\n".join(drift_rows))
 
 
