@@ -102,6 +102,60 @@ def test_grouped_gated_mlp_keeps_padded_rows_inside_the_groups():
     assert one_expert.shape == (4, 8)  # a single local expert: cumsum form (counts may not have length 1)
 
 
+def _mc2_arguments(soc, v2, **change):
+    """A valid single-rank-view dispatch call (checks run before the communicator is looked up)."""
+    hidden = 7168 if (soc == "A3" and not v2) else (1024 if soc == "A3" else 64)
+    world = (16 if soc == "A2" else 8) if not v2 else 2
+    arguments = dict(x=torch.zeros(4, hidden, dtype=torch.bfloat16),
+                     expert_ids=torch.tensor([[0, 1]] * 4, dtype=torch.int32), group_ep="not_registered",
+                     ep_world_size=world, ep_rank_id=0, moe_expert_num=2 * world)
+    if soc == "A2":
+        arguments["expert_scales"] = torch.rand(4, 2)
+    arguments.update(change)
+    return {name: value for name, value in arguments.items() if value is not None}
+
+
+@pytest.mark.parametrize("soc, v2, change, error, match", [
+    ("A3", True, dict(x=torch.zeros(4, 1024)), TypeError, "x must be torch.bfloat16 or torch.float16"),
+    ("A2", True, dict(x=torch.zeros(4, 64, dtype=torch.float16)), None, None),
+    ("A3", True, dict(expert_ids=torch.tensor([[0, 1]] * 4)), TypeError, "expert_ids must be torch.int32"),
+    ("A3", True, dict(expert_ids=torch.tensor([[1, 1]] * 4, dtype=torch.int32)), ArgumentError, "must not repeat"),
+    ("A3", True, dict(expert_scales=torch.rand(4, 2)), ArgumentError, "not supported on A3"),
+    ("A2", True, dict(expert_scales=torch.rand(4, 2).half()), TypeError, "expert_scales must be torch.float32"),
+    ("A3", True, dict(x_active_mask=torch.ones(4, dtype=torch.int32)), TypeError, "x_active_mask must be torch.bool"),
+    ("A3", True, dict(x_active_mask=torch.tensor([True, False, True, True])), ArgumentError, "all trues before"),
+    ("A3", False, dict(x_active_mask=torch.tensor([True, False, True, True])), None, None),  # v1: reserved
+    ("A3", True, dict(group_tp="not_registered"), ArgumentError, "group_tp must differ from group_ep"),
+    ("A3", True, dict(tp_world_size=1, tp_rank_id=1), ArgumentError, "tp_rank_id must be 0"),
+    ("A2", True, dict(group_tp="other"), ArgumentError, "on A2 group_tp"),
+    ("A2", True, dict(x=torch.zeros(257, 64, dtype=torch.bfloat16),
+                      expert_ids=torch.tensor([[0, 1]] * 257, dtype=torch.int32),
+                      expert_scales=torch.rand(257, 2)), ArgumentError, "BS must be in \\(0, 256\\]"),
+    ("A3", True, dict(x=torch.zeros(513, 1024, dtype=torch.bfloat16),
+                      expert_ids=torch.tensor([[0, 1]] * 513, dtype=torch.int32)), ArgumentError, "BS must be"),
+    ("A2", True, dict(moe_expert_num=50), ArgumentError, "at most 24 experts per rank"),
+    ("A2", False, dict(moe_expert_num=16 * 25), ArgumentError, "at most 24 experts per rank"),
+    ("A2", True, dict(x=torch.zeros(4, 48, dtype=torch.bfloat16)), ArgumentError, "multiple of 32"),
+    ("A3", False, dict(x=torch.zeros(4, 1024, dtype=torch.bfloat16)), ArgumentError, "H must be 7168"),
+    ("A3", True, dict(x=torch.zeros(4, 512, dtype=torch.bfloat16)), ArgumentError, "\\[1024, 8192\\]"),
+    ("A3", False, dict(expert_ids=torch.tensor([list(range(9))] * 4, dtype=torch.int32)), ArgumentError,
+     "K must be in \\(0, 8\\]"),
+    ("A3", True, dict(expert_ids=torch.tensor([list(range(13))] * 4, dtype=torch.int32), moe_expert_num=16),
+     ArgumentError, "K must be in \\(0, 12\\]"),
+    ("A2", False, dict(ep_world_size=8, moe_expert_num=16), ArgumentError, "ep_world_size on A2"),
+    ("A3", True, dict(scales=torch.zeros(4, 1024)), NotImplementedError, "quantisation"),
+])
+def test_mc2_refuses_what_the_documentation_refuses(soc, v2, change, error, match):
+    ops = EmulatedTorchNpu(soc, with_v2=v2)
+    dispatch = ops.npu_moe_distribute_dispatch_v2 if v2 else ops.npu_moe_distribute_dispatch
+    if error is None:  # accepted: it gets as far as the (unregistered) communicator
+        with pytest.raises(ArgumentError, match="unknown HCCL communicator"):
+            dispatch(**_mc2_arguments(soc, v2, **change))
+        return
+    with pytest.raises(error, match=match):
+        dispatch(**_mc2_arguments(soc, v2, **change))
+
+
 def _dispatch_layout(rank, world_size):
     """Dispatch rows come grouped by local expert, then source rank, then (t, k) order (A2, v2)."""
     runtime = emulated_runtime("A2", with_v2=True)
