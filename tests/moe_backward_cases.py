@@ -209,15 +209,16 @@ def check_forward_only_methods(rank, world_size):
 
     groups = make_groups(world_size, 1, 1)
     messages = []
-    for method, dtype, npu in (("mc2", torch.bfloat16, emulated_runtime("A2", with_v2=False)),
-                               ("dummy", torch.float32, None)):
-        config = MoEConfig(num_experts=4, top_k=2, hidden_size=32, intermediate_size=16, dtype=dtype, **groups)
+    # MC2 on A3 with the v2 operators (the emulation enforces the documented H in [1024, 8192]).
+    for method, dtype, npu, hidden in (("mc2", torch.bfloat16, emulated_runtime("A3", with_v2=True), 1024),
+                                       ("dummy", torch.float32, None, 32)):
+        config = MoEConfig(num_experts=4, top_k=2, hidden_size=hidden, intermediate_size=16, dtype=dtype, **groups)
         layer = MoELayer(config, comm_method=method, npu=npu)
         generator = torch.Generator().manual_seed(5)
-        layer.load_logical_weights(torch.randn(4, 32, generator=generator),
-                                   torch.randn(4, 32, 32, generator=generator).to(dtype) / 8,
-                                   torch.randn(4, 16, 32, generator=generator).to(dtype) / 4)
-        x = torch.randn(3, 32, generator=generator).to(dtype).requires_grad_(True)
+        layer.load_logical_weights(torch.randn(4, hidden, generator=generator),
+                                   torch.randn(4, hidden, 32, generator=generator).to(dtype) / 32,
+                                   torch.randn(4, 16, hidden, generator=generator).to(dtype) / 4)
+        x = torch.randn(3, hidden, generator=generator).to(dtype).requires_grad_(True)
         y = layer(x)
         with pytest.raises(ForwardOnlyError) as info:
             y.float().sum().backward()
