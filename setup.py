@@ -136,7 +136,7 @@ class CMakeBuild(build_ext):
                 f"-DMOE_EXT_TORCH_VERSION={torch_version}", *common]
         run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], "[1/2] configure (CMake)")
         run(["cmake", "--build", str(build_dir), "-j", jobs],
-            f"[2/2] compile with {jobs} jobs (the CUDA kernels take most of it: about 3 min on 2 cores)")
+            f"[2/2] compile with {jobs} jobs (mostly the CUDA kernels: 3-6 min on 2 cores)")
         for index, python in enumerate(extra_pythons()):
             extra_dir = build_dir.parent / f"cmake-native-{index}"
             extra = [f"-DPython_EXECUTABLE={python}", "-DMOE_EXT_BUILD_TORCH=OFF",

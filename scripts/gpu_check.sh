@@ -7,10 +7,10 @@
 #   scripts/gpu_check.sh nccl       two GPUs: also the multi-process suites on NCCL
 #   GPU_CHECK_TESTS="tests/x.py"    restrict pytest;  GPU_CHECK_BENCH="bench/a.py" restrict benches
 #   GPU_CHECK_WHEEL=dist/x.whl      the binary-compatibility proof: install that wheel (built on
-#                                   the CPU machine against another torch) with no rebuild of the
-#                                   op libraries; only a missing _native for this Python is built
-#                                   (MOE_EXT_BUILD_TORCH=OFF). Logs the glibc, the files' sha256
-#                                   and the stable-ABI probe (scripts/probe/stable_abi_probe.py).
+#                                   the CPU machine against another torch, with _native for this
+#                                   Python: MOE_EXT_EXTRA_PYTHONS) with no rebuild at all. Logs the
+#                                   glibc, the files' sha256 and the stable-ABI probe
+#                                   (scripts/probe/stable_abi_probe.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-single}
@@ -38,14 +38,6 @@ if [ -n "${GPU_CHECK_WHEEL:-}" ]; then
   step install install.log python3 -m pip install --no-deps --force-reinstall -v "$GPU_CHECK_WHEEL" || {
     tail -n 40 "$out/install.log"; exit 1; }
   package=$(cd / && python3 -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("moe_ext").origin))')
-  if ! (cd / && python3 -c 'import moe_ext._native') >/dev/null 2>&1; then
-    # The wheel carries no _native for this Python: build that module alone (no torch involved).
-    step native native.log bash -c "cmake -S . -B build/native-only -DCMAKE_BUILD_TYPE=Release \
-      -DPython_EXECUTABLE=$(command -v python3) -DMOE_EXT_BUILD_TORCH=OFF -DMOE_EXT_ENABLE_CUDA=OFF \
-      -DMOE_EXT_WRITE_BUILD_INFO=OFF -DMOE_EXT_OUTPUT_DIR=$package \
-      -Dpybind11_DIR=\$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())') \
-      && cmake --build build/native-only -j 16" || { tail -n 40 "$out/native.log"; exit 1; }
-  fi
   sha256sum "$package"/_C.so "$package"/_C_cuda.so "$package"/_native*.so >>"$out/platform.txt" 2>&1
   step stable-abi-probe stable_abi_probe.log python3 scripts/probe/stable_abi_probe.py
 else
