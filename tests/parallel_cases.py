@@ -2,13 +2,18 @@
 
 Each case runs on one group (the op's): every rank builds, from fixed seeds,
 the inputs of *every* member of its group, computes the members' expected
-outputs with one dense ``nn.Linear`` on the full weight, and the dense loss
-``sum_k <expected_k, g_k>``; it then runs its own share through the parallel
-module and compares the output, and after ``backward`` of its own
-``<out, g_m>`` the input and parameter gradients. Parameters held by several
-members (a row op's bias, flashcomm2's weight shard on its O-DP peers) get
-partial gradients whose sum over those members is the gradient: the test sums
-them (an all-reduce) before comparing.
+outputs with one dense ``nn.Linear`` on the full weight, and the dense loss;
+it then runs its own share through the parallel module and compares the
+output, and after ``backward`` of its own ``<out, g_m>`` the input and
+parameter gradients.
+
+The loss follows moe_ext.distributed.functional's convention: an output that
+every member holds identically (after an all-reduce or a replicated gather)
+carries one loss, the same ``g`` on every member, counted once in the dense
+loss; a sharded output carries each member's own ``g_k``, summed. Parameters
+held by several members (a row op's bias, flashcomm2's weight shard on its
+O-DP peers) get partial gradients whose sum over those members is the
+gradient: the test sums them (an all-reduce) before comparing.
 """
 
 from __future__ import annotations
@@ -91,6 +96,15 @@ def _finish(label, module, out, out_bias, expected, g_mine, dense_loss, skip, ba
         (out * g_mine).sum().backward()
 
 
+def _loss_terms(seed, expected, replicated, device):
+    """(g per member, dense loss): one shared g for a replicated output, one per member otherwise."""
+    if replicated:
+        g = _rand(seed, *expected[0].shape, device=device)
+        return [g] * len(expected), (expected[0] * g).sum()
+    gs = [_rand(seed + k, *e.shape, device=device) for k, e in enumerate(expected)]
+    return gs, sum((e * g).sum() for e, g in zip(expected, gs))
+
+
 def _load(module, dense):
     module.load_full_weights(dense.linear.weight.detach(),
                              dense.linear.bias.detach() if dense.linear.bias is not None else None)
@@ -113,10 +127,8 @@ def case_column(rank, device, backend, backward, gather_output):
                                             gather_output=gather_output, skip_bias_add=skip, device=device), dense)
         X = _rand(12, tokens, IN, device=device).requires_grad_(backward)
         full = dense(X, skip)
-        width = OUT if gather_output else local
-        gs = [_rand(100 + k, tokens, width, device=device) for k in range(s)]
         expected = [full if gather_output else full[:, k * local:(k + 1) * local] for k in range(s)]
-        loss = sum((e * g).sum() for e, g in zip(expected, gs))
+        gs, loss = _loss_terms(100, expected, gather_output, device)
         x = X.detach().clone().requires_grad_(backward)
         out, ob = module(x)
         _finish(label, module, out, ob, expected[m], gs[m], loss, skip, backward)
@@ -139,8 +151,7 @@ def case_row(rank, device, backend, backward, op_cls, input_is_parallel, reduce_
                                          skip_bias_add=skip, device=device), dense)
         X = _rand(22, tokens, IN, device=device).requires_grad_(backward)
         full = dense(X, skip)
-        gs = [_rand(200 + k, tokens, OUT, device=device) for k in range(s)]
-        loss = sum((full * g).sum() for g in gs)
+        gs, loss = _loss_terms(200, [full] * s, True, device)
         x = X.detach()[:, m * local:(m + 1) * local] if input_is_parallel else X.detach()
         x = x.clone().requires_grad_(backward)
         out, ob = module(x)
@@ -184,8 +195,7 @@ def case_sequence(rank, device, backend, backward, tokens):
             else:
                 expected = [Y] * s
                 x = X.detach().clone().requires_grad_(backward)
-            gs = [_rand(300 + k, *expected[k].shape, device=device) for k in range(s)]
-            loss = sum((e * g).sum() for e, g in zip(expected, gs))
+            gs, loss = _loss_terms(300, expected, not sp, device)
             h, _ = col(x, ctx)  # with skip_bias_add the reference skips the bias too
             out, ob = row(h, ctx)
             _finish(label, row, out, ob, expected[m], gs[m], loss, skip, backward)
@@ -216,8 +226,7 @@ def case_mlp_tp(rank, device, backend, backward):
                                       device=device), d2)
         Xs = [_rand(400 + k, counts[k], IN, device=device).requires_grad_(backward) for k in range(s)]
         expected = [d2(d1(X, skip), skip) for X in Xs]
-        gs = [_rand(450 + k, counts[k], IN, device=device) for k in range(s)]
-        loss = sum((e * g).sum() for e, g in zip(expected, gs))
+        gs, loss = _loss_terms(450, expected, False, device)
         x = Xs[m].detach().clone().requires_grad_(backward)
         h, _ = col(x, ctx)  # with skip_bias_add the reference skips the bias too
         assert h.shape == (s * max(counts), OUT // s), f"{label}: column output shape {tuple(h.shape)}"
@@ -244,8 +253,7 @@ def case_oproj_tp(rank, device, backend, backward):
                                          skip_bias_add=skip, device=device), dense)
         Xs = [_rand(500 + k, counts[k], IN, device=device).requires_grad_(backward) for k in range(s)]
         expected = [dense(X, skip) for X in Xs]
-        gs = [_rand(550 + k, counts[k], OUT, device=device) for k in range(s)]
-        loss = sum((e * g).sum() for e, g in zip(expected, gs))
+        gs, loss = _loss_terms(550, expected, False, device)
         x = Xs[m].detach().clone().requires_grad_(backward)
         out, ob = module(x, ctx)
         _finish(label, module, out, ob, expected[m], gs[m], loss, skip, backward)
@@ -281,8 +289,7 @@ def case_flashcomm2(rank, device, backend, backward, tokens, input_is_parallel=T
                 expected = [Ypad[k * chunk:(k + 1) * chunk] for k in range(T)]
             else:
                 expected = [Y] * T
-            gs = [_rand(600 + k, *expected[k].shape, device=device) for k in range(T)]
-            loss = sum((e * g).sum() for e, g in zip(expected, gs))
+            gs, loss = _loss_terms(600, expected, not sp, device)
             head = IN // T
             x = X.detach()[:, r * head:(r + 1) * head] if input_is_parallel else X.detach()
             x = x.clone().requires_grad_(backward)

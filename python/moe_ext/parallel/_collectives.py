@@ -1,12 +1,20 @@
 """The one place moe_ext.parallel calls collectives.
 
-Every op of the package communicates through these four functions, which take
-a :class:`~moe_ext.distributed.ParallelGroup` (a group of one member returns
-its input, without communication) and are differentiable: the backward of an
-all-gather is a reduce-scatter and so on. They delegate to
-``moe_ext.distributed.functional`` when it is installed (the MoE-backward
-issue's differentiable collectives on a plain ``ProcessGroup``); until then a
-small private fallback with the same conventions is used.
+Thin wrappers over :mod:`moe_ext.distributed.functional` (differentiable,
+group ranks, one collective per call) taking a
+:class:`~moe_ext.distributed.ParallelGroup`. Gradient convention (that
+module's): a tensor every rank holds identically carries *one* replicated
+loss, so
+
+- an all-reduce's backward is the identity, and an all-gather whose output
+  every rank then consumes identically (``replicated_output=True``: the
+  output-feature gather of a column layer, the flashcomm2 token gather)
+  keeps each rank's own block of its gradient;
+- a replicated input that enters per-rank computation goes through
+  :func:`copy_to_group` / :func:`split`, whose backward sums (gathers) the
+  members' parts;
+- outputs sharded over the members (column shards, reduce-scatter results,
+  sequence-parallel shards) carry each member's own part of the loss.
 """
 
 from __future__ import annotations
@@ -16,138 +24,44 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from moe_ext.distributed import functional
 from moe_ext.distributed.group import ParallelGroup
 
-try:  # pragma: no cover - which branch runs depends on the checkout
-    from moe_ext.distributed import functional as _functional
-except ImportError:  # pragma: no cover
-    _functional = None
-
-__all__ = ["copy_to_group", "all_gather", "reduce_scatter", "all_reduce", "all_to_all_single", "max_over_group", "gather_counts"]
+__all__ = ["copy_to_group", "split", "all_gather", "reduce_scatter", "all_reduce", "all_to_all_single",
+           "max_over_group", "gather_counts"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _gather0(x: torch.Tensor, pg) -> torch.Tensor:
-    world = dist.get_world_size(pg)
-    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    _all_gather_single(out, x.contiguous(), group=pg)
-    return out
-
-
-def _scatter0(x: torch.Tensor, pg) -> torch.Tensor:
-    world = dist.get_world_size(pg)
-    out = x.new_empty((x.shape[0] // world,) + tuple(x.shape[1:]))
-    _reduce_scatter_single(out, x.contiguous(), group=pg)
-    return out
-
-
-class _AllGather0(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pg):
-        ctx.pg = pg
-        return _gather0(x, pg)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _scatter0(grad, ctx.pg), None
-
-
-class _ReduceScatter0(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pg):
-        ctx.pg = pg
-        return _scatter0(x, pg)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather0(grad, ctx.pg), None
-
-
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pg):
-        ctx.pg = pg
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=pg)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=ctx.pg)
-        return out, None
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, output_split_sizes, input_split_sizes, pg):
-        ctx.pg, ctx.splits = pg, (output_split_sizes, input_split_sizes)
-        rows = sum(output_split_sizes) if output_split_sizes is not None else x.shape[0]
-        out = x.new_empty((rows,) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes, input_split_sizes, group=pg)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        output_split_sizes, input_split_sizes = ctx.splits
-        return _AllToAll.apply(grad, input_split_sizes, output_split_sizes, ctx.pg), None, None, None
-
-
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pg):
-        ctx.pg = pg
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=ctx.pg)
-        return out, None
 
 
 def copy_to_group(x: torch.Tensor, group: ParallelGroup) -> torch.Tensor:
-    """Identity forward; backward sums the gradient over the members.
+    """Identity; backward sums the gradient over the members (x replicated, used per rank)."""
+    return functional.copy_to_group(x, group.device_group) if group.world_size > 1 else x
 
-    For an input that every member holds whole (replicated) and uses for its
-    own shard of the output: its gradient is the sum of the members' parts.
-    Costs nothing when autograd does not record the call.
+
+def split(x: torch.Tensor, dim: int, group: ParallelGroup) -> torch.Tensor:
+    """This rank's block along ``dim`` of a replicated ``x``; backward gathers the blocks' gradients."""
+    return functional.split(x, dim, group.device_group) if group.world_size > 1 else x
+
+
+def all_gather(x: torch.Tensor, dim: int, group: ParallelGroup, *, replicated_output: bool = False) -> torch.Tensor:
+    """Members' ``x`` concatenated along ``dim`` in group-rank order.
+
+    Backward: reduce-scatter, or with ``replicated_output`` this rank's own block.
     """
-    if group.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
-        return x
-    return _CopyToGroup.apply(x, group.device_group)
-
-
-def all_gather(x: torch.Tensor, dim: int, group: ParallelGroup) -> torch.Tensor:
-    """Members' ``x`` concatenated along ``dim`` in group-rank order (backward: reduce-scatter)."""
     if group.world_size == 1:
         return x
-    if _functional is not None:
-        return _functional.all_gather(x, dim, group.device_group)
-    dim = dim % x.dim()
-    gathered = _AllGather0.apply(x.movedim(dim, 0), group.device_group)
-    return gathered.movedim(0, dim)
+    return functional.all_gather(x, dim, group.device_group,
+                                 backward="slice" if replicated_output else "reduce_scatter")
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group: ParallelGroup) -> torch.Tensor:
-    """This rank's slice along ``dim`` of the sum over the members (backward: all-gather)."""
-    if group.world_size == 1:
-        return x
-    if _functional is not None:
-        return _functional.reduce_scatter(x, dim, group.device_group)
-    dim = dim % x.dim()
-    return _ReduceScatter0.apply(x.movedim(dim, 0), group.device_group).movedim(0, dim)
+    """This rank's block along ``dim`` of the sum over the members (backward: all-gather)."""
+    return functional.reduce_scatter(x, dim, group.device_group) if group.world_size > 1 else x
 
 
 def all_reduce(x: torch.Tensor, group: ParallelGroup) -> torch.Tensor:
-    """Sum over the members, out of place (backward: all-reduce)."""
-    if group.world_size == 1:
-        return x
-    if _functional is not None:
-        return _functional.all_reduce(x, group.device_group)
-    return _AllReduce.apply(x, group.device_group)
+    """Sum over the members, out of place (backward: identity)."""
+    return functional.all_reduce(x, group.device_group) if group.world_size > 1 else x
 
 
 def all_to_all_single(x: torch.Tensor, group: ParallelGroup,
@@ -156,11 +70,7 @@ def all_to_all_single(x: torch.Tensor, group: ParallelGroup,
     """Rows of ``x`` exchanged along dim 0 (even splits without sizes); backward: the reverse exchange."""
     if group.world_size == 1:
         return x
-    outs = list(output_split_sizes) if output_split_sizes is not None else None
-    ins = list(input_split_sizes) if input_split_sizes is not None else None
-    if _functional is not None:
-        return _functional.all_to_all_single(x, outs, ins, group.device_group)
-    return _AllToAll.apply(x, outs, ins, group.device_group)
+    return functional.all_to_all_single(x, output_split_sizes, input_split_sizes, group.device_group)
 
 
 def _count_device(pg) -> torch.device:

@@ -172,7 +172,9 @@ class ColumnParallelOp(ParallelLinearOp):
         super().__init__(tp_group, backend)
 
     def _gather_features(self, module, out: torch.Tensor) -> torch.Tensor:
-        return _collectives.all_gather(out, -1, self.group) if module.gather_output else out
+        if not module.gather_output:
+            return out
+        return _collectives.all_gather(out, -1, self.group, replicated_output=True)
 
     def forward(self, module, x, ctx):
         x = _collectives.copy_to_group(x, self.group)  # every member uses the whole x: gradients sum
@@ -244,7 +246,6 @@ class RowParallelOp(ParallelLinearOp):
         """This rank's slice of the input features, split over ``group`` (default: the shard group)."""
         group = group if group is not None else self.shard_group
         size = group.world_size if group is not None else 1
-        rank = group.rank_in_group if group is not None else 0
         local = module.input_size // size
         if module.input_is_parallel:
             if x.shape[-1] != local:
@@ -254,9 +255,9 @@ class RowParallelOp(ParallelLinearOp):
         if x.shape[-1] != module.input_size:
             raise ArgumentError(f"{type(self).__name__}: without input_is_parallel, x's last dim must be "
                                 f"input_size = {module.input_size}, got {tuple(x.shape)}")
-        if group is not None:  # every member holds the whole x: its gradient sums the members' slices
-            x = _collectives.copy_to_group(x, group)
-        return x.narrow(-1, rank * local, local)
+        if group is None:
+            return x
+        return _collectives.split(x, -1, group)  # x replicated: backward gathers the slices' gradients
 
     def forward(self, module, x, ctx):
         x = self._input_shard(module, x)
@@ -418,7 +419,11 @@ class Flashcomm2OProjRowParallelOp(RowParallelOp):
     def shard_group(self) -> Optional[ParallelGroup]:
         return self.otp_group
 
-    check_module = MLPRowParallelOp.check_module
+    def check_module(self, module):
+        MLPRowParallelOp.check_module(self, module)
+        if module.input_size % self.group.world_size:
+            raise ArgumentError(f"Flashcomm2OProjRowParallelOp: input_size must be a multiple of the TP size "
+                                f"{self.group.world_size} (one head shard per TP rank), got {module.input_size}")
 
     def forward(self, module, x, ctx):
         tp = self.group.world_size
@@ -442,7 +447,7 @@ class Flashcomm2OProjRowParallelOp(RowParallelOp):
         out = self._add_bias(module, out)  # [chunk, out]: TP rank r's rows
         if ctx.sequence_parallel:
             return out
-        return _collectives.all_gather(out, 0, self.group)[:tokens]
+        return _collectives.all_gather(out, 0, self.group, replicated_output=True)[:tokens]
 
 
 # ------------------------------------------------------------------------------ replicated
