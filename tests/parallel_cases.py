@@ -392,10 +392,6 @@ def run_configs(rank, world_size, plan, fusion="unfused"):
     return done
 
 
-def _grad_context(fusion):
-    return torch.no_grad() if fusion == "fused" else torch.enable_grad()
-
-
 def run_configs_fused(rank, world_size, plan):
     """The forward checks with the fused operators demanded (no autograd: they have no backward)."""
     with torch.no_grad():

@@ -106,6 +106,9 @@ def test_options_and_arguments_are_checked():
     assert build_linear_context(8, multiple_of=4, sequence_parallel=True) == LinearContext(0, True)
     with pytest.raises(ArgumentError, match="fusion must be one of"):
         LinearBackend(fusion="yes")
+    with pytest.raises(ArgumentError, match="LinearContext.fusion must be one of"):
+        LinearContext(fusion="sometimes")
+    assert build_linear_context(3, fusion="unfused").fusion == "unfused"
     options = ParallelLinearOptions.from_config(
         ParallelConfig(4, 2, 2, mlp_tensor_parallel_size=2, flashcomm2_oproj_tensor_parallel_size=1),
         sequence_parallel=True)

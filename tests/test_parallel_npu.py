@@ -114,6 +114,11 @@ def _sequence_row(runtime, tokens):
                                    params_dtype=BF16)
         _raises(ArgumentError, "k in [256, 65535)", narrow, torch.zeros(s, 2, dtype=BF16), LinearContext(0, True))
     assert runtime.ops.calls["npu_mm_reduce_scatter_base"] == before + 1
+    # The context's per-forward switch overrides the op's backend: unfused, same result, no call.
+    unfused = LinearContext(ctx.pad_size, True, fusion="unfused")
+    with torch.no_grad():
+        _close(module(X[:, m * IN // s:(m + 1) * IN // s], unfused), expected, "SequenceRow, ctx fusion='unfused'")
+    assert runtime.ops.calls["npu_mm_reduce_scatter_base"] == before + 1
 
 
 def _w8a8(runtime, fusion):
@@ -186,15 +191,15 @@ def _flashcomm2(runtime):
 def _emulation_strictness(runtime_a2, runtime_a3):
     tp = get_tp_group()
     ops2, ops3 = runtime_a2.ops, runtime_a3.ops
-    name2 = npu_platform.hccl_comm_name(runtime_a2, tp.device_group, tp.rank_in_group)
-    name3 = npu_platform.hccl_comm_name(runtime_a3, tp.device_group, tp.rank_in_group)
+    name2 = npu_platform.hccl_comm_name(runtime_a2, tp.device_group, tp.rank)
+    name3 = npu_platform.hccl_comm_name(runtime_a3, tp.device_group, tp.rank)
     x = torch.ones(4, 256, dtype=BF16)
     w = torch.ones(256, 8, dtype=BF16)
     # all-reduce form
-    _raises(NotImplementedError, "quantised", ops2.npu_mm_all_reduce_base, x, w, name2, dequant_scale=torch.ones(8))
+    _raises(NotImplementedError, "not emulated", ops2.npu_mm_all_reduce_base, x, w, name2, dequant_scale=torch.ones(8))
     _raises(RuntimeError, "A2 only", ops3.npu_mm_all_reduce_base, x, w, name3)
     _raises(ValueError, "reduce_op", ops2.npu_mm_all_reduce_base, x, w, name2, reduce_op="max")
-    _raises(ValueError, "float16/bfloat16", ops2.npu_mm_all_reduce_base, x.float(), w.float(), name2)
+    _raises(TypeError, "float16/bfloat16", ops2.npu_mm_all_reduce_base, x.float(), w.float(), name2)
     _raises(ValueError, "(k, n)", ops2.npu_mm_all_reduce_base, x, w.t(), name2)
     _raises(ValueError, "bias must be", ops2.npu_mm_all_reduce_base, x, w, name2, bias=torch.ones(7, dtype=BF16))
     _raises(ValueError, "x3 must be", ops2.npu_mm_all_reduce_base, x, w, name2, x3=torch.ones(4, 7, dtype=BF16))
@@ -216,11 +221,12 @@ def _emulation_strictness(runtime_a2, runtime_a3):
     _raises(ValueError, "m divide", ops3.npu_mm_reduce_scatter_base, x[:3], w, name3, ws)
     xq, wq = torch.ones(4, 256, dtype=torch.int8), torch.ones(256, 8, dtype=torch.int8)
     _raises(ValueError, "comm_mode='aiv'", ops3.npu_mm_reduce_scatter_base, xq, wq, name3, ws)
+    _raises(TypeError, "int8 x2", ops3.npu_mm_reduce_scatter_base, xq, w, name3, ws, comm_mode="aiv")
     _raises(NotImplementedError, "float32 x2_scale", ops3.npu_mm_reduce_scatter_base, xq, wq, name3, ws,
             comm_mode="aiv", x2_scale=torch.ones(8, dtype=torch.int64))
     _raises(ValueError, "output_dtype", ops3.npu_mm_reduce_scatter_base, xq, wq, name3, ws, comm_mode="aiv",
             x2_scale=torch.ones(8), output_dtype=torch.float32)
-    _raises(ValueError, "of one dtype", ops3.npu_mm_reduce_scatter_base, x.float(), w, name3, ws)
+    _raises(TypeError, "of one dtype", ops3.npu_mm_reduce_scatter_base, x.float(), w, name3, ws)
     _raises(ValueError, "belong to the int8 form", ops3.npu_mm_reduce_scatter_base, x, w, name3, ws,
             x2_scale=torch.ones(8))
     out = ops3.npu_mm_reduce_scatter_base(xq, wq, name3, ws, comm_mode="aiv", x2_scale=torch.full((1,), 0.5),

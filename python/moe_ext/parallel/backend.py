@@ -2,13 +2,15 @@
 
 Three steps cover every op of :mod:`moe_ext.parallel.ops`:
 
-==========================  ==================================  ======================================  ================
-step                        NPU (torch_npu, via platform.npu)   CUDA (torch symmetric memory)           otherwise
-==========================  ==================================  ======================================  ================
-``linear_all_reduce``       ``npu_mm_all_reduce_base`` (A2)     — (no fused operator in torch)          matmul, all-reduce
-``linear_reduce_scatter``   ``npu_mm_reduce_scatter_base``      ``symm_mem.fused_matmul_reduce_scatter``  matmul, reduce-scatter
-``all_gather_linear``       — (not wired)                       ``symm_mem.fused_all_gather_matmul``    all-gather, matmul
-==========================  ==================================  ======================================  ================
+=========================  ===============================  ==================================  ==================
+step                       NPU (torch_npu, platform.npu)    CUDA (torch symmetric memory)       otherwise
+=========================  ===============================  ==================================  ==================
+``linear_all_reduce``      ``npu_mm_all_reduce_base`` (A2)  — (no fused operator in torch)      matmul, all-reduce
+``linear_reduce_scatter``  ``npu_mm_reduce_scatter_base``   ``fused_matmul_reduce_scatter``     matmul, reduce-scatter
+``all_gather_linear``      — (not wired)                    ``fused_all_gather_matmul``         all-gather, matmul
+=========================  ===============================  ==================================  ==================
+
+(the CUDA operators are ``torch.ops.symm_mem.*``).
 
 :class:`LinearBackend` ``fusion`` chooses: ``"auto"`` takes the fused operator
 when the call is within its documented limits and falls back to the unfused
@@ -87,7 +89,8 @@ def _cuda_reason(x: torch.Tensor, weight: torch.Tensor, group: ParallelGroup) ->
     if group.backend != "nccl":
         return f"the CUDA fused operators need an NCCL group, {group.name!r} is {group.backend!r}"
     if x.dim() != 2 or not x.dtype.is_floating_point or weight.dtype != x.dtype:
-        return f"the CUDA fused operators take a 2-D floating input and weight of one dtype, got {x.dtype} {tuple(x.shape)}"
+        return (f"the CUDA fused operators take a 2-D floating input and weight of one dtype, got {x.dtype} "
+                f"{tuple(x.shape)}")
     return None
 
 
@@ -113,6 +116,11 @@ def _ensure_symm_mem(group: ParallelGroup) -> str:
     return name
 
 
+def _comm_name(runtime: NpuRuntime, group: ParallelGroup) -> str:
+    # The global rank: Ascend documents get_hccl_comm_name's argument as a global rank ID.
+    return npu_platform.hccl_comm_name(runtime, group.device_group, group.rank)
+
+
 def linear_all_reduce(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], group: ParallelGroup,
                       backend: LinearBackend) -> torch.Tensor:
     """``sum over the group of F.linear(x, weight, bias)``: x [..., k], weight [n, k], bias [n] or None.
@@ -128,7 +136,7 @@ def linear_all_reduce(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     else:
         reason = "no fused matmul + all-reduce operator outside the NPU (torch has none)"
     if _decide("linear_all_reduce", backend, reason):
-        name = npu_platform.hccl_comm_name(backend.npu, group.device_group, group.rank_in_group)
+        name = _comm_name(backend.npu, group)
         return npu_platform.mm_all_reduce(backend.npu, x, weight.t(), name, bias=bias)
     return _collectives.all_reduce(F.linear(x, weight, bias), group)
 
@@ -150,7 +158,7 @@ def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: Parallel
         reason = "the fused operators have no backward and autograd records this call"
     if _decide("linear_reduce_scatter", backend, reason):
         if backend.npu is not None:
-            name = npu_platform.hccl_comm_name(backend.npu, group.device_group, group.rank_in_group)
+            name = _comm_name(backend.npu, group)
             return npu_platform.mm_reduce_scatter(backend.npu, x, weight.t(), name, group.world_size)
         return torch.ops.symm_mem.fused_matmul_reduce_scatter(x.contiguous(), weight.t(), "sum", 0,
                                                               _ensure_symm_mem(group))

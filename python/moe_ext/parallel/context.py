@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from moe_ext.distributed.group import ParallelGroup
-from moe_ext.errors import ArgumentError, check_bool, check_int
+from moe_ext.errors import ArgumentError, check_bool, check_choice, check_int
 from moe_ext.parallel import _collectives
+from moe_ext.parallel.backend import FUSION_MODES
 
 __all__ = ["LinearContext", "build_linear_context"]
 
@@ -40,20 +41,28 @@ class LinearContext:
             on every member if they differ. Off by default: it costs one
             collective per call; engines that pad to the DP maximum
             (:func:`build_linear_context` with ``group``) do not need it.
+        fusion: None (each op's ``LinearBackend.fusion``) or "auto" /
+            "fused" / "unfused" for every op of this forward: the reference
+            engine's per-forward matmul + reduce-scatter fusion switch, which
+            engines turn on by batch size.
     """
 
     pad_size: int = 0
     sequence_parallel: bool = False
     check_token_counts: bool = False
+    fusion: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_int("LinearContext.pad_size", self.pad_size, minimum=0)
         check_bool("LinearContext.sequence_parallel", self.sequence_parallel)
         check_bool("LinearContext.check_token_counts", self.check_token_counts)
+        if self.fusion is not None:
+            check_choice("LinearContext.fusion", self.fusion, FUSION_MODES)
 
 
 def build_linear_context(num_tokens: int, *, multiple_of: int = 1, group: Optional[ParallelGroup] = None,
-                         sequence_parallel: bool = False, check_token_counts: bool = False) -> LinearContext:
+                         sequence_parallel: bool = False, check_token_counts: bool = False,
+                         fusion: Optional[str] = None) -> LinearContext:
     """The context for ``num_tokens`` local tokens.
 
     The padded count is the largest ``num_tokens`` of ``group`` (one
@@ -70,4 +79,4 @@ def build_linear_context(num_tokens: int, *, multiple_of: int = 1, group: Option
     padded = -(-largest // multiple_of) * multiple_of
     if padded - num_tokens < 0:  # pragma: no cover - max() guarantees it
         raise ArgumentError("build_linear_context: internal padding error")
-    return LinearContext(padded - num_tokens, sequence_parallel, check_token_counts)
+    return LinearContext(padded - num_tokens, sequence_parallel, check_token_counts, fusion)

@@ -144,6 +144,12 @@ class ParallelLinearOp:
         return f"{type(self).__name__}(group={group}, fusion={self.backend.fusion!r})"
 
     # -- helpers shared by the family -------------------------------------------------------
+    def _backend_for(self, ctx: LinearContext) -> LinearBackend:
+        """The op's backend, with the context's per-forward ``fusion`` override applied."""
+        if ctx.fusion is None or ctx.fusion == self.backend.fusion:
+            return self.backend
+        return LinearBackend(ctx.fusion, self.backend.npu)
+
     @staticmethod
     def _bias(module) -> Optional[torch.Tensor]:
         return None if module.skip_bias_add else module.bias
@@ -202,7 +208,7 @@ class MLPColumnParallelOp(ColumnParallelOp):
         _check_2d("MLPColumnParallelOp", x, module.input_size, "the full input features")
         x = _pad_rows(x, ctx.pad_size)
         _check_equal_counts("MLPColumnParallelOp", x.shape[0], self.group, ctx)
-        return all_gather_linear(x, module.weight, self._bias(module), self.group, self.backend)
+        return all_gather_linear(x, module.weight, self._bias(module), self.group, self._backend_for(ctx))
 
 
 class SequenceColumnParallelOp(ColumnParallelOp):
@@ -219,7 +225,7 @@ class SequenceColumnParallelOp(ColumnParallelOp):
         if not ctx.sequence_parallel or self.group.world_size == 1:
             return super().forward(module, x, ctx)
         _check_2d("SequenceColumnParallelOp", x, module.input_size, "this rank's token shard, all features")
-        out = all_gather_linear(x, module.weight, self._bias(module), self.group, self.backend)
+        out = all_gather_linear(x, module.weight, self._bias(module), self.group, self._backend_for(ctx))
         if ctx.pad_size:
             if ctx.pad_size > out.shape[0]:
                 raise ArgumentError(f"SequenceColumnParallelOp: ctx.pad_size must be <= the gathered tokens "
@@ -279,7 +285,7 @@ class MatmulAllReduceRowParallelOp(RowParallelOp):
         bias = self._bias_on_first_rank(module, self.group)
         if not module.reduce_results:
             return F.linear(x, module.weight, bias)
-        return linear_all_reduce(x, module.weight, bias, self.group, self.backend)
+        return linear_all_reduce(x, module.weight, bias, self.group, self._backend_for(ctx))
 
 
 class SequenceRowParallelOp(RowParallelOp):
@@ -308,9 +314,9 @@ class SequenceRowParallelOp(RowParallelOp):
         x = _pad_rows(x, ctx.pad_size)
         _check_divisible("SequenceRowParallelOp", x.shape[0], self.group.world_size, ctx, self.group)
         if module.quant is not None:
-            out = module.quant.matmul_reduce_scatter(x, self.group, self.backend)
+            out = module.quant.matmul_reduce_scatter(x, self.group, self._backend_for(ctx))
         else:
-            out = linear_reduce_scatter(x, module.weight, self.group, self.backend)
+            out = linear_reduce_scatter(x, module.weight, self.group, self._backend_for(ctx))
         return self._add_bias(module, out)
 
 
@@ -335,7 +341,7 @@ class MLPRowParallelOp(RowParallelOp):
         if x.dim() != 2:
             raise ArgumentError(f"MLPRowParallelOp: x must be [tokens, features], got {tuple(x.shape)}")
         _check_divisible("MLPRowParallelOp", x.shape[0], self.group.world_size, ctx, self.group)
-        out = self._add_bias(module, linear_reduce_scatter(x, module.weight, self.group, self.backend))
+        out = self._add_bias(module, linear_reduce_scatter(x, module.weight, self.group, self._backend_for(ctx)))
         return _drop_pad("MLPRowParallelOp", out, ctx)
 
 
@@ -370,7 +376,7 @@ class OProjRowParallelOp(RowParallelOp):
         # [rows, size * local] -> [size, rows, local]: block p holds member p's features.
         send = x.reshape(rows, size, local).transpose(0, 1).reshape(size * rows, local)
         received = _collectives.all_to_all_single(send, self.group)  # [size * rows, local], member-major rows
-        out = self._add_bias(module, linear_reduce_scatter(received, module.weight, self.group, self.backend))
+        out = self._add_bias(module, linear_reduce_scatter(received, module.weight, self.group, self._backend_for(ctx)))
         return _drop_pad("OProjRowParallelOp", out, ctx)
 
 
@@ -441,7 +447,7 @@ class Flashcomm2OProjRowParallelOp(RowParallelOp):
         # Peer i' sent its head shard (TP rank j n + i'): side by side they are head block j.
         block = received.view(n, o * chunk, width).transpose(0, 1).reshape(o * chunk, n * width)
         if self.otp_group is not None:
-            out = linear_reduce_scatter(block, module.weight, self.otp_group, self.backend)
+            out = linear_reduce_scatter(block, module.weight, self.otp_group, self._backend_for(ctx))
         else:
             out = F.linear(block, module.weight)
         out = self._add_bias(module, out)  # [chunk, out]: TP rank r's rows

@@ -27,7 +27,7 @@ import torch
 from moe_ext.distributed.group import ParallelGroup
 from moe_ext.errors import ArgumentError
 from moe_ext.parallel import _collectives
-from moe_ext.parallel.backend import LinearBackend, _decide
+from moe_ext.parallel.backend import LinearBackend, _comm_name, _decide
 from moe_ext.platform import npu as npu_platform
 
 __all__ = ["W8A8RowQuant"]
@@ -107,7 +107,7 @@ class W8A8RowQuant:
         else:
             reason = "the int8 fused matmul + reduce-scatter exists on the NPU only"
         if _decide("W8A8RowQuant.matmul_reduce_scatter", backend, reason):
-            name = npu_platform.hccl_comm_name(backend.npu, group.device_group, group.rank_in_group)
+            name = _comm_name(backend.npu, group)
             out = npu_platform.mm_reduce_scatter(backend.npu, x_q, self.weight_t, name, group.world_size,
                                                  x2_scale=self.deq_scale, output_dtype=self.output_dtype)
         else:
