@@ -1,4 +1,6 @@
-"""Parallel linear layers: column / row / replicated modules, the op family, its selection rules.
+"""Parallel layers for MoE models: tensor-parallel linear layers and expert-parallel training styles.
+
+Linear layers (tensor parallelism on moe_ext.distributed's groups):
 
 - :mod:`moe_ext.parallel.linear` — ``ColumnParallelLinear``, ``RowParallelLinear``,
   ``ReplicatedLinear``: own their weight shard, load it from the full checkpoint
@@ -10,6 +12,14 @@
   (torch_npu) and CUDA (symmetric memory) where possible;
 - :mod:`moe_ext.parallel.context` — the explicit per-forward context (padding,
   sequence parallelism).
+
+Expert parallelism (training):
+
+- :mod:`moe_ext.parallel.expert_parallel` — ``GroupedExperts``, ``TokenReorderer`` and the DTensor
+  styles ``TensorParallel``, ``ExpertParallel``, ``ExpertTensorParallel``,
+  ``ReordererSequenceParallel``;
+- :mod:`moe_ext.parallel.torchtitan_dispatcher` — ``MoeExtTokenDispatcher`` for torchtitan 0.3
+  (imported on its own: it needs torchtitan).
 """
 
 from moe_ext.parallel.backend import FUSION_MODES, LinearBackend, cuda_fused_ops_available
