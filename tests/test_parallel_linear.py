@@ -131,6 +131,19 @@ def test_module_arguments_are_checked():
         ReplicatedLinear(0, 4)
 
 
+def test_backend_decisions():
+    from moe_ext.parallel import backend
+    assert backend._decide("step", LinearBackend("auto"), None) is True
+    assert backend._decide("step", LinearBackend("auto"), "no operator") is False
+    assert backend._decide("step", LinearBackend("unfused"), None) is False
+    with pytest.raises(ArgumentError, match="fusion='fused' but the fused operator cannot take this call: why"):
+        backend._decide("step", LinearBackend("fused"), "why")
+    x, w = torch.zeros(4, 8), torch.zeros(6, 8)
+    assert "CUDA tensors" in backend._cuda_reason(x, w, None)
+    with pytest.raises(TypeError, match="LinearBackend.npu must be an NpuRuntime"):
+        LinearBackend(npu="torch_npu")
+
+
 class _FakeRowOp(RowParallelOp):
     def __init__(self):  # no group needed for the direction check
         self.group, self.backend = None, LinearBackend()
