@@ -279,3 +279,51 @@ def test_under_torchrun_two_nodes_through_rendezvous(tmp_path):
     _check_report(result, ranks=2, steps=4, interval=2)
     assert result["launcher"] == "torchrun"
     assert sum(output.count("Correctness: OK") for output in outputs) == 1
+
+
+@pytest.mark.parametrize("rich_here", [True, False])
+def test_progress_and_tables_with_and_without_rich(rich_here, monkeypatch):
+    import io
+
+    from moe_ext.cli import table
+    from moe_ext.demo import report
+
+    if rich_here and not table.have_rich():
+        pytest.skip("rich is not installed (the test extra installs it)")
+    monkeypatch.setattr(report, "have_rich", lambda: rich_here)
+    stream = io.StringIO()
+    event = dict(step=2, imbalance_before=1.5, imbalance_after=1.1, slots_moved=2, bytes_moved=2048,
+                 transfer_seconds=0.001)
+    progress = report.Progress(4, interactive=True, stream=stream)
+    assert (progress._rich is not None) == rich_here
+    for done in range(1, 5):
+        progress.update(done, 1.2, 1e-6, event if done == 2 else None)
+    progress.close()
+    text = stream.getvalue()
+    assert "rebalance @ step 2: planned imbalance 1.50 -> 1.10, 2 slots moved, 2.0 KiB" in text
+    assert "4/4" in text
+    if not rich_here:  # plain lines, the rebalance after its step's line
+        assert text.index("step 2/4") < text.index("rebalance @ step 2")
+    rendered = table.format_table(["a", "long header"], [["1", "2"], ["333", "4"]], use_rich=rich_here)
+    lines = rendered.splitlines()
+    assert "long header" in lines[0] and lines[-1].split() == ["333", "4"]
+    assert len({len(line) for line in (lines[0], lines[-1])}) == 1  # right-aligned columns of one width
+
+
+def test_launcher_environment_is_detected_and_ranks_must_match(monkeypatch, capsys):
+    from moe_ext.demo.runner import launcher_environment
+
+    assert launcher_environment() is None or "RANK" in os.environ
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    layout = launcher_environment()
+    assert layout["world_size"] == 2 and layout["local_world_size"] == 2 and layout["launcher"] == "external launcher"
+    # Refused before joining any group (MASTER_PORT 1 would never answer).
+    assert main(["demo", "--ranks", "4"]) == 2
+    assert "--ranks must match the launcher's WORLD_SIZE (2)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["demo"]) == 2
+    assert "not integers" in capsys.readouterr().err

@@ -39,11 +39,10 @@ class Progress:
 
             console = Console(file=self.stream, force_terminal=True)
             self._rich = RichProgress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                                      TextColumn("imbalance {task.fields[imbalance]:5.2f}  max error "
-                                                 "{task.fields[error]:.1e}"),
+                                      TextColumn("{task.fields[status]}"),
                                       TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
                                       console=console)
-            self._task = self._rich.add_task("steps", total=total, imbalance=float("nan"), error=0.0)
+            self._task = self._rich.add_task("steps", total=total, status="")
             self._rich.start()
 
     @staticmethod
@@ -56,7 +55,8 @@ class Progress:
         if not self.enabled:
             return
         if self._rich is not None:
-            self._rich.update(self._task, completed=done, imbalance=imbalance, error=max_error)
+            self._rich.update(self._task, completed=done,
+                              status=f"imbalance {imbalance:5.2f}  max error {max_error:.1e}")
             if rebalance is not None:
                 self._rich.console.print(self.rebalance_note(rebalance), highlight=False)
             return

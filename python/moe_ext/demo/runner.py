@@ -247,6 +247,9 @@ def _run_under_launcher(config: DemoConfig, layout: dict, interactive: bool, str
             raise DemoFailure(f"rank {rank} failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
         per_rank: list = [None] * world_size
         dist.all_gather_object(per_rank, mine)
+        # Nobody tears down while a peer may still be talking to it (a rank leaving early makes the
+        # others' gloo connections close under them).
+        dist.barrier()
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
