@@ -38,6 +38,11 @@ if [ "$mode" = tests ] || [ "$mode" = all ]; then
     for ws in $sizes; do
       step "demo_nccl_$ws" 240 python3 -m moe_ext demo --ranks "$ws" --device cuda --json "$out/demo_$ws.json"
     done
+    # Under torchrun (the launcher's NCCL group), and DeepSeek-V3-sized experts (about 50-70 GiB per GPU).
+    step demo_torchrun 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+      -m moe_ext demo --json "$out/demo_torchrun.json"
+    step demo_dsv3 420 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+      -m moe_ext demo --preset deepseek-v3 --steps 20 --json "$out/demo_dsv3.json"
   fi
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
