@@ -205,6 +205,20 @@ def test_every_op_matches_dense_linear(world_size):
     assert all(ran == expected for ran in done), done
 
 
+@pytest.mark.distributed
+def test_fused_cuda_wiring_with_torchs_reference_operators():
+    """The fused (symmetric-memory) path of every op, on gloo, with torch's reference implementations
+    of the two operators in place of the CUDA kernels: checks moe_ext's wiring, not the kernels."""
+    import torch.distributed._symmetric_memory as symm_mem
+    if not all(hasattr(symm_mem, name) for name in ("_fused_matmul_reduce_scatter_fallback",
+                                                    "_fused_all_gather_matmul_fallback")):
+        pytest.skip(f"torch {torch.__version__} has no reference symm_mem fused operators")
+    if backend_under_test() == "nccl":
+        pytest.skip("the CUDA kernels themselves are tested by test_fused_cuda_operators_match_dense_linear")
+    done = run_distributed(parallel_cases.run_configs_symm_mem_reference, 2, FUSED_PLAN, timeout=300)
+    assert all(ran == [n for _, names in FUSED_PLAN for n in names] for ran in done), done
+
+
 @pytest.mark.cuda
 @pytest.mark.distributed
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
