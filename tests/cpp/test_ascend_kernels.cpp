@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/ascend/tiling.h"
+#include "core/permute_indices.h"
 #include "core/routing_layout.h"
 #include "kernel_operator.h"
 
@@ -22,6 +23,11 @@ void moe_ext_expert_histogram_partial_i32(GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_expert_histogram_partial_i64(GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_expert_histogram_reduce(GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_unpermute_f32_i32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_generate_permute_indices_i64(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
+void moe_ext_permute_key_count_i64_m32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
+void moe_ext_permute_place_i64_m32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_permute_scan(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_permute_rows_b4(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t, GM_ADDR);
 }
 
 namespace ascend = moe_ext::core::ascend;
@@ -178,6 +184,127 @@ TEST(AscendKernels, UnpermuteMatchesTheOrderedFp32Sum) {
       }
     }
   }
+}
+
+TEST(AscendKernels, GeneratePermuteIndicesMatchesTheCore) {
+  std::mt19937_64 rng(4);
+  for (int64_t experts : {1, 3, 32}) {
+    for (int64_t ranks : {1, 2, 8}) {
+      for (int64_t alignment : {1, 8, 128}) {
+        for (int64_t per_tile : {8, 2048}) {
+          std::vector<int64_t> counts(static_cast<size_t>(experts * ranks));
+          for (auto& c : counts) c = rng() % 3 == 0 ? 0 : static_cast<int64_t>(rng() % 40);
+          int64_t tokens = 0;
+          for (auto c : counts) tokens += c;
+          const int64_t max_len = tokens + experts * alignment + 17;
+          std::vector<int32_t> expected(static_cast<size_t>(max_len)), sizes(static_cast<size_t>(experts)),
+              offsets(static_cast<size_t>(experts));
+          moe_ext::core::generate_permute_indices(counts.data(), experts, ranks, max_len, alignment, expected.data(),
+                                                  sizes.data(), offsets.data());
+          const auto split = ascend::split_over_cores(experts, kVectorCores, 1);
+          auto words = ascend::kernel_tiling_words(split, per_tile, max_len, alignment, ranks, experts);
+          std::vector<int32_t> got(static_cast<size_t>(max_len), 12345), got_sizes(static_cast<size_t>(experts), -9),
+              got_offsets(static_cast<size_t>(experts), -9);
+          AscendC::twin::launch(split.blocks, AscendC::twin::kA2UbBytes, [&] {
+            moe_ext_generate_permute_indices_i64(gm(counts.data()), gm(got.data()), gm(got_sizes.data()),
+                                                 gm(got_offsets.data()), gm(words.data()));
+          });
+          EXPECT_EQ(got, expected) << experts << " experts x " << ranks << " ranks, alignment " << alignment;
+          EXPECT_EQ(got_sizes, sizes);
+          EXPECT_EQ(got_offsets, offsets);
+        }
+      }
+    }
+  }
+}
+
+TEST(AscendKernels, MoePermuteLayoutAndRowsMatchTheCore) {
+  std::mt19937_64 rng(5);
+  const int64_t ub = 16 * 1024;  // small: many id tiles per block
+  for (int64_t tokens : {0, 1, 5, 300}) {
+    for (int64_t topk : {1, 2, 8}) {
+      for (int64_t experts : {1, 4, 64}) {
+        for (int mode = 0; mode < 3; ++mode) {  // 0: all experts, 1: a range, 2: an expert map with -1 entries
+          const int64_t rows = tokens * topk, hidden = 12;
+          std::vector<int64_t> ids(static_cast<size_t>(rows));
+          for (auto& id : ids) id = static_cast<int64_t>(rng() % experts);
+          std::vector<int32_t> map;
+          int64_t start = 0, end = experts;
+          if (mode == 1) {
+            start = static_cast<int64_t>(rng() % experts);
+            end = start + static_cast<int64_t>(rng() % (experts - start + 1));
+          } else if (mode == 2) {
+            map.resize(static_cast<size_t>(experts));
+            int32_t next = 0;
+            for (auto& value : map) value = rng() % 2 ? next++ : -1;
+            start = 0;
+            end = next;
+          }
+          const int32_t* map_ptr = mode == 2 ? map.data() : nullptr;
+          std::vector<int32_t> expected_idx(static_cast<size_t>(rows));
+          std::vector<int64_t> expected_tokens(static_cast<size_t>(end - start));
+          const int64_t valid = moe_ext::core::build_routing_layout(ids.data(), tokens, topk, experts, map_ptr,
+                                                                    start, end, false, expected_idx.data(),
+                                                                    expected_tokens.data());
+          const auto stream = ascend::plan_stream_tiling(rows, 8, (end - start) * 8 + 1024, 3, kVectorCores, ub);
+          auto words = ascend::kernel_tiling_words(stream.split, stream.elements_per_tile, rows, start, end, experts);
+          std::vector<int64_t> workspace(static_cast<size_t>(stream.split.blocks * (end - start)), -3);
+          std::vector<int32_t> row_idx(static_cast<size_t>(rows), 555), sorted_token(static_cast<size_t>(rows), -1);
+          std::vector<int64_t> expert_tokens(static_cast<size_t>(end - start), -3), valid_rows(1, -3);
+          GM_ADDR map_gm = mode == 2 ? gm(map.data()) : nullptr;
+          AscendC::twin::launch(stream.split.blocks, ub, [&] {
+            moe_ext_permute_key_count_i64_m32(gm(ids.data()), map_gm, gm(workspace.data()), gm(words.data()));
+          });
+          AscendC::twin::launch(1, ub, [&] {
+            moe_ext_permute_scan(gm(workspace.data()), gm(expert_tokens.data()), gm(valid_rows.data()),
+                                 gm(words.data()), 0);
+          });
+          AscendC::twin::launch(stream.split.blocks, ub, [&] {
+            moe_ext_permute_place_i64_m32(gm(ids.data()), map_gm, gm(workspace.data()), gm(row_idx.data()),
+                                          gm(sorted_token.data()), gm(words.data()), topk);
+          });
+          ASSERT_EQ(row_idx, expected_idx) << tokens << "x" << topk << " ids, " << experts << " experts, mode " << mode;
+          ASSERT_EQ(expert_tokens, expected_tokens);
+          ASSERT_EQ(valid_rows[0], valid);
+          // the row copy: permuted[p] = hidden[token of p] for p < valid, rows past valid untouched
+          std::vector<float> hidden_states(static_cast<size_t>(tokens * hidden));
+          for (auto& value : hidden_states) value = static_cast<float>(rng() % 100);
+          const auto row_tiling = ascend::plan_row_tiling(rows, hidden * 4, 0, 1, 2, kVectorCores, ub);
+          auto row_words = ascend::kernel_tiling_words(row_tiling.split, row_tiling.rows_per_tile, hidden,
+                                                       row_tiling.row_stride_ub / 4, tokens, 0);
+          std::vector<float> permuted(static_cast<size_t>(rows * hidden), -1.0f);
+          AscendC::twin::launch(row_tiling.split.blocks, ub, [&] {
+            moe_ext_permute_rows_b4(gm(hidden_states.data()), gm(sorted_token.data()), gm(permuted.data()),
+                                    gm(row_words.data()), rows, gm(valid_rows.data()));
+          });
+          for (int64_t f = 0; f < rows; ++f) {
+            const int32_t p = expected_idx[f];
+            if (p < 0) continue;
+            for (int64_t c = 0; c < hidden; ++c)
+              ASSERT_EQ(permuted[static_cast<size_t>(p * hidden + c)],
+                        hidden_states[static_cast<size_t>((f / topk) * hidden + c)]);
+          }
+          for (size_t i = static_cast<size_t>(valid * hidden); i < permuted.size(); ++i) ASSERT_EQ(permuted[i], -1.0f);
+        }
+      }
+    }
+  }
+}
+
+TEST(AscendKernels, MoePermuteDropsNoExpertIdsAndRefusesOthers) {
+  std::vector<int64_t> ids{2, -1, 0, 5};
+  const auto stream = ascend::plan_stream_tiling(4, 8, 1024, 3, kVectorCores, 16 * 1024);
+  auto words = ascend::kernel_tiling_words(stream.split, stream.elements_per_tile, 4, 0, 4, 4);
+  std::vector<int64_t> workspace(static_cast<size_t>(stream.split.blocks * 4));
+  EXPECT_THROW(AscendC::twin::launch(stream.split.blocks, 16 * 1024, [&] {
+                 moe_ext_permute_key_count_i64_m32(gm(ids.data()), nullptr, gm(workspace.data()), gm(words.data()));
+               }),
+               RuleViolation);  // id 5 >= num_experts = 4
+  ids[3] = 3;
+  EXPECT_NO_THROW(AscendC::twin::launch(stream.split.blocks, 16 * 1024, [&] {
+    moe_ext_permute_key_count_i64_m32(gm(ids.data()), nullptr, gm(workspace.data()), gm(words.data()));
+  }));
+  EXPECT_EQ(workspace, (std::vector<int64_t>{1, 0, 1, 1}));  // the -1 is not counted
 }
 
 // ---------------------------------------------------------------- the twin's rules

@@ -13,9 +13,19 @@ namespace moe_ext::ascend {
 template <typename T, typename IndexT>
 class GatherRowsKernel {
  public:
-  __aicore__ inline void Init(GM_ADDR x, GM_ADDR indices, GM_ADDR out, GM_ADDR tiling, int64_t num_out_rows) {
+  // row_limit (optional, one int64 in GM): rows at or past it are left unwritten - the row copy of
+  // moe_permute, whose valid-row count only exists on the device, passes it.
+  __aicore__ inline void Init(GM_ADDR x, GM_ADDR indices, GM_ADDR out, GM_ADDR tiling, int64_t num_out_rows,
+                              GM_ADDR row_limit = nullptr) {
     tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
     range_ = block_range(tiling_);
+    if (row_limit != nullptr) {
+      AscendC::GlobalTensor<int64_t> limit;
+      limit.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(row_limit), 1);
+      const int64_t valid = limit.GetValue(0);
+      MOE_ASCEND_CHECK(valid >= 0 && valid <= num_out_rows, "gather_rows: row limit out of [0, rows]");
+      range_.end = min64(range_.end, valid);
+    }
     row_elements_ = tiling_.GetValue(kRowElements);
     row_stride_ = tiling_.GetValue(kRowStride);
     rows_per_tile_ = tiling_.GetValue(kItemsPerTile);
