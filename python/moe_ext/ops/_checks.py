@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from moe_ext._loader import native_error
 from moe_ext.errors import ArgumentError, check_int
 
 INT32_MAX = 2**31 - 1
@@ -76,13 +77,17 @@ def int_arg(op: str, name: str, value: Any, *, minimum: Optional[int] = None,
 
 def call_op(fn, *args):
     """Runs a torch op, re-raising the kernels' ValueError (a bad value inside a
-    tensor, found on the host) as the package's ArgumentError."""
+    tensor, found on the host) as the package's ArgumentError, and a TypeError
+    that crossed the stable ABI as RuntimeError (see moe_ext._loader.native_error)
+    as TypeError."""
     try:
         return fn(*args)
     except ArgumentError:
         raise
     except ValueError as error:
         raise ArgumentError(str(error)) from None
+    except RuntimeError as error:
+        raise native_error(error) from None
 
 
 # ---------------------------------------------------------------- moe_permute
