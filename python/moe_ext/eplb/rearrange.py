@@ -99,14 +99,14 @@ def _check_rank_mapping(rank_mapping: Mapping[int, int], ep_size: int) -> tuple[
     group is the new one, ``len(rank_mapping)`` old ranks map into it.
     """
     if not isinstance(rank_mapping, Mapping):
-        raise ValueError(f"rank_mapping must be a dict old rank -> new rank, got {type(rank_mapping).__name__}")
+        raise TypeError(f"rank_mapping must be a dict old rank -> new rank, got {type(rank_mapping).__name__}")
     old_ep_size = len(rank_mapping)
     keys = sorted(rank_mapping)
     if not all(isinstance(k, (int, np.integer)) for k in keys) or keys != list(range(old_ep_size)):
         raise ValueError(f"rank_mapping must have the keys 0..{old_ep_size - 1} (every old rank), got {keys}")
     values = [rank_mapping[k] for k in keys]
-    if not all(isinstance(v, (int, np.integer)) for v in values):
-        raise ValueError(f"rank_mapping values must be ints (new rank, or -1 for a removed rank), got {values}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"rank_mapping values must be ints (new rank, or -1 for a removed rank), got {values}")
     kept = [int(v) for v in values if v != -1]
     if len(set(kept)) != len(kept):
         raise ValueError(f"rank_mapping maps two old ranks to the same new rank: {dict(rank_mapping)}")

@@ -170,7 +170,7 @@ def unpermute_tensors(op: str, permuted: Any, expanded_row_idx: Any, probs: Any,
 def unpermute_backward_tensors(grad_output: Any, permuted: Any, expanded_row_idx: Any, probs: Any,
                                topk: Any) -> int:
     op = "moe_unpermute_backward"
-    topk = int_arg(op, "topk", topk, minimum=1)
+    topk = int_arg(op, "topk", topk, minimum=1, maximum=INT32_MAX)
     tensor(op, "grad_output", grad_output)
     num_tokens = unpermute_tensors(op, permuted, expanded_row_idx, probs, topk)
     same_device(op, [("permuted", permuted), ("grad_output", grad_output)])

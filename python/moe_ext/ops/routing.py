@@ -170,7 +170,7 @@ def moe_unpermute(
     _checks.tensor(op, "expanded_row_idx", expanded_row_idx)
     _checks.tensor(op, "probs", probs, optional=True)
     if topk is not None:
-        topk = _checks.int_arg(op, "topk", topk, minimum=1)
+        topk = _checks.int_arg(op, "topk", topk, minimum=1, maximum=_checks.INT32_MAX)
     if expanded_row_idx.dim() == 2:
         if topk is not None and topk != expanded_row_idx.shape[1]:
             raise ArgumentError(f"moe_unpermute: topk={topk} but expanded_row_idx has shape "
@@ -225,7 +225,7 @@ def _moe_permute_fake(hidden_states, topk_ids, num_experts, active_start, active
 
 @torch.library.register_fake("moe_ext::moe_unpermute")
 def _moe_unpermute_fake(permuted, expanded_row_idx, probs, topk):
-    topk = _checks.int_arg("moe_unpermute", "topk", topk, minimum=1)
+    topk = _checks.int_arg("moe_unpermute", "topk", topk, minimum=1, maximum=_checks.INT32_MAX)
     num_tokens = _checks.unpermute_tensors("moe_unpermute", permuted, expanded_row_idx, probs, topk)
     return permuted.new_empty((num_tokens, permuted.shape[1]))
 
