@@ -248,4 +248,6 @@ def test_a_rank_dying_mid_rearrangement(mode, tmp_path):
     if mode == "before-outcome":
         assert status == ["applied"] * NUM_LAYERS and "could not agree" in report["error"]
     if mode == "async-mid":
-        assert status == ["applied", "untouched", "untouched"]  # the async form commits whole layers
+        # The async form commits whole layers: never partial. (Layer 1 may still
+        # complete on rank 0 when rank 1's sends left before it died.)
+        assert "partial" not in status and status[-1] == "untouched"
