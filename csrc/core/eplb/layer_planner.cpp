@@ -357,6 +357,9 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
     to.insert(std::lower_bound(to.begin(), to.end(), static_cast<int32_t>(slot)),
               static_cast<int32_t>(slot));
   };
+  std::vector<double> delta(static_cast<size_t>(geometry.num_gpus), 0.0);
+  std::vector<char> touched_mark(static_cast<size_t>(geometry.num_gpus), 0);
+  std::vector<int64_t> touched;
   bool changed = true;
   for (int pass = 0; changed && pass < 4; ++pass) {
     changed = false;
@@ -390,22 +393,41 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
         changed = true;
         continue;
       }
-      // (b) Give the slot back to `before` outright when `now` can spare it
-      // (changes two replica counts: every GPU is re-evaluated).
+      // (b) Give the slot back to `before` outright when `now` can spare it.
+      // Two replica counts change: only the GPUs holding `now` or `before`
+      // change load, so only they are evaluated (the others are within the
+      // limit already: every accepted step keeps all GPUs within it).
       if (counts[now] < 2 || holds(gpu, before, p)) continue;
+      const double old_now = load[now] / counts[now], new_now = load[now] / (counts[now] - 1);
+      const double old_before = counts[before] > 0 ? load[before] / counts[before] : 0.0;
+      const double new_before = load[before] / (counts[before] + 1);
+      touched.clear();
+      auto add = [&](int64_t g, double value) {
+        if (!touched_mark[g]) {
+          touched_mark[g] = 1;
+          touched.push_back(g);
+        }
+        delta[g] += value;
+      };
+      for (const int32_t q : slots_of[now]) {
+        if (q != p) add(q / per_gpu, new_now - old_now);
+      }
+      for (const int32_t q : slots_of[before]) add(q / per_gpu, new_before - old_before);
+      add(gpu, new_before - old_now);
+      double peak = 0.0;
+      for (int64_t g : touched) peak = std::max(peak, gpu_load[g] + delta[g]);
+      const bool accept = peak <= limit_load * (1.0 + 1e-12);
+      for (int64_t g : touched) {
+        if (accept) gpu_load[g] += delta[g];
+        delta[g] = 0.0;
+        touched_mark[g] = 0;
+      }
+      if (!accept) continue;
       plan[p] = before;
       counts[now] -= 1;
       counts[before] += 1;
-      recompute();
-      if (*std::max_element(gpu_load.begin(), gpu_load.end()) <= limit_load * (1.0 + 1e-12)) {
-        move_slot(now, before, p);
-        changed = true;
-      } else {
-        plan[p] = now;
-        counts[now] += 1;
-        counts[before] -= 1;
-        recompute();
-      }
+      move_slot(now, before, p);
+      changed = true;
     }
   }
 }
@@ -479,18 +501,26 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
   LayerPlan plan = finish(geometry, load, strict_state.expert, nullptr);
   plan.lower_bound = strict_bound;
   plan.global_lower_bound = global_bound;
-  if (options.evaluate_relaxed && plan.imbalance > global_bound * (1.0 + options.relax_threshold)) {
-    // What relaxing would give: every expert keeps its primary replica at
-    // home and the redundant ones go where the load is lowest; if the node is
-    // still too hot, placement as in global mode. Taken only when allowed.
+  if ((options.evaluate_relaxed || options.allow_cross_node) &&
+      plan.imbalance > global_bound * (1.0 + options.relax_threshold)) {
+    // What relaxing would give. Allowed: every expert keeps its primary
+    // replica at home and the redundant ones go where the load is lowest; if
+    // the node is still too hot, placement as in global mode. Strict: the
+    // global-mode plan alone, to report (one packing, not two).
     const double stop_load = global_bound * mean * (1.0 + 1e-9);
-    SlotState relaxed_state = pack_and_refine(
-        geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
-        geometry.gpus_per_node, stop_load, options.refine_counts, nullptr);
-    LayerPlan relaxed = finish(geometry, load, relaxed_state.expert, nullptr);
-    if (relaxed.imbalance > global_bound * (1.0 + options.relax_threshold)) {
+    LayerPlan relaxed;
+    if (options.allow_cross_node) {  // primaries at home first: fewer replicas leave
+      SlotState relaxed_state = pack_and_refine(
+          geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
+          geometry.gpus_per_node, stop_load, options.refine_counts, nullptr);
+      relaxed = finish(geometry, load, relaxed_state.expert, nullptr);
+    }
+    // Reporting only (strict): the global-mode plan alone says what relaxing gives.
+    if (!options.allow_cross_node || relaxed.imbalance > global_bound * (1.0 + options.relax_threshold)) {
       LayerPlan global = global_plan(stop_load);
-      if (global.imbalance < relaxed.imbalance * (1.0 - 1e-9)) relaxed = std::move(global);
+      if (!options.allow_cross_node || global.imbalance < relaxed.imbalance * (1.0 - 1e-9)) {
+        relaxed = std::move(global);
+      }
     }
     if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) {
       if (options.allow_cross_node && relaxed.imbalance < plan.imbalance / (1.0 + options.relax_threshold)) {
@@ -514,6 +544,14 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   const LayerPlan scratch = plan_layer_from_scratch(geometry, load, options);
   const double mean = total_of(load, num_experts) / static_cast<double>(geometry.num_gpus);
   const double target_load = scratch.imbalance * (1.0 + tolerance) * mean;
+
+  if (budget == 0) {  // nothing may move: the placement in force is the plan
+    LayerPlan kept = finish(geometry, load, std::vector<int32_t>(current, current + num_slots), current);
+    kept.lower_bound = scratch.lower_bound;
+    kept.global_lower_bound = scratch.global_lower_bound;
+    kept.relaxed_imbalance = std::min(kept.imbalance, scratch.relaxed_imbalance);
+    return kept;
+  }
 
   std::vector<int32_t> home;
   if (geometry.hierarchical && geometry.num_nodes > 1) {

@@ -34,7 +34,7 @@ def describe() -> dict[str, str]:
         "routing_ops": ("moe_ext.ops.moe_permute/moe_unpermute" if using_native_routing_ops()
                         else "moe_ext.moe.routing plain-torch path (op library without the routing ops)"),
         "rearrangement": "moe_ext.eplb.rearrange_expert_weights_inplace",
-        "dense_reference": "moe_ext.testing.dense_moe",
+        "dense_reference": "moe_ext.testing.dense_moe.dense_moe_batched (every token, vectorised)",
         "planner": "moe_ext.eplb.plan_placement",
         "load_recorder": "moe_ext.eplb.LoadRecorder",
     }
@@ -89,8 +89,8 @@ class DemoLayer:
         return self.layer.last_comm_method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.layer(x)
+        with torch.no_grad():  # in the layer's dtype (bf16 for MC2), the output back in x's
+            return self.layer(x.to(self.layer.config.dtype)).to(x.dtype)
 
     def expert_weight_tensors(self) -> list[torch.Tensor]:
         return [self.layer.w13.data, self.layer.w2.data]
@@ -131,7 +131,9 @@ def build_layer(config: DemoConfig, groups: EPGroups, placement: torch.Tensor, w
                                intermediate_size=config.intermediate_size,
                                num_physical_experts=config.num_physical_experts, dp_size=config.ranks, dp_rank=rank,
                                tp_size=1, tp_rank=0, ep_group=groups.ep, dp_group=groups.ep, tp_group=groups.tp,
-                               mc2_group=groups.ep)
+                               mc2_group=groups.ep,
+                               # the MC2 operators move bf16/fp16 only (torch_npu docs): an MC2 layer is bf16
+                               dtype=torch.bfloat16 if config.comm_method == "mc2" else torch.float32)
     options = routing_options(config)
     layer = moe.MoELayer(moe_config, scoring=options["scoring"], renormalize=options["renormalize"],
                          num_expert_group=options["num_expert_group"], topk_group=options["topk_group"],
@@ -160,6 +162,9 @@ def rearrange_weights(old_placement: torch.Tensor, new_placement: torch.Tensor, 
 
 def dense_reference(config: DemoConfig, x: torch.Tensor, weights: LogicalWeights) -> torch.Tensor:
     """The layer's output for ``x`` computed densely in this process from the logical weights."""
-    from moe_ext.testing.dense_moe import dense_moe
+    from moe_ext.testing.dense_moe import dense_moe_batched
 
-    return dense_moe(x, weights.gate, weights.w13, weights.w2, config.top_k, **routing_options(config))
+    w13, w2 = weights.w13, weights.w2
+    if config.comm_method == "mc2":  # the layer's inputs and expert weights are bf16 (see build_layer)
+        x, w13, w2 = (t.to(torch.bfloat16).float() for t in (x, w13, w2))
+    return dense_moe_batched(x, weights.gate, w13, w2, config.top_k, **routing_options(config))

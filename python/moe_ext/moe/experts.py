@@ -26,15 +26,20 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One matmul pair per expert (reads the counts on the host)."""
-    out = rows.new_zeros((rows.shape[0], w2.shape[2]))
+    """One matmul pair per expert (reads the counts on the host).
+
+    Every expert runs, on zero rows too, and the blocks are concatenated: the
+    output stays a function of ``rows``, ``w13`` and ``w2`` whatever the counts,
+    so backward reaches them (zero gradients) on a rank whose experts got no
+    rows, as it does on its peers (see ``moe_ext.moe.comm.base``).
+    """
+    blocks = []
     start = 0
     for expert, count in enumerate(counts.tolist()):
-        if count:
-            block = rows[start:start + count]
-            out[start:start + count] = _swiglu(block @ w13[expert]) @ w2[expert]
+        blocks.append(_swiglu(rows[start:start + count] @ w13[expert]) @ w2[expert])
         start += count
-    return out
+    blocks.append(rows.new_zeros((rows.shape[0] - start, w2.shape[2])))  # rows past the last group
+    return torch.cat(blocks)
 
 
 def grouped_mm_applies(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

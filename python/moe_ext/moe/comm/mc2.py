@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
-from moe_ext.moe.comm.collectives import all_gather_rows
+from moe_ext.moe.comm.collectives import all_gather_rows, forward_only
 from moe_ext.moe.config import MoEConfig
 from moe_ext.moe.context import ForwardContext
 from moe_ext.platform import npu as npu_adapter
@@ -23,7 +23,9 @@ class MC2CommImpl(MoECommMethod):
     size on every EP rank) and, with TP, keep this rank's 1/tp share of the
     tokens and of the active mask. Padding rows get distinct valid experts;
     on A3 with the v2 operators the mask keeps them from being sent at all.
-    finalize: all-gather the TP shares, unpad. Forward only (inference).
+    finalize: all-gather the TP shares, unpad. Forward only (inference): a
+    backward through its output raises
+    :class:`~moe_ext.moe.comm.collectives.ForwardOnlyError` naming the method.
     """
 
     name = "mc2"
@@ -36,10 +38,11 @@ class MC2CommImpl(MoECommMethod):
             raise ValueError(f"MC2CommImpl: needs an EP group of at least 2 ranks, got ep_size={config.ep_size}")
         self.npu = npu
         group = config.mc2_group
-        self.comm_name = npu_adapter.hccl_comm_name(npu, group.process_group, group.rank_in_group)
+        self.comm_name = npu_adapter.hccl_comm_name(npu, group.process_group)  # this process's global rank
 
     def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
         self.num_tokens = hidden_states.shape[0]
+        self.forward_inputs = (hidden_states, topk_weights)
         pad = context.padded_num_tokens - self.num_tokens
         mask = context.mc2_mask
         if pad > 0:
@@ -61,7 +64,8 @@ class MC2CommImpl(MoECommMethod):
                              "s // num_local_experts")
         self.topk_weights = topk_weights
         rows, expert_tokens, self.state = npu_adapter.distribute_dispatch(
-            self.npu, hidden_states, topk_ids, active_mask=self.active_mask, **self._group_kwargs())
+            self.npu, hidden_states, topk_ids, active_mask=self.active_mask, expert_weights=topk_weights,
+            **self._group_kwargs())
         return PermuteResult(rows, expert_tokens, GROUP_LIST_COUNT)
 
     def unpermute(self, mlp_output):
@@ -71,7 +75,8 @@ class MC2CommImpl(MoECommMethod):
     def finalize(self, hidden_states, reduce_results: bool = True):
         if self.config.tp_size > 1:
             hidden_states = all_gather_rows(hidden_states, self.config.tp_group)
-        return hidden_states[: self.num_tokens]
+        inputs, self.forward_inputs = self.forward_inputs, ()
+        return forward_only(hidden_states[: self.num_tokens], self.name, inputs)
 
     def _group_kwargs(self) -> dict:
         config = self.config
