@@ -16,8 +16,14 @@ __all__ = ["dense_routing", "dense_moe"]
 
 def dense_routing(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                   num_expert_group: Optional[int] = None, topk_group: Optional[int] = None,
-                  correction_bias: Optional[torch.Tensor] = None, routed_scaling_factor: float = 1.0):
-    """Per-token routing: ``(experts list, weights tensor [top_k])`` for each token."""
+                  group_score: Optional[str] = None, correction_bias: Optional[torch.Tensor] = None, routed_scaling_factor: float = 1.0):
+    """Per-token routing: ``(experts list, weights tensor [top_k])`` for each token.
+
+    ``group_score`` ("max" or "top2_sum") is required with ``num_expert_group``.
+    """
+    if num_expert_group is not None and group_score not in ("max", "top2_sum"):
+        raise ValueError(f"dense_routing: group_score must be 'max' or 'top2_sum' with num_expert_group, "
+                         f"got {group_score!r}")
     routes = []
     for logits in router_logits.float():
         plain = logits.detach()
@@ -27,10 +33,10 @@ def dense_routing(router_logits: torch.Tensor, top_k: int, *, scoring: str = "so
         candidates = list(range(len(scores)))
         if num_expert_group is not None:
             group_size = len(scores) // num_expert_group
-            def group_score(g):
+            def score_of_group(g):
                 members = sorted(choice[g * group_size:(g + 1) * group_size].tolist(), reverse=True)
-                return sum(members[:2]) if correction_bias is not None else members[0]
-            groups = sorted(range(num_expert_group), key=group_score, reverse=True)[:topk_group]
+                return sum(members[:2]) if group_score == "top2_sum" else members[0]
+            groups = sorted(range(num_expert_group), key=score_of_group, reverse=True)[:topk_group]
             candidates = [e for e in candidates if e // group_size in groups]
         chosen = sorted(candidates, key=lambda e: float(choice[e]), reverse=True)[:top_k]
         weights = torch.stack([scores[e] for e in chosen])
