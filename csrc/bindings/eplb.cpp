@@ -28,7 +28,7 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
               int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus,
               std::optional<py::array_t<int64_t, py::array::c_style | py::array::forcecast>> current,
               int64_t max_moves, bool allow_cross_node, double relax_threshold, double tolerance,
-              int64_t num_threads, bool with_log2phy, bool refine_counts) {
+              int64_t num_threads, bool with_log2phy, bool refine_counts, bool evaluate_relaxed) {
   MOE_CHECK_ARG(weight.ndim() == 2, "eplb: weight must be 2-D [layers, logical experts], got ",
                 weight.ndim(), " dimensions");
   core::eplb::PlacementShape shape;
@@ -46,6 +46,7 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
   options.num_threads = num_threads;
   options.build_log2phy = with_log2phy;
   options.refine_counts = refine_counts;
+  options.evaluate_relaxed = evaluate_relaxed;
   const int64_t* current_data = nullptr;
   if (current.has_value()) {
     MOE_CHECK_ARG(current->ndim() == 2 && current->shape(0) == shape.num_layers &&
@@ -65,7 +66,8 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
   py::array_t<int64_t> log2phy;
   if (with_log2phy) log2phy = py::array_t<int64_t>({layers, experts, max_replicas});
   py::array_t<int64_t> logcnt({layers, experts});
-  py::array_t<double> imbalance(layers), lower_bound(layers);
+  py::array_t<double> imbalance(layers), lower_bound(layers), global_lower_bound(layers),
+      relaxed_imbalance(layers);
   py::array_t<int64_t> moves(layers), cross_node(layers), duplicates(layers);
   py::array_t<uint8_t> relaxed(layers);
   core::eplb::PlacementOutputs outputs;
@@ -74,6 +76,8 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
   outputs.logcnt = logcnt.mutable_data();
   outputs.imbalance = imbalance.mutable_data();
   outputs.lower_bound = lower_bound.mutable_data();
+  outputs.global_lower_bound = global_lower_bound.mutable_data();
+  outputs.relaxed_imbalance = relaxed_imbalance.mutable_data();
   outputs.moves = moves.mutable_data();
   outputs.cross_node_replicas = cross_node.mutable_data();
   outputs.same_gpu_duplicates = duplicates.mutable_data();
@@ -88,6 +92,8 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
   out["logcnt"] = logcnt;
   out["imbalance"] = imbalance;
   out["lower_bound"] = lower_bound;
+  out["global_lower_bound"] = global_lower_bound;
+  out["relaxed_imbalance"] = relaxed_imbalance;
   out["moves"] = moves;
   out["cross_node_replicas"] = cross_node;
   out["same_gpu_duplicates"] = duplicates;
@@ -100,10 +106,10 @@ py::dict plan(py::array_t<double, py::array::c_style | py::array::forcecast> wei
 void bind_eplb(py::module_& m) {
   m.def("eplb_plan", &plan, py::arg("weight"), py::arg("num_replicas"), py::arg("num_groups"),
         py::arg("num_nodes"), py::arg("num_gpus"), py::arg("current") = py::none(),
-        py::arg("max_moves") = -1, py::arg("allow_cross_node") = true,
+        py::arg("max_moves") = -1, py::arg("allow_cross_node") = false,
         py::arg("relax_threshold") = 0.02, py::arg("tolerance") = 0.02,
         py::arg("num_threads") = 1, py::arg("with_log2phy") = true,
-        py::arg("refine_counts") = true,
+        py::arg("refine_counts") = true, py::arg("evaluate_relaxed") = true,
         "Plan expert placement (numpy in, dict of numpy arrays out). See moe_ext.eplb.");
   m.def(
       "eplb_imbalance",
@@ -120,6 +126,7 @@ void bind_eplb(py::module_& m) {
         shape.num_logical = weight.shape(1);
         shape.num_replicas = phy2log.shape(1);
         core::eplb::check_current_placement(shape, phy2log.data());
+        core::eplb::check_placement_loads(shape, weight.data());
         std::vector<double> out(static_cast<size_t>(shape.num_layers));
         for (int64_t l = 0; l < shape.num_layers; ++l) {
           out[l] = core::eplb::placement_imbalance(weight.data() + l * shape.num_logical,

@@ -21,36 +21,104 @@ double total_of(const double* load, int64_t n) {
 
 int64_t iteration_cap(const LayerGeometry& geometry) { return 4 * geometry.num_replicas + 64; }
 
-// max(1, best achievable largest per-replica load / mean GPU load).
+// Largest load one GPU must carry for expert e with c replicas spread over at
+// most cap GPUs (ceil(c / cap) copies on some GPU; cap <= 0: no limit).
+double per_gpu_share(double load, int32_t count, int64_t cap) {
+  const int64_t copies = cap > 0 ? (count + cap - 1) / cap : 1;
+  return load * static_cast<double>(copies) / static_cast<double>(count);
+}
+
+// max(1, largest per-GPU share of an expert / mean GPU load) for counts that
+// minimise it (greedy with the cap): no placement of the layer does better.
 double lower_bound_of(const LayerGeometry& geometry, const double* load,
-                      const std::vector<int32_t>& optimal_counts) {
+                      const std::vector<int32_t>& optimal_counts, int64_t cap) {
   const double total = total_of(load, geometry.num_logical);
   if (!(total > 0.0)) return 1.0;
   double largest = 0.0;
   for (int64_t e = 0; e < geometry.num_logical; ++e) {
-    largest = std::max(largest, load[e] / optimal_counts[e]);
+    largest = std::max(largest, per_gpu_share(load[e], optimal_counts[e], cap));
   }
   return std::max(1.0, largest / (total / static_cast<double>(geometry.num_gpus)));
 }
 
-// Summarise a finished SlotState as a LayerPlan.
-LayerPlan finish(const LayerGeometry& geometry, const double* load, const SlotState& state,
-                 const std::vector<int32_t>& expert_home, const int64_t* current,
-                 double lower_bound) {
+// Strict hierarchy, for one group-to-node assignment (home) and node-local
+// counts (greedy within each node, capped at its GPUs): no node-confined
+// placement does better than max over nodes of (node load / its GPUs, the
+// largest per-GPU share of one of its experts), over the mean GPU load.
+double strict_bound_of(const LayerGeometry& geometry, const double* load,
+                       const std::vector<int32_t>& home, const std::vector<int32_t>& node_counts) {
+  const double total = total_of(load, geometry.num_logical);
+  if (!(total > 0.0)) return 1.0;
+  std::vector<double> node_load(static_cast<size_t>(geometry.num_nodes), 0.0);
+  double largest = 0.0;
+  for (int64_t e = 0; e < geometry.num_logical; ++e) {
+    node_load[home[e]] += load[e];
+    largest = std::max(largest, per_gpu_share(load[e], node_counts[e], geometry.gpus_per_node));
+  }
+  for (double node : node_load) {
+    largest = std::max(largest, node / static_cast<double>(geometry.gpus_per_node));
+  }
+  return std::max(1.0, largest / (total / static_cast<double>(geometry.num_gpus)));
+}
+
+// Hierarchical planning from a current map: each group lives on the node that
+// holds most of its replicas now (each node keeps groups_per_node groups).
+std::vector<int32_t> node_of_group_from_current(const LayerGeometry& geometry,
+                                                const int64_t* current) {
+  const int64_t num_groups = geometry.num_groups;
+  const int64_t num_nodes = geometry.num_nodes;
+  const int64_t slots_per_node = geometry.gpus_per_node * geometry.slots_per_gpu;
+  std::vector<int64_t> overlap(static_cast<size_t>(num_groups * num_nodes), 0);
+  for (int64_t p = 0; p < geometry.num_replicas; ++p) {
+    overlap[(current[p] / geometry.group_size) * num_nodes + p / slots_per_node] += 1;
+  }
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    for (int64_t n = 0; n < num_nodes; ++n) pairs.emplace_back(-overlap[g * num_nodes + n], g, n);
+  }
+  std::sort(pairs.begin(), pairs.end());
+  const int64_t groups_per_node = num_groups / num_nodes;
+  std::vector<int32_t> node_of_group(static_cast<size_t>(num_groups), -1);
+  std::vector<int64_t> taken(static_cast<size_t>(num_nodes), 0);
+  for (const auto& [negative_overlap, g, n] : pairs) {
+    if (node_of_group[g] < 0 && taken[n] < groups_per_node) {
+      node_of_group[g] = static_cast<int32_t>(n);
+      taken[n] += 1;
+    }
+  }
+  return node_of_group;
+}
+
+// Replicas outside their group's node, for the group-to-node assignment that
+// keeps most replicas home (0 exactly when the plan keeps the hierarchy).
+int64_t strict_violations(const LayerGeometry& geometry, const int32_t* slot_expert) {
+  if (!geometry.hierarchical || geometry.num_nodes <= 1) return 0;
+  std::vector<int64_t> map(slot_expert, slot_expert + geometry.num_replicas);
+  const std::vector<int32_t> node_of_group = node_of_group_from_current(geometry, map.data());
+  const int64_t slots_per_node = geometry.gpus_per_node * geometry.slots_per_gpu;
+  int64_t outside = 0;
+  for (int64_t p = 0; p < geometry.num_replicas; ++p) {
+    outside += node_of_group[slot_expert[p] / geometry.group_size] != p / slots_per_node;
+  }
+  return outside;
+}
+
+// Summarise a slot map as a LayerPlan (bounds filled by the caller).
+LayerPlan finish(const LayerGeometry& geometry, const double* load,
+                 const std::vector<int32_t>& slot_expert, const int64_t* current) {
   LayerPlan plan;
-  plan.slot_expert = state.expert;
+  plan.slot_expert = slot_expert;
   std::vector<int64_t> phy2log(plan.slot_expert.begin(), plan.slot_expert.end());
   plan.imbalance = placement_imbalance(load, phy2log.data(), geometry.num_logical,
                                        geometry.num_replicas, geometry.num_gpus);
-  plan.lower_bound = lower_bound;
-  plan.moves = count_moves(state, current);
-  plan.duplicates = count_same_gpu_duplicates(state);
-  if (!expert_home.empty()) {
-    for (int64_t p = 0; p < geometry.num_replicas; ++p) {
-      const int64_t node = p / geometry.slots_per_gpu / geometry.gpus_per_node;
-      plan.cross_node += expert_home[plan.slot_expert[p]] != node;
-    }
-  }
+  plan.relaxed_imbalance = plan.imbalance;
+  SlotState view;
+  view.num_gpus = geometry.num_gpus;
+  view.slots_per_gpu = geometry.slots_per_gpu;
+  view.expert = plan.slot_expert;
+  plan.moves = count_moves(view, current);
+  plan.duplicates = count_same_gpu_duplicates(view);
+  plan.cross_node = strict_violations(geometry, plan.slot_expert.data());
   plan.relaxed = plan.cross_node > 0;
   return plan;
 }
@@ -93,14 +161,26 @@ double peak_of(const SlotState& state) { return state.gpu_load[state.hottest_gpu
 // the peak on the packed state, pack the new counts afresh (largest first is
 // the optimal pairing with 2 slots per GPU) and keep it when its peak is lower.
 // items_for(counts) builds the items (with their pins) of a count vector.
+// Twins left by the packing are swapped away; when that fails although every
+// count fits its domain (round_robin_home given: {} = one domain, else the
+// node of each expert, all replicas pinned), the twin-free round-robin
+// packing replaces it and the swaps balance that.
 template <typename ItemsFor>
 SlotState pack_and_refine(const LayerGeometry& geometry, const double* load,
                           const std::vector<int32_t>& counts, const ItemsFor& items_for,
-                          int64_t gpus_per_domain, double stop_load, bool change_counts) {
+                          int64_t gpus_per_domain, double stop_load, bool change_counts,
+                          const std::vector<int32_t>* round_robin_home) {
   auto pack = [&](const std::vector<int32_t>& replica_counts, bool refine) {
     SlotState state = pack_largest_first(items_for(replica_counts), geometry.num_gpus,
                                          geometry.slots_per_gpu, gpus_per_domain);
     state.gpus_per_node = geometry.gpus_per_node;  // pins always refer to real nodes
+    if (count_same_gpu_duplicates(state) > 0 && repair_twins(state) > 0 &&
+        round_robin_home != nullptr &&
+        *std::max_element(replica_counts.begin(), replica_counts.end()) <= gpus_per_domain) {
+      state = pack_round_robin(load, replica_counts, *round_robin_home, geometry.num_gpus,
+                               geometry.slots_per_gpu, geometry.gpus_per_node);
+      refine = true;
+    }
     int64_t unused_moves = 0;
     if (refine) refine_by_swaps(state, stop_load, nullptr, 0, &unused_moves, iteration_cap(geometry));
     return state;
@@ -330,44 +410,16 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
   }
 }
 
-// Hierarchical planning from a current map: each group lives on the node that
-// holds most of its replicas now (each node keeps groups_per_node groups).
-std::vector<int32_t> node_of_group_from_current(const LayerGeometry& geometry,
-                                                const int64_t* current) {
-  const int64_t num_groups = geometry.num_groups;
-  const int64_t num_nodes = geometry.num_nodes;
-  const int64_t slots_per_node = geometry.gpus_per_node * geometry.slots_per_gpu;
-  std::vector<int64_t> overlap(static_cast<size_t>(num_groups * num_nodes), 0);
-  for (int64_t p = 0; p < geometry.num_replicas; ++p) {
-    overlap[(current[p] / geometry.group_size) * num_nodes + p / slots_per_node] += 1;
-  }
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    for (int64_t n = 0; n < num_nodes; ++n) pairs.emplace_back(-overlap[g * num_nodes + n], g, n);
-  }
-  std::sort(pairs.begin(), pairs.end());
-  const int64_t groups_per_node = num_groups / num_nodes;
-  std::vector<int32_t> node_of_group(static_cast<size_t>(num_groups), -1);
-  std::vector<int64_t> taken(static_cast<size_t>(num_nodes), 0);
-  for (const auto& [negative_overlap, g, n] : pairs) {
-    if (node_of_group[g] < 0 && taken[n] < groups_per_node) {
-      node_of_group[g] = static_cast<int32_t>(n);
-      taken[n] += 1;
-    }
-  }
-  return node_of_group;
-}
-
 }  // namespace
 
 LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* load,
                                   const PlacementOptions& options) {
   const int64_t num_experts = geometry.num_logical;
   const double mean = total_of(load, num_experts) / static_cast<double>(geometry.num_gpus);
+  // Counts capped at the GPUs an expert may use: more would force a twin.
   std::vector<int32_t> counts(static_cast<size_t>(num_experts));
-  greedy_replica_counts(load, num_experts, geometry.num_replicas, counts.data());
-  const double lower_bound = lower_bound_of(geometry, load, counts);
-  const double stop_load = lower_bound * mean * (1.0 + 1e-9);
+  greedy_replica_counts(load, num_experts, geometry.num_replicas, counts.data(), geometry.num_gpus);
+  const double global_bound = lower_bound_of(geometry, load, counts, geometry.num_gpus);
 
   auto items_from = [&](const std::vector<int32_t>& replica_counts,
                         const std::vector<int32_t>& home, bool pin_all) {
@@ -382,15 +434,22 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
     }
     return items;
   };
+  const std::vector<int32_t> no_home;
+  auto global_plan = [&](double stop_load) {
+    SlotState state = pack_and_refine(
+        geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, no_home, false); },
+        geometry.num_gpus, stop_load, options.refine_counts, &no_home);
+    return finish(geometry, load, state.expert, nullptr);
+  };
 
   if (!geometry.hierarchical || geometry.num_nodes == 1) {
-    SlotState state = pack_and_refine(geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, {}, false); }, geometry.num_gpus,
-                                      stop_load, options.refine_counts);
-    return finish(geometry, load, state, {}, nullptr, lower_bound);
+    LayerPlan plan = global_plan(global_bound * mean * (1.0 + 1e-9));
+    plan.lower_bound = plan.global_lower_bound = global_bound;
+    return plan;
   }
 
-  // Strict hierarchy: groups to nodes, then each node replicates its own experts
-  // into its own slots.
+  // Strict hierarchy: groups to nodes, then each node replicates its own
+  // experts into its own slots (at most one replica per GPU of the node).
   const std::vector<int32_t> home = expert_home_of(geometry, assign_groups_to_nodes(geometry, load));
   const int64_t slots_per_node = geometry.num_replicas / geometry.num_nodes;
   std::vector<int32_t> node_counts(static_cast<size_t>(num_experts), 0);
@@ -408,27 +467,38 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
       }
       local_counts.assign(node_experts.size(), 0);
       greedy_replica_counts(node_load.data(), static_cast<int64_t>(node_experts.size()),
-                            slots_per_node, local_counts.data());
+                            slots_per_node, local_counts.data(), geometry.gpus_per_node);
       for (size_t i = 0; i < node_experts.size(); ++i) node_counts[node_experts[i]] = local_counts[i];
     }
   }
-  SlotState strict_state = pack_and_refine(geometry, load, node_counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, true); },
-                                           geometry.gpus_per_node, stop_load, options.refine_counts);
-  LayerPlan plan = finish(geometry, load, strict_state, home, nullptr, lower_bound);
-  if (options.allow_cross_node && plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
-    // Relaxed hierarchy: every expert keeps its primary replica at home, the
-    // redundant ones may go wherever the load is lowest.
-    SlotState relaxed_state = pack_and_refine(geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
-                                              geometry.gpus_per_node, stop_load, options.refine_counts);
-    LayerPlan relaxed = finish(geometry, load, relaxed_state, home, nullptr, lower_bound);
-    if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(relaxed);
-    if (plan.imbalance > lower_bound * (1.0 + options.relax_threshold)) {
-      // Even with primaries at home the node is too hot (its slots can only be
-      // filled with its own experts' replicas): place as in global mode.
-      SlotState global_state = pack_and_refine(geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, {}, false); },
-                                               geometry.num_gpus, stop_load, options.refine_counts);
-      LayerPlan global = finish(geometry, load, global_state, home, nullptr, lower_bound);
-      if (global.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = std::move(global);
+  const double strict_bound =
+      std::max(global_bound, strict_bound_of(geometry, load, home, node_counts));
+  SlotState strict_state = pack_and_refine(
+      geometry, load, node_counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, true); },
+      geometry.gpus_per_node, strict_bound * mean * (1.0 + 1e-9), options.refine_counts, &home);
+  LayerPlan plan = finish(geometry, load, strict_state.expert, nullptr);
+  plan.lower_bound = strict_bound;
+  plan.global_lower_bound = global_bound;
+  if (options.evaluate_relaxed && plan.imbalance > global_bound * (1.0 + options.relax_threshold)) {
+    // What relaxing would give: every expert keeps its primary replica at
+    // home and the redundant ones go where the load is lowest; if the node is
+    // still too hot, placement as in global mode. Taken only when allowed.
+    const double stop_load = global_bound * mean * (1.0 + 1e-9);
+    SlotState relaxed_state = pack_and_refine(
+        geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
+        geometry.gpus_per_node, stop_load, options.refine_counts, nullptr);
+    LayerPlan relaxed = finish(geometry, load, relaxed_state.expert, nullptr);
+    if (relaxed.imbalance > global_bound * (1.0 + options.relax_threshold)) {
+      LayerPlan global = global_plan(stop_load);
+      if (global.imbalance < relaxed.imbalance * (1.0 - 1e-9)) relaxed = std::move(global);
+    }
+    if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) {
+      if (options.allow_cross_node && relaxed.imbalance < plan.imbalance / (1.0 + options.relax_threshold)) {
+        relaxed.lower_bound = relaxed.global_lower_bound = global_bound;
+        relaxed.relaxed_imbalance = relaxed.imbalance;
+        return relaxed;
+      }
+      plan.relaxed_imbalance = relaxed.imbalance;
     }
   }
   return plan;
@@ -455,7 +525,8 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   std::vector<int32_t> counts(static_cast<size_t>(num_experts), 0);
   for (int64_t p = 0; p < num_slots; ++p) counts[current[p]] += 1;
   std::vector<int32_t> optimal(static_cast<size_t>(num_experts));
-  greedy_replica_counts(load, num_experts, num_slots, optimal.data());
+  greedy_replica_counts(load, num_experts, num_slots, optimal.data(),
+                        home.empty() ? geometry.num_gpus : geometry.gpus_per_node);
   double largest = 0.0;
   for (int64_t e = 0; e < num_experts; ++e) largest = std::max(largest, load[e] / optimal[e]);
   const double threshold = largest * (1.0 + tolerance);
@@ -572,41 +643,46 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   const int32_t* confine = !home.empty() && !options.allow_cross_node ? home.data() : nullptr;
   refine_placement(state, load, num_experts, confine, target_load, current, budget, &moves,
                    iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0);
-  LayerPlan plan = finish(geometry, load, state, home, current, scratch.lower_bound);
+  LayerPlan plan = finish(geometry, load, state.expert, current);
 
   // Second candidate: the from-scratch plan relabelled onto the current GPUs
   // and walked back toward current while within tolerance. It wins when the
   // repair fell short, or when both are within tolerance and it moves fewer
-  // slots (ties: the repair). Never beyond the budget.
+  // slots (ties: the repair).
   const double limit = scratch.imbalance * (1.0 + tolerance);
-  const bool repair_within = plan.imbalance <= limit * (1.0 + 1e-9);
+  const LayerPlan kept = finish(geometry, load,
+                                std::vector<int32_t>(current, current + num_slots), current);
+  // A candidate must stay within the budget, add no replica outside its node
+  // in strict mode and no avoidable twin beyond what current has.
+  auto acceptable = [&](const LayerPlan& candidate) {
+    if (candidate.moves > budget) return false;
+    if (!options.allow_cross_node && candidate.cross_node > kept.cross_node) return false;
+    return candidate.duplicates == 0 || candidate.duplicates <= kept.duplicates;
+  };
+  bool have_plan = acceptable(plan);
+  const bool repair_within = have_plan && plan.imbalance <= limit * (1.0 + 1e-9);
   if (!repair_within || plan.moves > 0) {
-    LayerPlan relabelled = scratch;
-    relabelled.slot_expert = relabel_onto_current(geometry, scratch.slot_expert, current);
-    revert_toward_current(geometry, load, relabelled.slot_expert, current, limit,
+    std::vector<int32_t> relabelled_map = relabel_onto_current(geometry, scratch.slot_expert, current);
+    revert_toward_current(geometry, load, relabelled_map, current, limit,
                           geometry.hierarchical && geometry.num_nodes > 1 && !options.allow_cross_node);
-    std::vector<int64_t> phy2log(relabelled.slot_expert.begin(), relabelled.slot_expert.end());
-    relabelled.imbalance = placement_imbalance(load, phy2log.data(), num_experts, num_slots,
-                                               geometry.num_gpus);
-    SlotState reverted;
-    reverted.num_gpus = geometry.num_gpus;
-    reverted.slots_per_gpu = geometry.slots_per_gpu;
-    reverted.expert = relabelled.slot_expert;
-    relabelled.duplicates = count_same_gpu_duplicates(reverted);
-    if (!home.empty()) {
-      relabelled.cross_node = 0;
-      for (int64_t p = 0; p < num_slots; ++p) {
-        relabelled.cross_node += home[relabelled.slot_expert[p]] != node_of_slot(p);
+    LayerPlan relabelled = finish(geometry, load, relabelled_map, current);
+    if (acceptable(relabelled)) {
+      const bool relabelled_within = relabelled.imbalance <= limit * (1.0 + 1e-9);
+      const bool take = !have_plan ||
+                        (repair_within ? relabelled_within && relabelled.moves < plan.moves
+                                       : relabelled.imbalance < plan.imbalance);
+      if (take) {
+        plan = std::move(relabelled);
+        have_plan = true;
       }
-      relabelled.relaxed = relabelled.cross_node > 0;
     }
-    relabelled.moves = count_moves(reverted, current);
-    const bool relabelled_within = relabelled.imbalance <= limit * (1.0 + 1e-9);
-    const bool take = relabelled.moves <= budget &&
-                      (repair_within ? relabelled_within && relabelled.moves < plan.moves
-                                     : relabelled.imbalance < plan.imbalance);
-    if (take) plan = std::move(relabelled);
   }
+  // Never worse than keeping the placement in force (0 moves is always a
+  // candidate): on a tie, nothing moves.
+  if (!have_plan || kept.imbalance <= plan.imbalance) plan = kept;
+  plan.lower_bound = scratch.lower_bound;
+  plan.global_lower_bound = scratch.global_lower_bound;
+  plan.relaxed_imbalance = std::min(plan.imbalance, scratch.relaxed_imbalance);
   return plan;
 }
 

@@ -12,7 +12,9 @@ namespace moe_ext::core::eplb::detail {
 struct LayerPlan {
   std::vector<int32_t> slot_expert;  // [replicas]
   double imbalance = 1.0;
-  double lower_bound = 1.0;
+  double lower_bound = 1.0;         // of the mode the plan keeps (strict: node-level)
+  double global_lower_bound = 1.0;  // any placement, hierarchy ignored
+  double relaxed_imbalance = 1.0;   // best found with the hierarchy relaxed (else = imbalance)
   int64_t moves = 0;
   int64_t cross_node = 0;
   int64_t duplicates = 0;

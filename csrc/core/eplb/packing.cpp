@@ -168,6 +168,96 @@ SlotState pack_largest_first(std::vector<PackItem> items, int64_t num_gpus, int6
   return packer.run(items);
 }
 
+int64_t repair_twins(SlotState& state) {
+  const int64_t per_gpu = state.slots_per_gpu, num_gpus = state.num_gpus;
+  const int64_t num_slots = per_gpu * num_gpus;
+  auto node_of = [&](int64_t gpu) { return static_cast<int32_t>(gpu / state.gpus_per_node); };
+  // A slot whose expert also sits in an earlier slot of its GPU, from `from` on.
+  auto next_twin = [&](int64_t from) -> int64_t {
+    for (int64_t p = from; p < num_slots; ++p) {
+      const int64_t first = (p / per_gpu) * per_gpu;
+      for (int64_t q = first; q < p; ++q) {
+        if (state.expert[q] == state.expert[p]) return p;
+      }
+    }
+    return -1;
+  };
+  int64_t left = 0;
+  for (int64_t p = next_twin(0); p >= 0; p = next_twin(p + 1)) {
+    const int64_t gpu = p / per_gpu;
+    const int32_t a = state.expert[p];
+    int64_t best_q = -1;
+    double best_peak = 0.0;
+    for (int64_t other = 0; other < num_gpus; ++other) {
+      if (other == gpu || state.gpu_holds(other, a)) continue;
+      if (state.home_node[p] >= 0 && node_of(other) != state.home_node[p]) continue;
+      for (int64_t q = other * per_gpu; q < (other + 1) * per_gpu; ++q) {
+        const int32_t b = state.expert[q];
+        if (state.gpu_holds(gpu, b)) continue;
+        if (state.home_node[q] >= 0 && node_of(gpu) != state.home_node[q]) continue;
+        const double delta = state.slot_load[p] - state.slot_load[q];
+        const double peak = std::max(state.gpu_load[gpu] - delta, state.gpu_load[other] + delta);
+        if (best_q < 0 || peak < best_peak) {
+          best_q = q;
+          best_peak = peak;
+        }
+      }
+    }
+    if (best_q < 0) {
+      ++left;
+      continue;
+    }
+    const double delta = state.slot_load[p] - state.slot_load[best_q];
+    std::swap(state.expert[p], state.expert[best_q]);
+    std::swap(state.slot_load[p], state.slot_load[best_q]);
+    std::swap(state.home_node[p], state.home_node[best_q]);
+    state.gpu_load[gpu] -= delta;
+    state.gpu_load[best_q / per_gpu] += delta;
+    p -= 1;  // the slot now holds another expert: look at it again
+  }
+  return left;
+}
+
+SlotState pack_round_robin(const double* load, const std::vector<int32_t>& counts,
+                           const std::vector<int32_t>& home, int64_t num_gpus,
+                           int64_t slots_per_gpu, int64_t gpus_per_node) {
+  SlotState state;
+  state.num_gpus = num_gpus;
+  state.slots_per_gpu = slots_per_gpu;
+  state.gpus_per_node = gpus_per_node;
+  const int64_t num_slots = num_gpus * slots_per_gpu;
+  state.expert.assign(static_cast<size_t>(num_slots), -1);
+  state.slot_load.assign(static_cast<size_t>(num_slots), 0.0);
+  state.home_node.assign(static_cast<size_t>(num_slots), -1);
+  const int64_t num_experts = static_cast<int64_t>(counts.size());
+  const int64_t num_domains = home.empty() ? 1 : num_gpus / gpus_per_node;
+  const int64_t gpus_per_domain = num_gpus / num_domains;
+  std::vector<int32_t> order(static_cast<size_t>(num_experts));
+  std::vector<int64_t> fill(static_cast<size_t>(num_gpus), 0);
+  for (int64_t domain = 0; domain < num_domains; ++domain) {
+    order.clear();
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (home.empty() || home[e] == domain) order.push_back(static_cast<int32_t>(e));
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) {
+      return load[x] / counts[x] > load[y] / counts[y];
+    });
+    int64_t next = 0;
+    for (int32_t e : order) {
+      for (int32_t r = 0; r < counts[e]; ++r, ++next) {
+        const int64_t gpu = domain * gpus_per_domain + next % gpus_per_domain;
+        MOE_INTERNAL_ASSERT(fill[gpu] < slots_per_gpu, "round-robin overflow on GPU ", gpu);
+        const int64_t slot = gpu * slots_per_gpu + fill[gpu]++;
+        state.expert[slot] = e;
+        state.slot_load[slot] = load[e] / counts[e];
+        state.home_node[slot] = home.empty() ? -1 : home[e];
+      }
+    }
+  }
+  state.recompute_gpu_loads();
+  return state;
+}
+
 int64_t count_moves(const SlotState& state, const int64_t* current) {
   if (current == nullptr) return 0;
   int64_t moves = 0;

@@ -25,9 +25,11 @@ void check_placement_shape(const PlacementShape& shape, const PlacementOptions& 
   MOE_CHECK_ARG(shape.num_replicas % shape.num_gpus == 0,
                 "eplb: num_replicas must be divisible by num_gpus (", shape.num_gpus, "), got ",
                 shape.num_replicas);
-  MOE_CHECK_ARG(shape.num_gpus % shape.num_nodes == 0,
-                "eplb: num_gpus must be divisible by num_nodes (", shape.num_nodes, "), got ",
-                shape.num_gpus);
+  if (shape.hierarchical()) {  // global mode ignores num_nodes, as the public algorithm does
+    MOE_CHECK_ARG(shape.num_gpus % shape.num_nodes == 0,
+                  "eplb: num_gpus must be divisible by num_nodes (", shape.num_nodes,
+                  ") in hierarchical mode, got ", shape.num_gpus);
+  }
   MOE_CHECK_ARG(shape.num_replicas <= (int64_t{1} << 30),
                 "eplb: num_replicas must be <= 2^30, got ", shape.num_replicas);
   if (shape.hierarchical()) {
@@ -64,6 +66,15 @@ void check_current_placement(const PlacementShape& shape, const int64_t* current
 
 double placement_imbalance(const double* load, const int64_t* phy2log, int64_t num_logical,
                            int64_t num_replicas, int64_t num_gpus) {
+  // Scale by the largest load so that sums of loads near the double range
+  // stay finite (the ratio does not depend on the scale).
+  double scale = 0.0;
+  for (int64_t e = 0; e < num_logical; ++e) {
+    MOE_CHECK_ARG(std::isfinite(load[e]) && load[e] >= 0.0,
+                  "eplb: weight must be finite and >= 0, got ", load[e], " at expert ", e);
+    scale = std::max(scale, load[e]);
+  }
+  if (!(scale > 0.0)) return 1.0;
   std::vector<int64_t> counts(static_cast<size_t>(num_logical), 0);
   for (int64_t p = 0; p < num_replicas; ++p) counts[phy2log[p]] += 1;
   const int64_t per_gpu = num_replicas / num_gpus;
@@ -71,7 +82,7 @@ double placement_imbalance(const double* load, const int64_t* phy2log, int64_t n
   for (int64_t g = 0; g < num_gpus; ++g) {
     double gpu_load = 0.0;
     for (int64_t p = g * per_gpu; p < (g + 1) * per_gpu; ++p) {
-      gpu_load += load[phy2log[p]] / static_cast<double>(counts[phy2log[p]]);
+      gpu_load += load[phy2log[p]] / scale / static_cast<double>(counts[phy2log[p]]);
     }
     total += gpu_load;
     hottest = std::max(hottest, gpu_load);
@@ -107,7 +118,7 @@ void plan_placement_into(const PlacementShape& shape, const double* weight,
   geometry.num_logical = experts;
   geometry.num_replicas = slots;
   geometry.num_gpus = shape.num_gpus;
-  geometry.num_nodes = shape.num_nodes;
+  geometry.num_nodes = shape.effective_nodes();
   geometry.slots_per_gpu = shape.slots_per_gpu();
   geometry.gpus_per_node = shape.gpus_per_node();
   geometry.hierarchical = shape.hierarchical();
@@ -118,11 +129,19 @@ void plan_placement_into(const PlacementShape& shape, const double* weight,
   if (layers == 0) return;  // (empty outputs may be null)
   MOE_INTERNAL_ASSERT(outputs.phy2log != nullptr && outputs.logcnt != nullptr &&
                       outputs.imbalance != nullptr && outputs.lower_bound != nullptr &&
+                      outputs.global_lower_bound != nullptr && outputs.relaxed_imbalance != nullptr &&
                       outputs.moves != nullptr && outputs.cross_node_replicas != nullptr &&
                       outputs.same_gpu_duplicates != nullptr && outputs.hierarchy_relaxed != nullptr);
 
   auto plan_one = [&](int64_t l) {
-    const double* load = weight + l * experts;
+    // The layer's loads over their maximum: every sum the planner forms stays
+    // below experts (no overflow for loads near the double range).
+    std::vector<double> scaled(weight + l * experts, weight + (l + 1) * experts);
+    const double scale = *std::max_element(scaled.begin(), scaled.end());
+    if (scale > 0.0) {
+      for (double& x : scaled) x /= scale;
+    }
+    const double* load = scaled.data();
     detail::LayerPlan plan =
         current == nullptr
             ? detail::plan_layer_from_scratch(geometry, load, options)
@@ -146,6 +165,8 @@ void plan_placement_into(const PlacementShape& shape, const double* weight,
     }
     outputs.imbalance[l] = plan.imbalance;
     outputs.lower_bound[l] = plan.lower_bound;
+    outputs.global_lower_bound[l] = plan.global_lower_bound;
+    outputs.relaxed_imbalance[l] = plan.relaxed_imbalance;
     outputs.moves[l] = plan.moves;
     outputs.cross_node_replicas[l] = plan.cross_node;
     outputs.same_gpu_duplicates[l] = plan.duplicates;
@@ -192,6 +213,8 @@ PlacementResult plan_placement(const PlacementShape& shape, const double* weight
   result.logcnt.assign(layers * experts, 0);
   result.imbalance.assign(layers, 1.0);
   result.lower_bound.assign(layers, 1.0);
+  result.global_lower_bound.assign(layers, 1.0);
+  result.relaxed_imbalance.assign(layers, 1.0);
   result.moves.assign(layers, 0);
   result.cross_node_replicas.assign(layers, 0);
   result.same_gpu_duplicates.assign(layers, 0);
@@ -202,6 +225,8 @@ PlacementResult plan_placement(const PlacementShape& shape, const double* weight
   outputs.logcnt = result.logcnt.data();
   outputs.imbalance = result.imbalance.data();
   outputs.lower_bound = result.lower_bound.data();
+  outputs.global_lower_bound = result.global_lower_bound.data();
+  outputs.relaxed_imbalance = result.relaxed_imbalance.data();
   outputs.moves = result.moves.data();
   outputs.cross_node_replicas = result.cross_node_replicas.data();
   outputs.same_gpu_duplicates = result.same_gpu_duplicates.data();

@@ -29,8 +29,14 @@ struct LessUrgent {
 }  // namespace
 
 void greedy_replica_counts(const double* load, int64_t num_experts, int64_t num_slots,
-                           int32_t* counts) {
+                           int32_t* counts, int64_t cap) {
   MOE_INTERNAL_ASSERT(num_slots >= num_experts);
+  // More replicas than the GPUs an expert may use put two on one GPU: that
+  // GPU then carries 2/c of the expert's load, no better than c/2 replicas.
+  // So the cap holds while any expert is below it; only when every expert is
+  // at the cap (slots > experts * cap: twins forced by the slot arithmetic)
+  // does the greedy go on without it.
+  if (cap > 0 && num_experts * cap < num_slots) cap = 0;
   std::vector<Candidate> heap;
   heap.reserve(static_cast<size_t>(num_experts));
   for (int64_t e = 0; e < num_experts; ++e) {
@@ -44,7 +50,11 @@ void greedy_replica_counts(const double* load, int64_t num_experts, int64_t num_
     top.count += 1;
     counts[top.expert] = top.count;
     top.per_replica = load[top.expert] / top.count;
-    std::push_heap(heap.begin(), heap.end(), LessUrgent{});
+    if (cap > 0 && top.count >= cap) {
+      heap.pop_back();  // at its cap: never chosen again (sum of caps >= slots)
+    } else {
+      std::push_heap(heap.begin(), heap.end(), LessUrgent{});
+    }
   }
 }
 

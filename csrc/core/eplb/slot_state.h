@@ -39,8 +39,24 @@ struct SlotState {
 // Replica counts that minimise the largest per-replica load: every expert gets
 // one, each further slot goes to the expert with the highest load per replica
 // (ties: fewer replicas, then lower id). counts must have num_experts entries.
+// cap > 0: no expert gets more than cap replicas (the GPUs it may use), unless
+// num_experts * cap < num_slots, where the cap cannot hold and is ignored.
 void greedy_replica_counts(const double* load, int64_t num_experts, int64_t num_slots,
-                           int32_t* counts);
+                           int32_t* counts, int64_t cap = 0);
+
+// Remove replicas of one expert sharing a GPU by swapping a twin with a
+// replica of another expert on another GPU (same node when the twin is
+// pinned, and only into its pin's node for the other replica). Picks the swap
+// that changes the two GPUs' loads least. Returns the twins left.
+int64_t repair_twins(SlotState& state);
+
+// A twin-free packing of counts (every count <= the GPUs of its domain):
+// replicas listed expert by expert (heaviest per-replica load first) and dealt
+// round-robin over the domain's GPUs; domain = node when home is given.
+// counts sum to num_gpus * slots_per_gpu (per node, when home is given).
+SlotState pack_round_robin(const double* load, const std::vector<int32_t>& counts,
+                           const std::vector<int32_t>& home, int64_t num_gpus,
+                           int64_t slots_per_gpu, int64_t gpus_per_node);
 
 struct PackItem {
   int32_t expert;    // id used to keep twins apart (an expert, or a group)

@@ -29,8 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-moves", type=int, help="most slots per layer that may change expert (needs --current)")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="with --current: stop moving within this fraction of the from-scratch imbalance")
-    parser.add_argument("--no-cross-node", action="store_true",
-                        help="hierarchical mode: never place a replica outside its group's node")
+    cross = parser.add_mutually_exclusive_group()
+    cross.add_argument("--no-cross-node", dest="allow_cross_node", action="store_false",
+                       help="hierarchical mode: never place a replica outside its group's node (default)")
+    cross.add_argument("--allow-cross-node", dest="allow_cross_node", action="store_true",
+                       help="hierarchical mode: let redundant replicas leave their node where that lowers a "
+                            "layer's imbalance by more than 2%% (breaks node-limited routing's assumption)")
+    parser.set_defaults(allow_cross_node=False)
     parser.add_argument("--threads", type=int, default=0, help="planner threads over layers (0: all cores)")
     parser.add_argument("--output", type=Path, help="write the placement here (torch.save dict)")
     parser.add_argument("--plot", type=Path, help="draw per-GPU load before/after to this PNG (needs matplotlib)")
@@ -149,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         plan = plan_placement(loads, args.replicas, args.groups, args.nodes, args.gpus, current=current,
                               max_moves=args.max_moves, tolerance=args.tolerance,
-                              allow_cross_node=not args.no_cross_node, num_threads=args.threads)
+                              allow_cross_node=args.allow_cross_node, num_threads=args.threads)
         seconds = time.perf_counter() - started
         if current is not None:
             before, before_label = current.to(torch.int64), "current placement"
