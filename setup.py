@@ -27,16 +27,16 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 
-_TORCH_PROBE = ("import json, torch; print(json.dumps([torch.utils.cmake_prefix_path, "
+_TORCH_PROBE = ("import json, os, torch; print(json.dumps([os.path.dirname(torch.__file__), "
                 "torch.__version__, torch.version.cuda is not None]))")
 
 
 def installed_torch() -> tuple[str, str, bool]:
-    """(cmake prefix, version, has CUDA) of the torch of the installing environment."""
+    """(package directory, version, has CUDA) of the torch of the installing environment."""
     try:
         import torch
 
-        return torch.utils.cmake_prefix_path, torch.__version__, torch.version.cuda is not None
+        return os.path.dirname(torch.__file__), torch.__version__, torch.version.cuda is not None
     except ImportError:
         pass
     outside_isolation = {key: value for key, value in os.environ.items()
@@ -66,13 +66,12 @@ class CMakeBuild(build_ext):
         output_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        torch_prefix, torch_version, torch_cuda = installed_torch()
+        torch_root, torch_version, _ = installed_torch()
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DMOE_EXT_TORCH_CMAKE_PREFIX={torch_prefix}",
+            f"-DMOE_EXT_TORCH_ROOT={torch_root}",
             f"-DMOE_EXT_TORCH_VERSION={torch_version}",
-            f"-DMOE_EXT_TORCH_CUDA={'ON' if torch_cuda else 'OFF'}",
             f"-DMOE_EXT_OUTPUT_DIR={output_dir}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]

@@ -18,7 +18,8 @@ py::dict build_info() {
   info["torch_version"] = MOE_EXT_TORCH_VERSION_STRING;
   info["torch_ops_built"] = static_cast<bool>(MOE_EXT_BUILD_TORCH_VALUE);
   info["cuda_kernels_compiled"] = static_cast<bool>(MOE_EXT_CUDA_COMPILED_VALUE);
-  info["cuda_dispatch_built"] = static_cast<bool>(MOE_EXT_TORCH_HAS_CUDA_VALUE);
+  info["torch_min_version"] = MOE_EXT_TORCH_MIN_VERSION_STRING;
+  info["cuda_dispatch_built"] = static_cast<bool>(MOE_EXT_CUDA_OPS_BUILT_VALUE);
   info["cuda_archs"] = MOE_EXT_CUDA_ARCHS_STRING;
   info["cuda_compiler_version"] = MOE_EXT_CUDA_COMPILER_VERSION_STRING;
   info["cann_found"] = static_cast<bool>(MOE_EXT_CANN_FOUND_VALUE);

@@ -2,14 +2,24 @@
 // each backend's kernel. Kernels live in csrc/cpu and csrc/cuda; fake (meta)
 // kernels and autograd are registered from Python, beside each op's wrapper in
 // python/moe_ext/ops/.
-#include <torch/library.h>
+//
+// Everything here goes through PyTorch's stable ABI (STABLE_TORCH_LIBRARY,
+// boxed kernels via TORCH_BOX), so one binary serves every torch from the
+// targeted release on (docs/DESIGN.md, "Binary compatibility"). This file is
+// compiled twice:
+//   _C.so       schemas + CPU kernels; loads on any torch >= the minimum.
+//   _C_cuda.so  (MOE_EXT_CUDA_LIBRARY) the CUDA kernels' registrations only;
+//               moe_ext/_loader.py loads it when the running torch has CUDA.
+#include <torch/csrc/stable/library.h>
 
-#include "cpu/cpu_ops.h"
-#if defined(MOE_EXT_WITH_CUDA)
+#if defined(MOE_EXT_CUDA_LIBRARY)
 #include "cuda/cuda_ops.h"
+#else
+#include "cpu/cpu_ops.h"
 #endif
 
-TORCH_LIBRARY(moe_ext, m) {
+#if !defined(MOE_EXT_CUDA_LIBRARY)
+STABLE_TORCH_LIBRARY(moe_ext, m) {
   // Indices that regroup all-to-all output from [rank][expert] to [expert][rank]
   // order, each expert block padded to `alignment`; -1 marks padding.
   m.def(
@@ -26,6 +36,9 @@ TORCH_LIBRARY(moe_ext, m) {
       "Tensor expanded_row_idx, Tensor expert_tokens)");
   // out[t] = sum_k probs[t,k] * permuted[expanded_row_idx[t*topk+k]], -1 skipped, fp32 sums.
   m.def("moe_unpermute(Tensor permuted, Tensor expanded_row_idx, Tensor? probs, int topk) -> Tensor");
+  // Gradients of moe_unpermute: grad_permuted[row] = probs[t,k] * grad_output[t] (zeros for
+  // unnamed rows); grad_probs[t,k] = dot(grad_output[t], permuted[row]) when
+  // compute_grad_probs (zeros otherwise, empty without probs).
   m.def(
       "moe_unpermute_backward(Tensor grad_output, Tensor permuted, Tensor expanded_row_idx, "
       "Tensor? probs, int topk, bool compute_grad_probs) -> (Tensor grad_permuted, Tensor grad_probs)");
@@ -37,24 +50,24 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def("scatter_rows(Tensor x, Tensor indices, int num_rows) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
-  m.impl("generate_permute_indices", &moe_ext::cpu::generate_permute_indices);
-  m.impl("moe_permute", &moe_ext::cpu::moe_permute);
-  m.impl("moe_unpermute", &moe_ext::cpu::moe_unpermute);
-  m.impl("moe_unpermute_backward", &moe_ext::cpu::moe_unpermute_backward);
-  m.impl("expert_histogram", &moe_ext::cpu::expert_histogram);
-  m.impl("gather_rows", &moe_ext::cpu::gather_rows);
-  m.impl("scatter_rows", &moe_ext::cpu::scatter_rows);
+STABLE_TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("generate_permute_indices", TORCH_BOX(&moe_ext::cpu::generate_permute_indices));
+  m.impl("moe_permute", TORCH_BOX(&moe_ext::cpu::moe_permute));
+  m.impl("moe_unpermute", TORCH_BOX(&moe_ext::cpu::moe_unpermute));
+  m.impl("moe_unpermute_backward", TORCH_BOX(&moe_ext::cpu::moe_unpermute_backward));
+  m.impl("expert_histogram", TORCH_BOX(&moe_ext::cpu::expert_histogram));
+  m.impl("gather_rows", TORCH_BOX(&moe_ext::cpu::gather_rows));
+  m.impl("scatter_rows", TORCH_BOX(&moe_ext::cpu::scatter_rows));
 }
 
-#if defined(MOE_EXT_WITH_CUDA)
-TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
-  m.impl("generate_permute_indices", &moe_ext::cuda::generate_permute_indices);
-  m.impl("moe_permute", &moe_ext::cuda::moe_permute);
-  m.impl("moe_unpermute", &moe_ext::cuda::moe_unpermute);
-  m.impl("moe_unpermute_backward", &moe_ext::cuda::moe_unpermute_backward);
-  m.impl("expert_histogram", &moe_ext::cuda::expert_histogram);
-  m.impl("gather_rows", &moe_ext::cuda::gather_rows);
-  m.impl("scatter_rows", &moe_ext::cuda::scatter_rows);
+#else  // MOE_EXT_CUDA_LIBRARY
+STABLE_TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("generate_permute_indices", TORCH_BOX(&moe_ext::cuda::generate_permute_indices));
+  m.impl("moe_permute", TORCH_BOX(&moe_ext::cuda::moe_permute));
+  m.impl("moe_unpermute", TORCH_BOX(&moe_ext::cuda::moe_unpermute));
+  m.impl("moe_unpermute_backward", TORCH_BOX(&moe_ext::cuda::moe_unpermute_backward));
+  m.impl("expert_histogram", TORCH_BOX(&moe_ext::cuda::expert_histogram));
+  m.impl("gather_rows", TORCH_BOX(&moe_ext::cuda::gather_rows));
+  m.impl("scatter_rows", TORCH_BOX(&moe_ext::cuda::scatter_rows));
 }
 #endif

@@ -3,9 +3,6 @@
 // are checked by the CPU kernels on the host and by device asserts on CUDA).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-
 #include <optional>
 
 #include "common/op_checks.h"
@@ -13,9 +10,9 @@
 
 namespace moe_ext::ops {
 
-inline void check_permute_args(const at::Tensor& hidden_states, const at::Tensor& topk_ids,
+inline void check_permute_args(const Tensor& hidden_states, const Tensor& topk_ids,
                                int64_t num_experts, int64_t active_start, int64_t active_end,
-                               const std::optional<at::Tensor>& expert_map) {
+                               const std::optional<Tensor>& expert_map) {
   constexpr const char* op = "moe_permute";
   check_dim(hidden_states, op, "hidden_states", 2);
   check_floating(hidden_states, op, "hidden_states");
@@ -30,16 +27,14 @@ inline void check_permute_args(const at::Tensor& hidden_states, const at::Tensor
     check_index(*expert_map, op, "expert_map");
     check_same_device(*expert_map, hidden_states, op, "expert_map", "hidden_states");
   }
-  call_core([&] {
-    core::check_routing_shape(topk_ids.size(0), topk_ids.size(1), num_experts,
-                              expert_map.has_value() ? expert_map->numel() : -1, active_start,
-                              active_end);
-  });
+  core::check_routing_shape(topk_ids.size(0), topk_ids.size(1), num_experts,
+                            expert_map.has_value() ? expert_map->numel() : -1, active_start,
+                            active_end);
 }
 
 // Returns the number of tokens T = expanded_row_idx.numel() / topk.
-inline int64_t check_unpermute_args(const at::Tensor& permuted, const at::Tensor& expanded_row_idx,
-                                    const std::optional<at::Tensor>& probs, int64_t topk,
+inline int64_t check_unpermute_args(const Tensor& permuted, const Tensor& expanded_row_idx,
+                                    const std::optional<Tensor>& probs, int64_t topk,
                                     const char* op) {
   check_dim(permuted, op, "permuted", 2);
   check_floating(permuted, op, "permuted");
@@ -57,16 +52,16 @@ inline int64_t check_unpermute_args(const at::Tensor& permuted, const at::Tensor
     MOE_CHECK_VALUE(probs->size(0) == num_tokens && probs->size(1) == topk, op,
                       ": probs must be [T, K] = [", num_tokens, ", ", topk,
                       "] to match expanded_row_idx (T * K = ", expanded_row_idx.numel(), "), got ",
-                      shape_str(probs->sizes()));
+                      shape_str(*probs));
     MOE_CHECK_TYPE(probs->scalar_type() == permuted.scalar_type() ||
-                         probs->scalar_type() == at::kFloat,
+                         probs->scalar_type() == ScalarType::Float,
                      op, ": probs must be float32 or the dtype of permuted (",
                    dtype_str(permuted.scalar_type()), "), got ", dtype_str(probs->scalar_type()));
   }
   return num_tokens;
 }
 
-inline void check_rows_args(const at::Tensor& x, const at::Tensor& indices, const char* op,
+inline void check_rows_args(const Tensor& x, const Tensor& indices, const char* op,
                             const char* x_name) {
   check_dim(x, op, x_name, 2);
   check_dim(indices, op, "indices", 1);
@@ -75,16 +70,16 @@ inline void check_rows_args(const at::Tensor& x, const at::Tensor& indices, cons
 }
 
 // moe_unpermute_backward: the forward's checks plus grad_output [T, H] of permuted's dtype.
-inline int64_t check_unpermute_backward_args(const at::Tensor& grad_output, const at::Tensor& permuted,
-                                             const at::Tensor& expanded_row_idx,
-                                             const std::optional<at::Tensor>& probs, int64_t topk,
+inline int64_t check_unpermute_backward_args(const Tensor& grad_output, const Tensor& permuted,
+                                             const Tensor& expanded_row_idx,
+                                             const std::optional<Tensor>& probs, int64_t topk,
                                              const char* op) {
   const int64_t num_tokens = check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
   check_dim(grad_output, op, "grad_output", 2);
   check_same_device(grad_output, permuted, op, "grad_output", "permuted");
   MOE_CHECK_VALUE(grad_output.size(0) == num_tokens && grad_output.size(1) == permuted.size(1), op,
                   ": grad_output must be [T, H] = [", num_tokens, ", ", permuted.size(1), "], got ",
-                  shape_str(grad_output.sizes()));
+                  shape_str(grad_output));
   MOE_CHECK_TYPE(grad_output.scalar_type() == permuted.scalar_type(), op,
                  ": grad_output must have the dtype of permuted (", dtype_str(permuted.scalar_type()),
                  "), got ", dtype_str(grad_output.scalar_type()));
@@ -92,7 +87,7 @@ inline int64_t check_unpermute_backward_args(const at::Tensor& grad_output, cons
 }
 
 // scatter_rows: one index per row of x, and a non-negative output row count.
-inline void check_scatter_rows_args(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows,
+inline void check_scatter_rows_args(const Tensor& x, const Tensor& indices, int64_t num_rows,
                                     const char* op) {
   check_rows_args(x, indices, op, "x");
   MOE_CHECK_VALUE(indices.numel() == x.size(0), op, ": indices must have one entry per row of x (",

@@ -1,9 +1,9 @@
 // CPU kernels of gather_rows and scatter_rows, the row moves behind
 // group_by_local_expert / ungroup_by_local_expert: each row read once and
 // written once, rows without a source written as zeros.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/op_checks.h"
@@ -14,14 +14,16 @@
 namespace moe_ext::cpu {
 namespace {
 
+using ops::ScalarType;
+
 // out[p] = x[source_of[p]], or zeros where source_of[p] == -1 (checked before).
-void gather(const at::Tensor& x, const int64_t* source_of, at::Tensor& out) {
+void gather(const Tensor& x, const int64_t* source_of, Tensor& out) {
   const int64_t row_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
   if (row_bytes == 0) return;
-  const auto* in = static_cast<const char*>(x.data_ptr());
-  auto* result = static_cast<char*>(out.data_ptr());
+  const auto* in = static_cast<const char*>(x.const_data_ptr());
+  auto* result = static_cast<char*>(out.mutable_data_ptr());
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / row_bytes);
-  at::parallel_for(0, out.size(0), grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, out.size(0), grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       char* destination = result + p * row_bytes;
       const int64_t source = source_of[p];
@@ -34,33 +36,33 @@ void gather(const at::Tensor& x, const int64_t* source_of, at::Tensor& out) {
   });
 }
 
+Tensor as_int64(const Tensor& indices) {
+  return torch::stable::to(torch::stable::contiguous(indices), ScalarType::Long);
+}
+
 }  // namespace
 
-at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& indices) {
+Tensor gather_rows(const Tensor& x, const Tensor& indices) {
   constexpr const char* op = "gather_rows";
   ops::check_rows_args(x, indices, op, "x");
-  const at::Tensor source = x.contiguous();
-  const at::Tensor rows = indices.contiguous().to(at::kLong);
-  ops::call_core([&] {
-    core::check_row_indices(rows.data_ptr<int64_t>(), rows.numel(), source.size(0), op, "indices");
-  });
-  at::Tensor out = at::empty({rows.numel(), source.size(1)}, source.options());
-  gather(source, rows.data_ptr<int64_t>(), out);
+  const Tensor source = torch::stable::contiguous(x);
+  const Tensor rows = as_int64(indices);
+  core::check_row_indices(rows.const_data_ptr<int64_t>(), rows.numel(), source.size(0), op, "indices");
+  Tensor out = torch::stable::new_empty(source, {rows.numel(), source.size(1)});
+  gather(source, rows.const_data_ptr<int64_t>(), out);
   return out;
 }
 
-at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows) {
+Tensor scatter_rows(const Tensor& x, const Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
   ops::check_scatter_rows_args(x, indices, num_rows, op);
-  const at::Tensor source = x.contiguous();
-  const at::Tensor rows = indices.contiguous().to(at::kLong);
-  at::Tensor inverse = at::empty({num_rows}, rows.options());
-  ops::call_core([&] {
-    core::build_inverse_index(rows.data_ptr<int64_t>(), rows.numel(), num_rows, op, "indices",
-                              inverse.data_ptr<int64_t>());
-  });
-  at::Tensor out = at::empty({num_rows, source.size(1)}, source.options());
-  gather(source, inverse.data_ptr<int64_t>(), out);
+  const Tensor source = torch::stable::contiguous(x);
+  const Tensor rows = as_int64(indices);
+  Tensor inverse = torch::stable::new_empty(rows, {num_rows});
+  core::build_inverse_index(rows.const_data_ptr<int64_t>(), rows.numel(), num_rows, op, "indices",
+                            inverse.mutable_data_ptr<int64_t>());
+  Tensor out = torch::stable::new_empty(source, {num_rows, source.size(1)});
+  gather(source, inverse.const_data_ptr<int64_t>(), out);
   return out;
 }
 

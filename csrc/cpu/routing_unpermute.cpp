@@ -1,10 +1,10 @@
 // CPU kernels of moe_unpermute and its backward. Both are gathers per token:
 // deterministic, no atomics; sums in fp32 (fp64 for fp64 inputs).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/op_checks.h"
@@ -15,12 +15,35 @@
 namespace moe_ext::cpu {
 namespace {
 
+using ops::ScalarType;
+
+// The element type and the type sums are kept in (what at::opmath_type gives).
+template <typename Scalar, typename Acc, ScalarType AccType>
+struct Types {
+  using scalar_t = Scalar;
+  using acc_t = Acc;
+  static constexpr ScalarType acc_type = AccType;
+};
+
+// Calls body(Types<...>{}) for the floating dtypes the routing ops take
+// (checked before: check_floating).
+template <typename Body>
+void dispatch_floating(ScalarType dtype, const char* op, Body&& body) {
+  switch (dtype) {
+    case ScalarType::Float: return body(Types<float, float, ScalarType::Float>{});
+    case ScalarType::Double: return body(Types<double, double, ScalarType::Double>{});
+    case ScalarType::Half: return body(Types<torch::headeronly::Half, float, ScalarType::Float>{});
+    case ScalarType::BFloat16:
+      return body(Types<torch::headeronly::BFloat16, float, ScalarType::Float>{});
+    default: break;
+  }
+  MOE_THROW_TYPE(op, ": unsupported floating type ", ops::dtype_str(dtype));
+}
+
 // expanded_row_idx as int64, whatever its dtype, after the range check.
-at::Tensor checked_rows(const at::Tensor& expanded_row_idx, int64_t num_rows, const char* op) {
-  const at::Tensor rows = expanded_row_idx.contiguous().to(at::kLong);
-  ops::call_core([&] {
-    core::check_row_indices(rows.data_ptr<int64_t>(), rows.numel(), num_rows, op, "expanded_row_idx");
-  });
+Tensor checked_rows(const Tensor& expanded_row_idx, int64_t num_rows, const char* op) {
+  const Tensor rows = torch::stable::to(torch::stable::contiguous(expanded_row_idx), ScalarType::Long);
+  core::check_row_indices(rows.const_data_ptr<int64_t>(), rows.numel(), num_rows, op, "expanded_row_idx");
   return rows;
 }
 
@@ -30,23 +53,25 @@ int64_t grain_for(int64_t hidden_size, int64_t topk) {
 
 }  // namespace
 
-at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& expanded_row_idx,
-                         const std::optional<at::Tensor>& probs, int64_t topk) {
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
+                     const std::optional<Tensor>& probs, int64_t topk) {
   constexpr const char* op = "moe_unpermute";
   const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
-  const at::Tensor source = permuted.contiguous();
-  const at::Tensor rows = checked_rows(expanded_row_idx, source.size(0), op);
+  const Tensor source = torch::stable::contiguous(permuted);
+  const Tensor rows = checked_rows(expanded_row_idx, source.size(0), op);
   const int64_t hidden_size = source.size(1);
-  at::Tensor out = at::empty({num_tokens, hidden_size}, source.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor weights;
-    if (probs.has_value()) weights = probs->contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-    const acc_t* weight = probs.has_value() ? weights.data_ptr<acc_t>() : nullptr;
-    const scalar_t* in = source.data_ptr<scalar_t>();
-    scalar_t* result = out.data_ptr<scalar_t>();
-    const int64_t* row_of = rows.data_ptr<int64_t>();
-    at::parallel_for(0, num_tokens, grain_for(hidden_size, topk), [&](int64_t begin, int64_t end) {
+  Tensor out = torch::stable::new_empty(source, {num_tokens, hidden_size});
+  dispatch_floating(source.scalar_type(), op, [&](auto types) {
+    using T = decltype(types);
+    using scalar_t = typename T::scalar_t;
+    using acc_t = typename T::acc_t;
+    std::optional<Tensor> weights;
+    if (probs.has_value()) weights = torch::stable::to(torch::stable::contiguous(*probs), T::acc_type);
+    const acc_t* weight = weights.has_value() ? static_cast<const acc_t*>(weights->const_data_ptr()) : nullptr;
+    const auto* in = static_cast<const scalar_t*>(source.const_data_ptr());
+    auto* result = static_cast<scalar_t*>(out.mutable_data_ptr());
+    const int64_t* row_of = rows.const_data_ptr<int64_t>();
+    torch::stable::parallel_for(0, num_tokens, grain_for(hidden_size, topk), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sum(static_cast<size_t>(hidden_size));
       for (int64_t t = begin; t < end; ++t) {
         std::fill(sum.begin(), sum.end(), acc_t(0));
@@ -65,45 +90,44 @@ at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& expanded_
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad_output,
-                                                          const at::Tensor& permuted,
-                                                          const at::Tensor& expanded_row_idx,
-                                                          const std::optional<at::Tensor>& probs,
-                                                          int64_t topk, bool compute_grad_probs) {
+std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_output, const Tensor& permuted,
+                                                  const Tensor& expanded_row_idx,
+                                                  const std::optional<Tensor>& probs, int64_t topk,
+                                                  bool compute_grad_probs) {
   constexpr const char* op = "moe_unpermute_backward";
   const int64_t num_tokens =
       ops::check_unpermute_backward_args(grad_output, permuted, expanded_row_idx, probs, topk, op);
-  const at::Tensor source = permuted.contiguous();
-  const at::Tensor grad = grad_output.contiguous();
+  const Tensor source = torch::stable::contiguous(permuted);
+  const Tensor grad = torch::stable::contiguous(grad_output);
   const int64_t num_rows = source.size(0), hidden_size = source.size(1);
   // Each row of permuted may be named once: the gradient scatter then has one
   // writer per row and needs no atomics.
-  const at::Tensor rows = expanded_row_idx.contiguous().to(at::kLong);
-  at::Tensor inverse = at::empty({num_rows}, rows.options());
-  ops::call_core([&] {
-    core::build_inverse_index(rows.data_ptr<int64_t>(), rows.numel(), num_rows, op,
-                              "expanded_row_idx", inverse.data_ptr<int64_t>());
-  });
+  const Tensor rows = torch::stable::to(torch::stable::contiguous(expanded_row_idx), ScalarType::Long);
+  Tensor inverse = torch::stable::new_empty(rows, {num_rows});
+  core::build_inverse_index(rows.const_data_ptr<int64_t>(), rows.numel(), num_rows, op,
+                            "expanded_row_idx", inverse.mutable_data_ptr<int64_t>());
 
-  at::Tensor grad_permuted = at::zeros({num_rows, hidden_size}, source.options());
+  Tensor grad_permuted = torch::stable::new_zeros(source, {num_rows, hidden_size});
   const bool with_probs = probs.has_value();
-  at::Tensor grad_probs = with_probs ? at::zeros({num_tokens, topk}, probs->options())
-                                     : at::empty({0}, source.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor weights, grad_weights;
+  Tensor grad_probs = with_probs ? torch::stable::new_zeros(*probs, {num_tokens, topk})
+                                 : torch::stable::new_empty(source, {0});
+  dispatch_floating(source.scalar_type(), op, [&](auto types) {
+    using T = decltype(types);
+    using scalar_t = typename T::scalar_t;
+    using acc_t = typename T::acc_t;
+    std::optional<Tensor> weights, grad_weights;
     if (with_probs) {
-      weights = probs->contiguous().to(acc_type);
-      grad_weights = at::zeros({num_tokens, topk}, weights.options());
+      weights = torch::stable::to(torch::stable::contiguous(*probs), T::acc_type);
+      grad_weights = torch::stable::new_zeros(*weights, {num_tokens, topk});
     }
-    const acc_t* weight = with_probs ? weights.data_ptr<acc_t>() : nullptr;
-    acc_t* grad_weight = with_probs && compute_grad_probs ? grad_weights.data_ptr<acc_t>() : nullptr;
-    const scalar_t* x = source.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    scalar_t* gx = grad_permuted.data_ptr<scalar_t>();
-    const int64_t* row_of = rows.data_ptr<int64_t>();
-    at::parallel_for(0, num_tokens, grain_for(hidden_size, topk), [&](int64_t begin, int64_t end) {
+    const acc_t* weight = with_probs ? static_cast<const acc_t*>(weights->const_data_ptr()) : nullptr;
+    acc_t* grad_weight =
+        with_probs && compute_grad_probs ? static_cast<acc_t*>(grad_weights->mutable_data_ptr()) : nullptr;
+    const auto* x = static_cast<const scalar_t*>(source.const_data_ptr());
+    const auto* g = static_cast<const scalar_t*>(grad.const_data_ptr());
+    auto* gx = static_cast<scalar_t*>(grad_permuted.mutable_data_ptr());
+    const int64_t* row_of = rows.const_data_ptr<int64_t>();
+    torch::stable::parallel_for(0, num_tokens, grain_for(hidden_size, topk), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* g_t = g + t * hidden_size;
         for (int64_t k = 0; k < topk; ++k) {
@@ -121,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad
         }
       }
     });
-    if (grad_weight) grad_probs.copy_(grad_weights);
+    if (grad_weight) torch::stable::copy_(grad_probs, *grad_weights);
   });
   return {grad_permuted, grad_probs};
 }

@@ -2,11 +2,8 @@
 // does not need the counts' values, then one kernel launch on the current
 // stream. Checks on the values (negative counts, padded total above max_len)
 // happen in the kernel; see csrc/cuda/device_check.cuh.
-#include <ATen/ATen.h>
 #include <array>
 #include <atomic>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/permute_indices_args.h"
 #include "core/permute_indices.h"
@@ -33,26 +30,26 @@ int max_shared_bytes_per_block(int device) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> generate_permute_indices(
-    const at::Tensor& tokens_per_expert_group, int64_t experts_per_rank, int64_t num_ranks,
+std::tuple<Tensor, Tensor, Tensor> generate_permute_indices(
+    const Tensor& tokens_per_expert_group, int64_t experts_per_rank, int64_t num_ranks,
     int64_t max_len, int64_t alignment) {
   constexpr const char* op = "generate_permute_indices";
   auto call = ops::prepare_permute_indices(tokens_per_expert_group, experts_per_rank, num_ranks,
                                           max_len, alignment);
-  const c10::cuda::CUDAGuard device_guard(tokens_per_expert_group.device());
-  const int max_shared = max_shared_bytes_per_block(tokens_per_expert_group.get_device());
+  const DeviceGuard device(tokens_per_expert_group);
+  const int max_shared = max_shared_bytes_per_block(device.index());
   const size_t shared_bytes = permute_indices_shared_bytes(experts_per_rank, num_ranks);
   MOE_CHECK_VALUE(shared_bytes + 8 * 1024 <= static_cast<size_t>(max_shared), op,
                     ": num_ranks * experts_per_rank = ", num_ranks * experts_per_rank,
                     " is too large for the single-launch CUDA kernel on this GPU (needs ", shared_bytes,
                     " bytes of shared memory, the device offers ", max_shared, ")");
 
-  const at::Tensor& counts = call.counts;
+  const Tensor& counts = call.counts;
   MOE_CUDA_CHECK(op, launch_generate_permute_indices(
-                         counts.data_ptr(), counts.scalar_type() == at::kLong, experts_per_rank,
-                         num_ranks, max_len, alignment, call.permuted_indices.data_ptr<int32_t>(),
-                         call.m_sizes.data_ptr<int32_t>(), call.m_offsets.data_ptr<int32_t>(),
-                         c10::cuda::getCurrentCUDAStream()));
+                         counts.const_data_ptr(), counts.scalar_type() == ops::ScalarType::Long, experts_per_rank,
+                         num_ranks, max_len, alignment, call.permuted_indices.mutable_data_ptr<int32_t>(),
+                         call.m_sizes.mutable_data_ptr<int32_t>(), call.m_offsets.mutable_data_ptr<int32_t>(),
+                         device.stream()));
   return {call.permuted_indices, call.m_sizes, call.m_offsets};
 }
 

@@ -3,9 +3,7 @@
 // allocation through the caching allocator (CUDA-graph safe), one call into
 // the torch-free launchers on the current stream. No host synchronisation:
 // value errors are device-side asserts (csrc/cuda/device_check.cuh).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <limits>
 
@@ -18,148 +16,150 @@
 namespace moe_ext::cuda {
 namespace {
 
+using ops::ScalarType;
+
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
-FloatType float_type(const at::Tensor& tensor) {
+FloatType float_type(const Tensor& tensor) {
   switch (tensor.scalar_type()) {
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kHalf: return FloatType::kFloat16;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    case at::kDouble: return FloatType::kFloat64;
+    case ScalarType::Float: return FloatType::kFloat32;
+    case ScalarType::Half: return FloatType::kFloat16;
+    case ScalarType::BFloat16: return FloatType::kBFloat16;
+    case ScalarType::Double: return FloatType::kFloat64;
     default: break;
   }
-  MOE_THROW_C10(TypeError, "moe_ext: unsupported floating type ", ops::dtype_str(tensor.scalar_type()));
+  MOE_THROW_TYPE("moe_ext: unsupported floating type ", ops::dtype_str(tensor.scalar_type()));
 }
 
-int64_t row_bytes(const at::Tensor& matrix) {
+int64_t row_bytes(const Tensor& matrix) {
   return matrix.size(1) * static_cast<int64_t>(matrix.element_size());
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(
-    const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    int64_t active_start, int64_t active_end, const std::optional<at::Tensor>& expert_map,
+std::tuple<Tensor, Tensor, Tensor> moe_permute(
+    const Tensor& hidden_states, const Tensor& topk_ids, int64_t num_experts,
+    int64_t active_start, int64_t active_end, const std::optional<Tensor>& expert_map,
     bool counts_cumsum) {
   constexpr const char* op = "moe_permute";
   ops::check_permute_args(hidden_states, topk_ids, num_experts, active_start, active_end, expert_map);
   MOE_CHECK_VALUE(active_end - active_start <= permute_max_active_experts(), op,
                     ": the CUDA kernel supports at most ", permute_max_active_experts(),
                     " experts in the active range, got ", active_end - active_start);
-  const c10::cuda::CUDAGuard device_guard(hidden_states.device());
-  const at::Tensor hidden = hidden_states.contiguous();
-  const at::Tensor ids = topk_ids.contiguous();
-  std::optional<at::Tensor> map;
-  if (expert_map.has_value()) map = expert_map->contiguous();
+  const DeviceGuard device(hidden_states);
+  const Tensor hidden = torch::stable::contiguous(hidden_states);
+  const Tensor ids = torch::stable::contiguous(topk_ids);
+  std::optional<Tensor> map;
+  if (expert_map.has_value()) map = torch::stable::contiguous(*expert_map);
   const int64_t num_tokens = ids.size(0), topk = ids.size(1), rows = num_tokens * topk;
 
-  at::Tensor permuted = at::empty({rows, hidden.size(1)}, hidden.options());
-  at::Tensor expanded_row_idx = at::empty({rows}, ids.options().dtype(at::kInt));
-  at::Tensor expert_tokens = at::empty({active_end - active_start}, ids.options().dtype(at::kLong));
-  at::Tensor workspace = at::empty(
-      {static_cast<int64_t>(permute_workspace_bytes(rows, active_end - active_start))},
-      ids.options().dtype(at::kByte));
+  Tensor permuted = torch::stable::new_empty(hidden, {rows, hidden.size(1)});
+  Tensor expanded_row_idx = torch::stable::new_empty(ids, {rows}, ScalarType::Int);
+  Tensor expert_tokens = torch::stable::new_empty(ids, {active_end - active_start}, ScalarType::Long);
+  Tensor workspace = torch::stable::new_empty(
+      ids, {static_cast<int64_t>(permute_workspace_bytes(rows, active_end - active_start))},
+      ScalarType::Byte);
   MOE_CUDA_CHECK(op, launch_moe_permute(
-                         hidden.data_ptr(), row_bytes(hidden), ids.data_ptr(), ids.scalar_type() == at::kLong,
+                         hidden.data_ptr(), row_bytes(hidden), ids.data_ptr(), ids.scalar_type() == ScalarType::Long,
                          num_tokens, topk, num_experts, map.has_value() ? map->data_ptr() : nullptr,
-                         map.has_value() && map->scalar_type() == at::kLong, active_start, active_end,
-                         counts_cumsum, permuted.data_ptr(), expanded_row_idx.data_ptr<int32_t>(),
-                         expert_tokens.data_ptr<int64_t>(), workspace.data_ptr(),
-                         c10::cuda::getCurrentCUDAStream()));
+                         map.has_value() && map->scalar_type() == ScalarType::Long, active_start, active_end,
+                         counts_cumsum, permuted.data_ptr(), expanded_row_idx.mutable_data_ptr<int32_t>(),
+                         expert_tokens.mutable_data_ptr<int64_t>(), workspace.data_ptr(),
+                         device.stream()));
   return {permuted, expanded_row_idx, expert_tokens};
 }
 
-at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& expanded_row_idx,
-                         const std::optional<at::Tensor>& probs, int64_t topk) {
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
+                         const std::optional<Tensor>& probs, int64_t topk) {
   constexpr const char* op = "moe_unpermute";
   const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
-  const c10::cuda::CUDAGuard device_guard(permuted.device());
-  const at::Tensor source = permuted.contiguous();
-  const at::Tensor rows = expanded_row_idx.contiguous();
-  std::optional<at::Tensor> weights;
-  if (probs.has_value()) weights = probs->contiguous();
-  at::Tensor out = at::empty({num_tokens, source.size(1)}, source.options());
+  const DeviceGuard device(permuted);
+  const Tensor source = torch::stable::contiguous(permuted);
+  const Tensor rows = torch::stable::contiguous(expanded_row_idx);
+  std::optional<Tensor> weights;
+  if (probs.has_value()) weights = torch::stable::contiguous(*probs);
+  Tensor out = torch::stable::new_empty(source, {num_tokens, source.size(1)});
   MOE_CUDA_CHECK(op, launch_moe_unpermute(
                          float_type(source), source.data_ptr(), source.size(0), source.size(1),
-                         rows.data_ptr(), rows.scalar_type() == at::kLong,
+                         rows.data_ptr(), rows.scalar_type() == ScalarType::Long,
                          weights.has_value() ? weights->data_ptr() : nullptr,
-                         weights.has_value() && weights->scalar_type() == at::kFloat, num_tokens, topk,
-                         out.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+                         weights.has_value() && weights->scalar_type() == ScalarType::Float, num_tokens, topk,
+                         out.data_ptr(), device.stream()));
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad_output,
-                                                          const at::Tensor& permuted,
-                                                          const at::Tensor& expanded_row_idx,
-                                                          const std::optional<at::Tensor>& probs,
+std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_output,
+                                                          const Tensor& permuted,
+                                                          const Tensor& expanded_row_idx,
+                                                          const std::optional<Tensor>& probs,
                                                           int64_t topk, bool compute_grad_probs) {
   constexpr const char* op = "moe_unpermute_backward";
   const int64_t num_tokens =
       ops::check_unpermute_backward_args(grad_output, permuted, expanded_row_idx, probs, topk, op);
   MOE_CHECK_VALUE(expanded_row_idx.numel() <= kInt32Max, op,
                     ": expanded_row_idx must have fewer than 2^31 entries, got ", expanded_row_idx.numel());
-  const c10::cuda::CUDAGuard device_guard(permuted.device());
-  const at::Tensor source = permuted.contiguous();
-  const at::Tensor grad = grad_output.contiguous();
-  const at::Tensor rows = expanded_row_idx.contiguous();
-  std::optional<at::Tensor> weights;
-  if (probs.has_value()) weights = probs->contiguous();
+  const DeviceGuard device(permuted);
+  const Tensor source = torch::stable::contiguous(permuted);
+  const Tensor grad = torch::stable::contiguous(grad_output);
+  const Tensor rows = torch::stable::contiguous(expanded_row_idx);
+  std::optional<Tensor> weights;
+  if (probs.has_value()) weights = torch::stable::contiguous(*probs);
   const bool with_probs = weights.has_value();
-  at::Tensor grad_permuted = at::empty_like(source);
-  at::Tensor grad_probs = with_probs ? (compute_grad_probs ? at::empty({num_tokens, topk}, weights->options())
-                                                           : at::zeros({num_tokens, topk}, weights->options()))
-                                     : at::empty({0}, source.options());
-  at::Tensor inverse = at::empty({source.size(0)}, rows.options().dtype(at::kInt));
+  Tensor grad_permuted = torch::stable::empty_like(source);
+  Tensor grad_probs = with_probs ? (compute_grad_probs ? torch::stable::new_empty(*weights, {num_tokens, topk})
+                                                       : torch::stable::new_zeros(*weights, {num_tokens, topk}))
+                                 : torch::stable::new_empty(source, {0});
+  Tensor inverse = torch::stable::new_empty(rows, {source.size(0)}, ScalarType::Int);
   MOE_CUDA_CHECK(op, launch_moe_unpermute_backward(
                          float_type(source), grad.data_ptr(), source.data_ptr(), source.size(0),
-                         source.size(1), rows.data_ptr(), rows.scalar_type() == at::kLong,
+                         source.size(1), rows.data_ptr(), rows.scalar_type() == ScalarType::Long,
                          with_probs ? weights->data_ptr() : nullptr,
-                         with_probs && weights->scalar_type() == at::kFloat, num_tokens, topk,
+                         with_probs && weights->scalar_type() == ScalarType::Float, num_tokens, topk,
                          grad_permuted.data_ptr(),
                          with_probs && compute_grad_probs ? grad_probs.data_ptr() : nullptr,
-                         inverse.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+                         inverse.mutable_data_ptr<int32_t>(), device.stream()));
   return {grad_permuted, grad_probs};
 }
 
-at::Tensor expert_histogram(const at::Tensor& topk_ids, int64_t num_experts) {
+Tensor expert_histogram(const Tensor& topk_ids, int64_t num_experts) {
   constexpr const char* op = "expert_histogram";
   ops::check_index(topk_ids, op, "topk_ids");
   MOE_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
-  const c10::cuda::CUDAGuard device_guard(topk_ids.device());
-  const at::Tensor ids = topk_ids.contiguous();
-  at::Tensor counts = at::empty({num_experts}, ids.options().dtype(at::kLong));
-  MOE_CUDA_CHECK(op, launch_expert_histogram(ids.data_ptr(), ids.scalar_type() == at::kLong, ids.numel(),
-                                             num_experts, counts.data_ptr<int64_t>(),
-                                             c10::cuda::getCurrentCUDAStream()));
+  const DeviceGuard device(topk_ids);
+  const Tensor ids = torch::stable::contiguous(topk_ids);
+  Tensor counts = torch::stable::new_empty(ids, {num_experts}, ScalarType::Long);
+  MOE_CUDA_CHECK(op, launch_expert_histogram(ids.data_ptr(), ids.scalar_type() == ScalarType::Long, ids.numel(),
+                                             num_experts, counts.mutable_data_ptr<int64_t>(),
+                                             device.stream()));
   return counts;
 }
 
-at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& indices) {
+Tensor gather_rows(const Tensor& x, const Tensor& indices) {
   constexpr const char* op = "gather_rows";
   ops::check_rows_args(x, indices, op, "x");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor source = x.contiguous();
-  const at::Tensor rows = indices.contiguous();
-  at::Tensor out = at::empty({rows.numel(), source.size(1)}, source.options());
+  const DeviceGuard device(x);
+  const Tensor source = torch::stable::contiguous(x);
+  const Tensor rows = torch::stable::contiguous(indices);
+  Tensor out = torch::stable::new_empty(source, {rows.numel(), source.size(1)});
   MOE_CUDA_CHECK(op, launch_gather_rows(source.data_ptr(), source.size(0), row_bytes(source), rows.data_ptr(),
-                                        rows.scalar_type() == at::kLong, rows.numel(), out.data_ptr(),
-                                        c10::cuda::getCurrentCUDAStream()));
+                                        rows.scalar_type() == ScalarType::Long, rows.numel(), out.data_ptr(),
+                                        device.stream()));
   return out;
 }
 
-at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& indices, int64_t num_rows) {
+Tensor scatter_rows(const Tensor& x, const Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
   ops::check_scatter_rows_args(x, indices, num_rows, op);
   MOE_CHECK_VALUE(indices.numel() <= kInt32Max, op, ": indices must have fewer than 2^31 entries, got ",
                     indices.numel());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor source = x.contiguous();
-  const at::Tensor rows = indices.contiguous();
-  at::Tensor out = at::empty({num_rows, source.size(1)}, source.options());
-  at::Tensor inverse = at::empty({num_rows}, rows.options().dtype(at::kInt));
+  const DeviceGuard device(x);
+  const Tensor source = torch::stable::contiguous(x);
+  const Tensor rows = torch::stable::contiguous(indices);
+  Tensor out = torch::stable::new_empty(source, {num_rows, source.size(1)});
+  Tensor inverse = torch::stable::new_empty(rows, {num_rows}, ScalarType::Int);
   MOE_CUDA_CHECK(op, launch_scatter_rows(source.data_ptr(), source.size(0), row_bytes(source), rows.data_ptr(),
-                                         rows.scalar_type() == at::kLong, num_rows, out.data_ptr(),
-                                         inverse.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+                                         rows.scalar_type() == ScalarType::Long, num_rows, out.data_ptr(),
+                                         inverse.mutable_data_ptr<int32_t>(), device.stream()));
   return out;
 }
 

@@ -1,50 +1,111 @@
-"""Loads the native parts of moe_ext, refusing a build made for another torch.
+"""Loads the native parts of moe_ext.
 
-``moe_ext/_native`` (pybind11, torch-free) always loads and reports what was
-compiled. ``moe_ext/_C.so`` registers ``torch.ops.moe_ext.*``; it links
-against libtorch, so it must come from a build against the very torch that is
-imported now. A mismatch would surface as an obscure "undefined symbol" from
-the dynamic loader; we compare versions first and say what to do.
+``moe_ext/_native`` (pybind11, torch-free, one per Python version) always loads
+and reports what was compiled. The op libraries are built on PyTorch's stable
+ABI (docs/DESIGN.md, "Binary compatibility"), so they are not tied to the torch
+they were compiled against, only to a minimum release:
+
+- ``_C.so`` declares the schemas and registers the CPU kernels;
+- ``_C_cuda.so`` registers the CUDA kernels. It is loaded only when the running
+  torch is a CUDA build, so a CPU-only torch never touches it.
+
+Both load on any torch from ``build_info()["torch_min_version"]`` on; an older
+torch is refused here with a clear message rather than by the dynamic loader.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
 
-_REBUILD_HINT = ("rebuild moe_ext against the installed torch: "
-                 "pip install --no-build-isolation --force-reinstall --no-deps .")
+_DEV_BUILD_HINT = ("build it with `pip install .` (or, in a source checkout, "
+                   "`bash scripts/dev_build.sh` and PYTHONPATH=python)")
+
+# C++ checks that mean a Python TypeError prefix their message with this
+# (MOE_TYPE_ERROR_PREFIX in csrc/common/op_checks.h): the stable ABI can only
+# raise ValueError (std::invalid_argument) or RuntimeError from C++.
+TYPE_ERROR_PREFIX = "TypeError: "
 
 _loaded = False
 
 
 def build_info() -> dict[str, Any]:
     """What this build compiled (backends, CUDA archs, CANN) and for which torch."""
-    from moe_ext import _native
-
+    try:
+        from moe_ext import _native
+    except ImportError as error:
+        package = os.path.dirname(__file__)
+        raise ImportError(
+            f"moe_ext's native module _native (pybind11, built per Python version) is missing "
+            f"or does not load from {package} ({error}); {_DEV_BUILD_HINT}") from error
     return dict(_native.build_info())
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ImportError(f"moe_ext cannot read the torch version {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_torch_version(running: str, minimum: str) -> None:
+    """Refuse a torch older than the op libraries' stable-ABI target.
+
+    Only major.minor count: the stable ABI is versioned per release, and a
+    pre-release such as ``2.11.0a0+git`` (vendor images) carries that release's ABI.
+    """
+    if _major_minor(running) < _major_minor(minimum):
+        raise ImportError(
+            f"moe_ext needs torch >= {minimum} (its op libraries use PyTorch's stable ABI as "
+            f"of {minimum}), but torch {running} is imported; upgrade torch "
+            f"(pip install 'torch>={minimum}')")
+
+
+def _load(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise ImportError(f"moe_ext's {what} {os.path.basename(path)} is missing from "
+                          f"{os.path.dirname(path)}; {_DEV_BUILD_HINT}")
+    try:
+        torch.ops.load_library(path)
+    except OSError as error:
+        cause = error.__cause__ or error  # torch wraps the dynamic loader's own message
+        raise ImportError(f"moe_ext's {what} {path} failed to load: {cause}") from error
+
+
 def load_native_ops() -> None:
-    """Load ``_C.so`` once; afterwards ``torch.ops.moe_ext.*`` exist."""
+    """Load the op libraries once; afterwards ``torch.ops.moe_ext.*`` exist."""
     global _loaded
     if _loaded:
         return
     info = build_info()
     if not info["torch_ops_built"]:
         raise ImportError("moe_ext was built without its torch op library (MOE_EXT_BUILD_TORCH=OFF)")
-    built_for = info["torch_version"]
-    if built_for != torch.__version__:
-        raise ImportError(
-            f"moe_ext was built against torch {built_for} but torch {torch.__version__} is "
-            f"imported; its op library would not load. {_REBUILD_HINT}")
-    library = os.path.join(os.path.dirname(__file__), "_C.so")
-    if not os.path.exists(library):
-        raise ImportError(f"moe_ext op library not found at {library}; {_REBUILD_HINT}")
-    try:
-        torch.ops.load_library(library)
-    except OSError as error:  # e.g. a torch rebuilt in place with the same version string
-        raise ImportError(f"moe_ext op library failed to load ({error}); {_REBUILD_HINT}") from error
+    check_torch_version(torch.__version__, info["torch_min_version"])
+    package = os.path.dirname(__file__)
+    _load(os.path.join(package, "_C.so"), "op library (schemas and CPU kernels)")
+    if torch.version.cuda is not None and info["cuda_dispatch_built"]:
+        _load(os.path.join(package, "_C_cuda.so"), "CUDA op library")
     _loaded = True
+
+
+def native_error(error: RuntimeError) -> Exception:
+    """The Python exception a native op's RuntimeError stands for.
+
+    The stable ABI lets C++ raise ValueError (std::invalid_argument) and
+    RuntimeError only, so the op layer prefixes type errors with ``TypeError: ``
+    (csrc/common/op_checks.h). Each wrapper in ``moe_ext.ops`` calls its op as::
+
+        try:
+            return torch.ops.moe_ext.op(...)
+        except RuntimeError as error:
+            raise native_error(error) from None
+
+    which gives back the TypeError, and any other error unchanged.
+    """
+    message = str(error)
+    if message.startswith(TYPE_ERROR_PREFIX):
+        return TypeError(message[len(TYPE_ERROR_PREFIX):])
+    return error

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_ext._loader import native_error
+
 __all__ = ["generate_permute_indices"]
 
 _OP = "moe_ext::generate_permute_indices"
@@ -57,8 +59,11 @@ def generate_permute_indices(
     Works under ``torch.compile(fullgraph=True)`` and in CUDA graphs: the
     output shapes depend only on the integer arguments.
     """
-    return torch.ops.moe_ext.generate_permute_indices(
-        tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
+    try:
+        return torch.ops.moe_ext.generate_permute_indices(
+            tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
+    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
+        raise native_error(error) from None
 
 
 @torch.library.register_fake(_OP)

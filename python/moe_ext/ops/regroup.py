@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from moe_ext._loader import native_error
 from moe_ext.ops.permute_indices import generate_permute_indices
 
 __all__ = ["GroupedRows", "gather_rows", "group_by_local_expert", "scatter_rows",
@@ -46,7 +47,10 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     once. Its gradient is :func:`scatter_rows` of the output gradient, which
     needs the non-negative indices to be distinct.
     """
-    return torch.ops.moe_ext.gather_rows(x, indices)
+    try:
+        return torch.ops.moe_ext.gather_rows(x, indices)
+    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
+        raise native_error(error) from None
 
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -58,7 +62,10 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch
     ``[num_rows, H]``, each row written exactly once (no atomics). Its
     gradient is :func:`gather_rows` of the output gradient.
     """
-    return torch.ops.moe_ext.scatter_rows(x, indices, int(num_rows))
+    try:
+        return torch.ops.moe_ext.scatter_rows(x, indices, int(num_rows))
+    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
+        raise native_error(error) from None
 
 
 def group_by_local_expert(

@@ -17,6 +17,8 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
+from moe_ext._loader import native_error
+
 __all__ = ["PermuteResult", "expert_histogram", "moe_permute", "moe_unpermute"]
 
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -98,9 +100,12 @@ def moe_permute(
     if counts not in ("count", "cumsum"):
         raise ValueError(f"moe_permute: counts must be 'count' or 'cumsum', got {counts!r}")
     start, end = (0, num_experts) if active_expert_range is None else active_expert_range
-    permuted, expanded_row_idx, expert_tokens = torch.ops.moe_ext.moe_permute(
-        hidden_states, topk_ids, int(num_experts), int(start), int(end), expert_map,
-        counts == "cumsum")
+    try:
+        permuted, expanded_row_idx, expert_tokens = torch.ops.moe_ext.moe_permute(
+            hidden_states, topk_ids, int(num_experts), int(start), int(end), expert_map,
+            counts == "cumsum")
+    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
+        raise native_error(error) from None
     return PermuteResult(permuted, expanded_row_idx, expert_tokens)
 
 
@@ -159,7 +164,10 @@ def moe_unpermute(
         if probs.dim() != 2:
             raise ValueError(f"moe_unpermute: probs must be [T, K], got shape {tuple(probs.shape)}")
         topk = probs.shape[1]
-    return torch.ops.moe_ext.moe_unpermute(permuted, expanded_row_idx, probs, int(topk))
+    try:
+        return torch.ops.moe_ext.moe_unpermute(permuted, expanded_row_idx, probs, int(topk))
+    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
+        raise native_error(error) from None
 
 
 def expert_histogram(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -171,7 +179,10 @@ def expert_histogram(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     refuses them: a load counter sees padding every step). One pass, no host
     synchronisation (one launch up to 65536 ids; a memset and one launch above).
     """
-    return torch.ops.moe_ext.expert_histogram(topk_ids, int(num_experts))
+    try:
+        return torch.ops.moe_ext.expert_histogram(topk_ids, int(num_experts))
+    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
+        raise native_error(error) from None
 
 
 # ---------------------------------------------------------------- fake kernels
