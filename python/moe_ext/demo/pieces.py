@@ -89,8 +89,8 @@ class DemoLayer:
         return self.layer.last_comm_method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.layer(x)
+        with torch.no_grad():  # in the layer's dtype (bf16 for MC2), the output back in x's
+            return self.layer(x.to(self.layer.config.dtype)).to(x.dtype)
 
     def expert_weight_tensors(self) -> list[torch.Tensor]:
         return self.layer.expert_weights()
@@ -125,7 +125,9 @@ def build_layer(config: DemoConfig, groups: EPGroups, placement: torch.Tensor, w
                                intermediate_size=config.intermediate_size,
                                num_physical_experts=config.num_physical_experts, dp_size=config.ranks, dp_rank=rank,
                                tp_size=1, tp_rank=0, ep_group=groups.ep, dp_group=groups.ep, tp_group=groups.tp,
-                               mc2_group=groups.ep)
+                               mc2_group=groups.ep,
+                               # the MC2 operators move bf16/fp16 only (torch_npu docs): an MC2 layer is bf16
+                               dtype=torch.bfloat16 if config.comm_method == "mc2" else torch.float32)
     options = routing_options(config)
     layer = moe.MoELayer(moe_config, scoring=options["scoring"], renormalize=options["renormalize"],
                          num_expert_group=options["num_expert_group"], topk_group=options["topk_group"],
@@ -157,4 +159,7 @@ def dense_reference(config: DemoConfig, x: torch.Tensor, weights: LogicalWeights
     """The layer's output for ``x`` computed densely in this process from the logical weights."""
     from moe_ext.testing.dense_moe import dense_moe
 
-    return dense_moe(x, weights.gate, weights.w13, weights.w2, config.top_k, **routing_options(config))
+    w13, w2 = weights.w13, weights.w2
+    if config.comm_method == "mc2":  # the layer's inputs and expert weights are bf16 (see build_layer)
+        x, w13, w2 = (t.to(torch.bfloat16).float() for t in (x, w13, w2))
+    return dense_moe(x, weights.gate, w13, w2, config.top_k, **routing_options(config))

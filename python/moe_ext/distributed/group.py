@@ -170,15 +170,17 @@ class ParallelGroup:
         """The HCCL communicator name of this group, as MC2 and fused matmul ops take it.
 
         A straight call of ``device_group._get_backend(torch.device("npu"))
-        .get_hccl_comm_name(rank)``; ``rank`` only selects the device key and
-        defaults to ``rank_in_group`` (what engines pass for MC2). Needs an
+        .get_hccl_comm_name(rank)``. ``rank`` is a *global* rank and defaults
+        to this process's (``self.rank``), as Ascend's documentation of that
+        method requires ("The input is a global rank ID") for subgroups too;
+        see ``moe_ext.platform.npu.hccl_comm_name`` for the evidence. Needs an
         HCCL group (torch_npu) with the current NPU device set.
         """
         if self.backend != "hccl":
             raise RuntimeError(f"ParallelGroup({self.name!r}).hccl_comm_name: needs an HCCL process "
                                f"group on an Ascend NPU (torch_npu); this group's backend is "
                                f"{self.backend!r}")
-        key_rank = self.rank_in_group if rank is None else rank
+        key_rank = self.rank if rank is None else rank
         return self.device_group._get_backend(torch.device("npu")).get_hccl_comm_name(key_rank)
 
     # ---------------------------------------------------------------------------

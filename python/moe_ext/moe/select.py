@@ -35,16 +35,14 @@ def make_comm_method(name: str, config: MoEConfig, npu=None) -> MoECommMethod:
     raise ValueError(f"make_comm_method: name must be one of {COMM_METHODS}, got {name!r}")
 
 
-def mc2_fits(config: MoEConfig, tokens_per_rank: int, soc_version: str) -> bool:
-    """Whether MC2's documented limits admit this layer and batch (batch = padded tokens / tp)."""
-    world, top_k, hidden = config.ep_size, config.top_k, config.hidden_size
-    if top_k > 16 or config.num_physical_experts % world:
-        return False
-    if soc_version == "A2":
-        return (tokens_per_rank <= 256 and hidden <= 7168 and hidden % 32 == 0
-                and (2 <= world <= 8 or world in (16, 32, 64, 128, 256)))
-    return (tokens_per_rank <= 512 and 1024 <= hidden <= 8192 and 2 <= world <= 768
-            and config.num_physical_experts <= 1024)
+def mc2_fits(config: MoEConfig, tokens_per_rank: int, npu) -> bool:
+    """Whether MC2's documented limits admit this layer and batch (batch = padded tokens / tp).
+
+    ``npu``: the :class:`~moe_ext.platform.npu.NpuRuntime` (its chip and whether it has the v2
+    operators decide the limits; see ``NpuRuntime.mc2_unsupported``).
+    """
+    return npu.mc2_unsupported(ep_world_size=config.ep_size, moe_expert_num=config.num_physical_experts,
+                               top_k=config.top_k, hidden=config.hidden_size, batch=tokens_per_rank) is None
 
 
 def select_comm_method(config: MoEConfig, max_tokens_across_dp: int, *, npu=None,
@@ -72,7 +70,7 @@ def select_comm_method(config: MoEConfig, max_tokens_across_dp: int, *, npu=None
     if npu is not None:
         tp = config.tp_size
         padded = max(tp, -(-max_tokens_across_dp // tp) * tp)
-        if config.ep_size >= 2 and mc2_fits(config, padded // tp, npu.soc_version):
+        if config.ep_size >= 2 and mc2_fits(config, padded // tp, npu):
             return "mc2"
         return "allgather"
     if config.ep_size == 1:

@@ -18,9 +18,8 @@ __all__ = ["NpuRuntime", "DispatchState", "detect_npu_runtime", "soc_from_versio
            "init_routing", "token_unpermute", "grouped_gated_mlp", "distribute_dispatch", "distribute_combine"]
 
 
-def _hccl_comm_name_of(process_group: Any, rank_in_group: int) -> str:
-    # The rank only picks the device key; engines pass the group-local rank.
-    return process_group._get_backend(torch.device("npu")).get_hccl_comm_name(rank_in_group)
+def _hccl_comm_name_of(process_group: Any, global_rank: int) -> str:
+    return process_group._get_backend(torch.device("npu")).get_hccl_comm_name(global_rank)
 
 
 @dataclass
@@ -29,8 +28,9 @@ class NpuRuntime:
 
     ``soc_version``: "A2" (Atlas 800T A2 class) or "A3" (Atlas A3 class): A3
     dispatch/combine take the TP arguments, and with the v2 operators the
-    active-token mask. ``comm_name_fn(process_group, rank_in_group)`` gives the
-    HCCL communicator name MC2 needs.
+    active-token mask. ``comm_name_fn(process_group, global_rank)`` gives the
+    HCCL communicator name MC2 and the fused matmul operators take (see
+    :func:`hccl_comm_name` for why the rank is the global one).
     """
 
     ops: Any
@@ -46,12 +46,42 @@ class NpuRuntime:
         return hasattr(self.ops, "npu_moe_distribute_dispatch_v2")
 
     @property
-    def needs_tp_arguments(self) -> bool:
-        return self.soc_version == "A3"
-
-    @property
     def supports_active_mask(self) -> bool:
+        # v2 on A3 takes a 1-D mask; v1 documents x_active_mask as "Reserved parameter, currently not
+        # used"; on A2 the v2 mask exists only for the fullmesh algorithm, and comm_alg "" may pick
+        # hierarchy (by environment variables), so A2 sends every token.
         return self.soc_version == "A3" and self.has_dispatch_v2
+
+    def mc2_unsupported(self, *, ep_world_size: int, moe_expert_num: int, top_k: int, hidden: int,
+                        batch: int) -> Optional[str]:
+        """Why MC2 dispatch/combine of this runtime refuse these sizes (None when they take them).
+
+        The documented limits of the pinned release (op-plugin 26.1.0 docs of
+        npu_moe_distribute_dispatch[_v2] / combine[_v2]), for the algorithms moe_ext uses
+        (v2: comm_alg "" = fullmesh on A2 without HCCL_INTRA_* set, fullmesh_v1 on A3).
+        """
+        a2, v2 = self.soc_version == "A2", self.has_dispatch_v2
+        if v2:
+            worlds = (set(range(2, 9)) | {16, 32, 64, 128, 256}) if a2 else set(range(2, 769))
+        else:
+            worlds = {16, 32, 64} if a2 else {8, 16, 32, 64, 128, 144, 256, 288}
+        max_experts, max_batch = (1024 if v2 else 512), (256 if a2 else 512)
+        max_k = (16 if a2 else 12) if v2 else (16 if a2 else 8)
+        local = moe_expert_num // ep_world_size if ep_world_size else 0
+        problems = [
+            (ep_world_size not in worlds, f"EP world size {ep_world_size} not in the documented set"),
+            (not 1 <= moe_expert_num <= max_experts or moe_expert_num % max(ep_world_size, 1),
+             f"{moe_expert_num} experts (at most {max_experts}, divisible by the EP size)"),
+            (a2 and local > 24, f"{local} experts per rank (at most 24 on A2)"),
+            (not a2 and v2 and local * ep_world_size > 2048, "local experts * EP size above 2048"),
+            (not 0 < top_k <= min(max_k, moe_expert_num), f"top-k {top_k} (at most {max_k})"),
+            (not 0 < batch <= max_batch, f"batch {batch} per rank (at most {max_batch})"),
+            (a2 and not (0 < hidden <= 7168 and hidden % 32 == 0), f"hidden {hidden} (A2: <= 7168, multiple of 32)"),
+            (not a2 and not v2 and hidden != 7168, f"hidden {hidden} (A3 v1: 7168 only)"),
+            (not a2 and v2 and not 1024 <= hidden <= 8192, f"hidden {hidden} (A3: [1024, 8192])"),
+        ]
+        reasons = [reason for bad, reason in problems if bad]
+        return None if not reasons else f"MC2 on {self.soc_version} ({'v2' if v2 else 'v1'}): " + "; ".join(reasons)
 
 
 def soc_from_version_number(version: int) -> Optional[str]:
@@ -73,8 +103,27 @@ def detect_npu_runtime() -> Optional[NpuRuntime]:  # pragma: no cover - needs an
     return NpuRuntime(torch_npu, soc) if soc else None
 
 
-def hccl_comm_name(runtime: NpuRuntime, process_group: Any, rank_in_group: int) -> str:
-    return runtime.comm_name_fn(process_group, rank_in_group)
+def hccl_comm_name(runtime: NpuRuntime, process_group: Any, global_rank: Optional[int] = None) -> str:
+    """The HCCL communicator name of ``process_group`` for this process (MC2's ``group_ep``, the fused
+    matmuls' ``hcom``): ``get_hccl_comm_name(global_rank)``, with this process's global rank by default.
+
+    Why the *global* rank, also for subgroups (issue 21): Ascend's documentation of
+    ``ProcessGroup._get_backend(torch.device("npu")).get_hccl_comm_name(rankid, init_comm=True)``
+    (op-plugin ``docs/en/custom_APIs/distributed/torch-distributed-distributed_c10d.md``, branch
+    26.1.0, the release whose schemas moe_ext pins; the same sentence in the hiascend.com pages of
+    Ascend Extension for PyTorch 6.0.0 and later) says: "The input is a global rank ID, which
+    uniquely identifies a device across multiple servers", for default and ``new_group`` groups
+    alike. torch_npu's own profiler and the operator plugin's MC2 examples pass global ranks for
+    subgroups too (the example of ``npu_moe_distribute_dispatch`` calls
+    ``ep_group...get_hccl_comm_name(rank)`` with the global rank). Engines disagree among
+    themselves (one passes the EP rank for MC2; another the global rank for matmul + all-reduce
+    and the group rank for matmul + reduce-scatter); the two agree only when the group is the
+    whole world, so moe_ext follows the documentation at every call site, and the emulation
+    refuses any other rank.
+    """
+    import torch.distributed as dist
+    rank = dist.get_rank() if global_rank is None else int(global_rank)
+    return runtime.comm_name_fn(process_group, rank)
 
 
 # -- routing: npu_moe_init_routing_v2 / npu_moe_token_unpermute -------------------------------
@@ -99,15 +148,43 @@ def token_unpermute(runtime: NpuRuntime, permuted: torch.Tensor, sorted_indices:
 
 
 # -- experts: npu_grouped_matmul + npu_swiglu ----------------------------------------------
+def _groups_covering_all_rows(group_list: torch.Tensor, group_list_type: int, num_rows: int) -> torch.Tensor:
+    """Cumulative group ends (group_list_type 0) whose last entry is ``num_rows``.
+
+    Issue 21, item 5. ``npu_grouped_matmul``'s documentation (op-plugin 26.1.0,
+    ``torch_npu-npu_grouped_matmul.md``, group_type 0 "Single-Single-Single"): "When
+    ``group_list_type`` is set to 0, its last value must be identical to the first dimension of
+    the tensor in x. When ``group_list_type`` is set to 1, the sum of its values must be
+    identical ...". The rows handed to the experts are padded: MC2 dispatch returns A = BS * W *
+    min(L, K) rows of which only sum(counts) are valid, init_routing_v2 returns N * K rows of which
+    only the local ones are valid. Slicing them to the group sum needs that sum on the host: a
+    device-to-host sync on every MoE layer, which stalls the launch queue and cannot be captured
+    in an NPU graph. That is not acceptable on the decode path, where MC2 runs. So the rows stay
+    padded and the padding joins the last group: the call follows the documentation, costs no
+    sync, and the price is the last expert's matmul over the padding rows (their outputs are
+    never read: combine reads only the valid rows, and the all-gather path masks them).
+    Engines instead pass a group_list that sums to less than the rows and rely on the
+    undocumented behaviour that rows past it are left alone, which is cheaper but unverifiable.
+    The cumulative form is used because the count form "cannot have length 1" (one local expert).
+    """
+    ends = torch.cumsum(group_list.to(torch.int64), 0) if group_list_type == 1 else group_list.to(torch.int64)
+    return torch.cat([ends[:-1], ends.new_full((1,), num_rows)])
+
+
 def grouped_gated_mlp(runtime: NpuRuntime, rows: torch.Tensor, group_list: torch.Tensor, group_list_type: int,
                       w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert MLP on rows grouped by expert; w13 [L, H, 2I] (gate | up), w2 [L, I, H]."""
-    group_list = group_list.to(torch.int64)
-    gate_up = runtime.ops.npu_grouped_matmul(x=[rows], weight=[w13], group_list=group_list,
-                                             group_list_type=group_list_type, split_item=2, group_type=0)[0]
+    """SwiGLU expert MLP on rows grouped by expert; w13 [L, H, 2I] (gate | up), w2 [L, I, H].
+
+    ``group_list`` int [L]: rows per local expert (``group_list_type`` 1) or their cumulative sum
+    (0), covering the first rows of ``rows``; rows past them are padding, computed by the last
+    expert and meaningless in the output (see :func:`_groups_covering_all_rows`).
+    """
+    ends = _groups_covering_all_rows(group_list, group_list_type, rows.shape[0])
+    gate_up = runtime.ops.npu_grouped_matmul([rows], [w13], group_list=ends, group_list_type=0, split_item=2,
+                                             group_type=0)[0]
     activated = runtime.ops.npu_swiglu(gate_up, dim=-1)
-    return runtime.ops.npu_grouped_matmul(x=[activated], weight=[w2], group_list=group_list,
-                                          group_list_type=group_list_type, split_item=2, group_type=0)[0]
+    return runtime.ops.npu_grouped_matmul([activated], [w2], group_list=ends, group_list_type=0, split_item=2,
+                                          group_type=0)[0]
 
 
 def grouped_matmul(runtime: NpuRuntime, rows: torch.Tensor, group_list: torch.Tensor, group_list_type: int,
@@ -117,62 +194,85 @@ def grouped_matmul(runtime: NpuRuntime, rows: torch.Tensor, group_list: torch.Te
                                           group_list_type=group_list_type, split_item=2, group_type=0)[0]
 
 # -- MC2: npu_moe_distribute_dispatch[_v2] / npu_moe_distribute_combine[_v2] ----------------------
+# The arguments follow the operators' documentation of the pinned release (op-plugin 26.1.0:
+# torch_npu-npu_moe_distribute_dispatch[_v2].md, torch_npu-npu_moe_distribute_combine[_v2].md):
+# - no TP domain inside MC2 (the TP split is done before dispatch), so group_tp / tp_world_size /
+#   tp_rank_id keep their defaults ("", 0, 0) on both chips. Issue 21, item 3: passing group_tp equal
+#   to group_ep broke "group_tp ... must differ from group_ep. An empty value is supported only when
+#   there is no TP domain" (A3) and "In eager mode, use the default value" (A2).
+# - expand_scales (issue 21, item 4): combine on A2 "Required. ... corresponds to the expand_scales
+#   output of dispatch", and dispatch fills expand_scales only when it is given expert_scales ("the
+#   output after the alltoallv operation is performed on expert_scales and x"; torch_npu's meta
+#   function returns a 0-element tensor otherwise). So on A2 dispatch gets the routing weights and
+#   combine its expand_scales; on A3 both are "not supported, retain the default".
+# - tp_send_counts: "pass these tensors directly to the corresponding parameters of combine" on A3;
+#   on A2 "The TP communication domain is not supported. Use the default value".
+# v2 is used whenever the module has it (torch_npu 2.14 always does); v1 remains for older releases.
 @dataclass
 class DispatchState:
-    """What combine needs from its dispatch."""
+    """What combine needs from its dispatch (passed on untouched, as the documentation requires)."""
 
     expert_ids: torch.Tensor
-    assist_info: Any
+    assist_info: torch.Tensor
     ep_recv_counts: torch.Tensor
-    tp_recv_counts: Any
+    tp_recv_counts: torch.Tensor
+    expand_scales: torch.Tensor
     active_mask: Optional[torch.Tensor]
 
 
-def _common_mc2_kwargs(runtime: NpuRuntime, expert_ids, comm_name, ep_world_size, ep_rank_id, moe_expert_num,
-                       active_mask) -> dict:
-    kwargs = dict(expert_ids=expert_ids, expert_shard_type=0, shared_expert_rank_num=0,
-                  moe_expert_num=moe_expert_num, global_bs=0, group_ep=comm_name,
-                  ep_world_size=ep_world_size, ep_rank_id=ep_rank_id)
-    if runtime.needs_tp_arguments:
-        # TP inside MC2 stays off (the TP split is done outside, before dispatch).
-        kwargs.update(group_tp=comm_name, tp_world_size=1, tp_rank_id=0)
-    if runtime.supports_active_mask and active_mask is not None:
-        kwargs.update(x_active_mask=active_mask)
-    return kwargs
+def _common_mc2_kwargs(expert_ids, comm_name, ep_world_size, ep_rank_id, moe_expert_num) -> dict:
+    return dict(expert_ids=expert_ids, group_ep=comm_name, ep_world_size=ep_world_size, ep_rank_id=ep_rank_id,
+                moe_expert_num=moe_expert_num, expert_shard_type=0, shared_expert_rank_num=0, global_bs=0)
 
 
 def distribute_dispatch(runtime: NpuRuntime, hidden_states: torch.Tensor, expert_ids: torch.Tensor, *,
                         comm_name: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
-                        active_mask: Optional[torch.Tensor]):
+                        active_mask: Optional[torch.Tensor], expert_weights: Optional[torch.Tensor] = None):
     """Send each (token, expert) row to the rank of its expert.
 
+    ``hidden_states`` [BS, H] bf16/fp16, ``expert_ids`` [BS, K] (made int32),
+    ``expert_weights`` [BS, K] (the routing weights; required on A2, where
+    combine needs the ``expand_scales`` that dispatch derives from them),
+    ``active_mask`` bool [BS] (honoured where the runtime supports it).
     Returns ``(rows [A, H] grouped by local expert then source rank, counts
     int64 [L], state)``; only the first ``counts.sum()`` rows are meaningful.
     """
     expert_ids = expert_ids.to(torch.int32)
-    kwargs = _common_mc2_kwargs(runtime, expert_ids, comm_name, ep_world_size, ep_rank_id, moe_expert_num,
-                                active_mask)
-    kwargs.update(x=hidden_states, scales=None, quant_mode=0)
+    kwargs = _common_mc2_kwargs(expert_ids, comm_name, ep_world_size, ep_rank_id, moe_expert_num)
+    if runtime.soc_version == "A2":
+        if expert_weights is None:
+            raise ValueError("distribute_dispatch: expert_weights must be given on A2 (combine needs expand_scales)")
+        kwargs.update(expert_scales=expert_weights.to(torch.float32))
+    mask = active_mask if runtime.supports_active_mask else None
+    if mask is not None:
+        kwargs.update(x_active_mask=mask)
     dispatch = (runtime.ops.npu_moe_distribute_dispatch_v2 if runtime.has_dispatch_v2
                 else runtime.ops.npu_moe_distribute_dispatch)
-    rows, _dynamic_scales, assist_info, expert_tokens, ep_recv_counts, tp_recv_counts = dispatch(**kwargs)[:6]
-    state = DispatchState(expert_ids, assist_info, ep_recv_counts, tp_recv_counts, kwargs.get("x_active_mask"))
+    rows, _dynamic_scales, assist_info, expert_tokens, ep_recv_counts, tp_recv_counts, expand_scales = dispatch(
+        hidden_states, quant_mode=0, **kwargs)
+    state = DispatchState(expert_ids, assist_info, ep_recv_counts, tp_recv_counts, expand_scales, mask)
     return rows, expert_tokens, state
 
 
 def distribute_combine(runtime: NpuRuntime, expert_output: torch.Tensor, expert_weights: torch.Tensor,
                        state: DispatchState, *, comm_name: str, ep_world_size: int, ep_rank_id: int,
                        moe_expert_num: int) -> torch.Tensor:
-    """Bring expert outputs back and sum them per token with ``expert_weights`` (fp32)."""
-    kwargs = _common_mc2_kwargs(runtime, state.expert_ids, comm_name, ep_world_size, ep_rank_id,
-                                moe_expert_num, state.active_mask)
+    """Bring expert outputs back and sum them per token with ``expert_weights`` [BS, K] (as fp32).
+
+    ``expert_output`` [A, H]: the rows of dispatch, in its order. Returns [BS, H] in its dtype.
+    """
+    kwargs = _common_mc2_kwargs(state.expert_ids, comm_name, ep_world_size, ep_rank_id, moe_expert_num)
     kwargs.update(expand_x=expert_output, expert_scales=expert_weights.to(torch.float32),
                   ep_send_counts=state.ep_recv_counts)
     if runtime.has_dispatch_v2:
         kwargs.update(assist_info_for_combine=state.assist_info)
+        if state.active_mask is not None:
+            kwargs.update(x_active_mask=state.active_mask)
     else:
         kwargs.update(expand_idx=state.assist_info)
-    if runtime.needs_tp_arguments:
+    if runtime.soc_version == "A2":
+        kwargs.update(expand_scales=state.expand_scales)
+    else:
         kwargs.update(tp_send_counts=state.tp_recv_counts)
     combine = (runtime.ops.npu_moe_distribute_combine_v2 if runtime.has_dispatch_v2
                else runtime.ops.npu_moe_distribute_combine)

@@ -1,29 +1,45 @@
 """An emulation, on CPU and any torch.distributed backend, of the torch_npu operators moe_ext calls.
 
-Written from the operators' documented contracts (see docs/moe_layer.md):
-row orders, outputs, counts, the received-token layout of MC2 dispatch. It
-checks moe_ext's *wiring* of those calls — argument names, dtypes, shapes,
-what is passed from dispatch to combine, which rows are read — against the
-documentation, not against the hardware. Where the documentation leaves
-something open the emulation is loud instead of guessing:
+What is checked, and against what:
 
-- rows an operator leaves unwritten or undefined (past the valid count of
-  ``npu_moe_init_routing_v2``, past the last group of ``npu_grouped_matmul``,
-  past the received rows of dispatch) are filled with NaN, so reading them
-  shows up;
+- **binding** — every emulated operator is reached only through the real
+  schema of torch-npu :data:`~moe_ext.testing.npu_schemas.TORCH_NPU_VERSION`
+  (:mod:`moe_ext.testing.npu_schemas`): torch's schema matcher binds the call
+  exactly as it binds ``torch_npu.npu_X`` (a wrong keyword, a keyword-only
+  argument passed by position, a missing argument or a wrong type fails), and
+  checks that the emulation returns the declared number and kind of outputs;
+- **behaviour** — emulated from the operators' documentation: Ascend's
+  op-plugin documentation of the pinned release (branch ``26.1.0`` of
+  Ascend/op-plugin, whose ``op_plugin_functions.yaml`` declares exactly the
+  wheel's schemas for these operators) and the output shapes of torch_npu's
+  own meta functions (``torch_npu/op_plugin/meta/_meta_registrations.py`` in
+  the wheel). Documented dtypes and limits are refused as the operator refuses
+  them: :class:`~moe_ext.errors.ArgumentError` (a ``ValueError``) for a value,
+  ``TypeError`` for a tensor dtype;
+- never run on Ascend hardware: nothing here says how the hardware behaves
+  where the documentation is silent.
+
+Where the documentation leaves something open the emulation is loud instead
+of guessing:
+
+- rows an operator leaves unwritten (past the valid count of
+  ``npu_moe_init_routing_v2``, past the received rows of MC2 dispatch) are
+  NaN, so reading them shows up;
 - combine output rows of tokens masked out by ``x_active_mask`` are NaN;
-- ``assist_info_for_combine`` is an opaque token that combine accepts only
-  from the matching dispatch;
-- quantisation modes, ``row_idx_type``/count types beyond the documented
-  ones, TP inside MC2 (``tp_world_size > 1``), shared experts and
-  ``global_bs`` raise ``NotImplementedError``;
-- documented limits (batch size, hidden size, top-k, world sizes, duplicate
-  experts in a row, mask shape) raise ``ValueError``.
+- ``expand_idx`` / ``assist_info_for_combine`` / ``ep_recv_counts`` /
+  ``expand_scales`` / ``tp_recv_counts`` are accepted by combine only as the
+  very tensors its dispatch returned (the documentation: pass them on, depend
+  on nothing in them);
+- quantisation, shared / special experts, TP inside MC2, ``global_bs`` other
+  than ``0`` or ``BS * W``, the hierarchy and fullmesh_v2 MC2 algorithms,
+  key-value expert counts and the ``int[]`` overload of the grouped matmul
+  raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,88 +47,186 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_ext.errors import ArgumentError
 from moe_ext.platform.npu import NpuRuntime
+from moe_ext.testing import npu_schemas
 
 __all__ = ["EmulatedTorchNpu", "emulated_runtime"]
 
-_A2_WORLD_SIZES = set(range(2, 9)) | {16, 32, 64, 128, 256}
+_FLOAT_16 = (torch.bfloat16, torch.float16)
+# MC2 EP world sizes (torch_npu docs, op-plugin 26.1.0, npu_moe_distribute_dispatch[_v2]).
+_V1_WORLD_SIZES = {"A2": {16, 32, 64}, "A3": {8, 16, 32, 64, 128, 144, 256, 288}}
+_V2_A2_FULLMESH_WORLD_SIZES = set(range(2, 9)) | {16, 32, 64, 128, 256}
 
 
-def _unwritten(shape, dtype) -> torch.Tensor:
+def _unwritten(shape, dtype, device=None) -> torch.Tensor:
     if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype)
-    return torch.full(shape, -(2 ** 31) + 7, dtype=dtype)  # an implausible value for int rows
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -(2 ** 31) + 7, dtype=dtype, device=device)  # an implausible value for int rows
 
 
-class _AssistInfo:
-    """Opaque stand-in for ``assist_info_for_combine`` (its contents are not documented)."""
+def _same_tensor(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
 
-    def __init__(self, dispatch_id: int):
-        self.dispatch_id = dispatch_id
+
+def _require_dtype(op: str, name: str, tensor: torch.Tensor, allowed) -> None:
+    if tensor.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must be {' or '.join(str(d) for d in allowed)}, got {tensor.dtype}")
+
+
+def _refuse(op: str, message: str) -> None:
+    raise ArgumentError(f"{op}: {message}")
 
 
 @dataclass
 class _DispatchRecord:
     dispatch_id: int
+    v2: bool
+    batch: int
+    rows_out: int                 # A: the rows of expand_x
     expert_ids: torch.Tensor
     active: torch.Tensor          # [BS*K] bool: entries that were sent
-    expand_idx: torch.Tensor      # [BS*K] int32
+    expand_idx: torch.Tensor      # [BS*K] int32 (v1 output)
+    assist: torch.Tensor          # what dispatch returned as expand_idx / assist_info_for_combine
     ep_recv_counts: torch.Tensor
+    tp_recv_counts: torch.Tensor
+    expand_scales: torch.Tensor
+    mask: Optional[torch.Tensor]  # the x_active_mask dispatch honoured (v2), None otherwise
     block_sizes: torch.Tensor     # [L, W] rows this rank received per (local expert, source)
     sent_per_expert: torch.Tensor  # [E] rows this rank sent per expert
-    assist: Any
+
+
+class _BoundOperator:
+    """``torch_npu.npu_X`` as the call sites see it: the pinned schema binds, the emulation computes."""
+
+    def __init__(self, emulation: "EmulatedTorchNpu", packet: str):
+        self._emulation = emulation
+        self._packet = packet
+        self.__name__ = packet
+
+    def __call__(self, *args, **kwargs):
+        operators = npu_schemas.bound_operators()
+        with npu_schemas.calling(self._emulation._run):
+            return getattr(operators, self._packet)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<emulated torch_npu.{self._packet}, bound to torch-npu {npu_schemas.TORCH_NPU_VERSION}'s schema>"
+
+
+def _implementations(cls) -> dict:
+    """packet -> implementation: methods ``_npu_X`` (and public ``npu_X``) of the class."""
+    found = {}
+    for name in dir(cls):
+        if name.startswith("_npu_"):
+            found[name[1:]] = getattr(cls, name)
+        elif name.startswith("npu_") and callable(getattr(cls, name)):
+            found[name] = getattr(cls, name)
+    return found
 
 
 class EmulatedTorchNpu:
     """Stands in for the ``torch_npu`` module in :class:`NpuRuntime`.
 
     ``soc_version`` "A2" or "A3" selects the documented limits and argument
-    sets; ``with_v2`` whether the ``_v2`` dispatch/combine operators exist.
-    Process groups used by MC2 are registered with :meth:`comm_name`.
+    sets; ``with_v2`` whether the ``_v2`` dispatch/combine operators exist
+    (torch_npu 2.14 always has them; older releases did not). Every operator
+    attribute is a :class:`_BoundOperator`. Implementations are methods named
+    ``_npu_X`` (or ``npu_X``) taking every schema argument by name (a schema
+    argument called ``self`` arrives as ``self_``). Process groups are
+    registered by :meth:`comm_name`. ``calls`` counts the bound calls per
+    operator.
     """
 
+    _V2_ONLY = ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2")
+
     def __init__(self, soc_version: str = "A3", with_v2: bool = True):
+        if soc_version not in ("A2", "A3"):
+            raise ArgumentError(f"EmulatedTorchNpu: soc_version must be 'A2' or 'A3', got {soc_version!r}")
         self.soc_version = soc_version
-        self.with_v2 = with_v2
+        self.with_v2 = bool(with_v2)
         self._groups: dict[str, Any] = {}
         self._records: dict[str, _DispatchRecord] = {}
         self._ids = itertools.count(1)
-        if with_v2:
-            self.npu_moe_distribute_dispatch_v2 = self._dispatch_v2
-            self.npu_moe_distribute_combine_v2 = self._combine_v2
         self.calls: dict[str, int] = {}
+        packets = set(npu_schemas.SCHEMAS_BY_PACKET)
+        for packet in _implementations(type(self)):
+            if packet not in packets:
+                raise AssertionError(f"EmulatedTorchNpu.{packet}: no pinned schema in moe_ext.testing.npu_schemas")
+            if packet in self._V2_ONLY and not self.with_v2:
+                continue
+            setattr(self, packet, _BoundOperator(self, packet))
 
-    def _count(self, name: str) -> None:
-        self.calls[name] = self.calls.get(name, 0) + 1
+    def _run(self, packet: str, overload: str, arguments: dict):
+        self.calls[packet] = self.calls.get(packet, 0) + 1
+        if overload:
+            raise NotImplementedError(f"emulated {packet}.{overload}: only the default overload is emulated")
+        implementation = _implementations(type(self))[packet]
+        return implementation(self, **{("self_" if name == "self" else name): value
+                                       for name, value in arguments.items()})
+
+    @staticmethod
+    def _only_defaults(op: str, arguments: dict) -> None:
+        """Arguments the emulation does not model must keep their schema defaults."""
+        defaults = npu_schemas.schema_defaults(op)
+        changed = sorted(name for name, value in arguments.items() if value is not None and value != defaults[name])
+        changed += sorted(name for name, value in arguments.items() if value is None and defaults[name] is not None)
+        if changed:
+            raise NotImplementedError(f"emulated {op}: arguments {changed} are not emulated (only their defaults)")
 
     # -- HCCL communicator names ---------------------------------------------------------
-    def comm_name(self, process_group: Any, rank_in_group: int) -> str:
+    def comm_name(self, process_group: Any, global_rank: int) -> str:
+        """``get_hccl_comm_name(rankid)``: ``rankid`` is this process's *global* rank (see platform/npu.py)."""
+        if global_rank != dist.get_rank():
+            raise ArgumentError(f"get_hccl_comm_name: rankid must be this process's global rank {dist.get_rank()} "
+                                f"(Ascend's documentation: 'The input is a global rank ID'), got {global_rank}")
+        if global_rank not in dist.get_process_group_ranks(process_group):
+            raise ArgumentError(f"get_hccl_comm_name: rank {global_rank} is not a member of the group "
+                                f"{dist.get_process_group_ranks(process_group)}")
         name = f"emulated_hccl_{id(process_group):x}"
         self._groups[name] = process_group
         return name
 
-    def _group(self, name: str):
+    def _group(self, op: str, name: str):
         if name not in self._groups:
-            raise ValueError(f"emulated torch_npu: unknown HCCL communicator name {name!r}")
+            _refuse(op, f"unknown HCCL communicator name {name!r}")
         return self._groups[name]
 
     # -- npu_moe_init_routing_v2 ---------------------------------------------------------
-    def npu_moe_init_routing_v2(self, x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,
-                                expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0,
-                                expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=(),
-                                row_idx_type=0):
-        self._count("npu_moe_init_routing_v2")
-        if expert_idx.dtype != torch.int32 or expert_idx.dim() != 2 or x.dim() != 2 or \
-                x.shape[0] != expert_idx.shape[0]:
-            raise ValueError(f"npu_moe_init_routing_v2: expert_idx must be int32 [N, K] matching x [N, H], got "
-                             f"{expert_idx.dtype} {tuple(expert_idx.shape)} and x {tuple(x.shape)}")
-        if drop_pad_mode != 0 or quant_mode != -1 or scale is not None or offset is not None:
-            raise NotImplementedError("emulated npu_moe_init_routing_v2: only dropless, unquantised, no scale")
-        if expert_tokens_num_type not in (0, 1) or row_idx_type not in (0, 1):
-            raise NotImplementedError("emulated npu_moe_init_routing_v2: count types 0/1 and row_idx_type 0/1 only")
-        start, end = (list(active_expert_range) or [0, expert_num])
+    def _npu_moe_init_routing_v2(self, x, expert_idx, scale, offset, active_num, expert_capacity, expert_num,
+                                 drop_pad_mode, expert_tokens_num_type, expert_tokens_num_flag, quant_mode,
+                                 active_expert_range, row_idx_type, x_dtype):
+        op = "npu_moe_init_routing_v2"
+        self._only_defaults(op, dict(scale=scale, offset=offset, expert_capacity=expert_capacity,
+                                     drop_pad_mode=drop_pad_mode, quant_mode=quant_mode, x_dtype=x_dtype))
+        _require_dtype(op, "x", x, (torch.float16, torch.bfloat16, torch.float32, torch.int8))
+        _require_dtype(op, "expert_idx", expert_idx, (torch.int32,))
+        if x.dim() != 2 or expert_idx.dim() != 2 or x.shape[0] != expert_idx.shape[0]:
+            _refuse(op, f"x must be [N, H] and expert_idx [N, K], got {tuple(x.shape)} and {tuple(expert_idx.shape)}")
+        # torch_npu 7.1.0-7.3.0 documentation: "expert_tokens_num_type ... 当前仅支持1和2" and
+        # "expert_tokens_num_flag ... 当前仅支持True"; 26.x admits more. Enforced so calls work on both.
+        if expert_tokens_num_type not in (1, 2):
+            _refuse(op, f"expert_tokens_num_type must be 1 (count) or 2 (key-value), got {expert_tokens_num_type}")
+        if expert_tokens_num_flag is not True:
+            _refuse(op, f"expert_tokens_num_flag must be True, got {expert_tokens_num_flag}")
+        if expert_tokens_num_type == 2:
+            raise NotImplementedError("emulated npu_moe_init_routing_v2: key-value counts are not emulated")
+        if row_idx_type not in (0, 1):
+            _refuse(op, f"row_idx_type must be 0 or 1, got {row_idx_type}")
+        if not 0 <= expert_num <= 10240:
+            _refuse(op, f"expert_num must be in [0, 10240], got {expert_num}")
+        if active_num < -1:
+            _refuse(op, f"active_num must be >= -1, got {active_num}")
+        start, end = list(active_expert_range) or [0, expert_num]
+        if not 0 <= start < end <= expert_num:
+            _refuse(op, f"active_expert_range must satisfy 0 <= start < end <= expert_num {expert_num}, "
+                        f"got {list(active_expert_range)}")
         num_tokens, top_k = expert_idx.shape
         flat = expert_idx.reshape(-1).to(torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > expert_num):
+            _refuse(op, f"expert ids must lie in [0, expert_num {expert_num}], got [{int(flat.min())}, "
+                        f"{int(flat.max())}]")
         in_range = (flat >= start) & (flat < end)
         key = torch.where(in_range, flat, torch.full_like(flat, 2 ** 40))  # below start and at/after end: last
         order = torch.sort(key, stable=True).indices
@@ -127,138 +241,231 @@ class EmulatedTorchNpu:
         else:
             row_idx = order.to(torch.int32)
         counts = torch.bincount(flat[in_range] - start, minlength=end - start).to(torch.int64)
-        if expert_tokens_num_type == 0:
-            counts = torch.cumsum(counts, 0)
-        return expanded_x, row_idx, (counts if expert_tokens_num_flag else None), None
+        expanded_scale = _unwritten((num_tokens,), torch.float32)  # meaningless without scale (documented)
+        return expanded_x, row_idx, counts, expanded_scale
 
     # -- npu_moe_token_unpermute ---------------------------------------------------------
-    def npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs=None, padded_mode=False,
-                                restore_shape=None):
-        self._count("npu_moe_token_unpermute")
-        if padded_mode:
-            raise NotImplementedError("npu_moe_token_unpermute: padded_mode=True is unsupported")
+    def _npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs, padded_mode, restore_shape):
+        op = "npu_moe_token_unpermute"
+        if padded_mode or restore_shape is not None:
+            raise NotImplementedError(f"emulated {op}: padded_mode=True / restore_shape are not emulated")
+        _require_dtype(op, "permuted_tokens", permuted_tokens, (torch.bfloat16, torch.float16, torch.float32))
+        _require_dtype(op, "sorted_indices", sorted_indices, (torch.int32,))
         top_k = probs.shape[1] if probs is not None else 1
+        if permuted_tokens.dim() != 2 or sorted_indices.dim() != 1 or (probs is not None and probs.dim() != 2):
+            _refuse(op, "permuted_tokens must be 2-D, sorted_indices 1-D and probs 2-D")
+        if probs is not None and sorted_indices.numel() != probs.numel():
+            _refuse(op, f"sorted_indices must have probs.numel() = {probs.numel()} entries, got "
+                        f"{sorted_indices.numel()}")
         index = sorted_indices.to(torch.int64)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= permuted_tokens.shape[0]):
-            raise ValueError(f"npu_moe_token_unpermute: sorted_indices must lie in [0, {permuted_tokens.shape[0]}), "
-                             f"got [{int(index.min())}, {int(index.max())}]")
+            _refuse(op, f"sorted_indices must lie in [0, {permuted_tokens.shape[0]}), got "
+                        f"[{int(index.min())}, {int(index.max())}]")
         if torch.unique(index).numel() != index.numel():
-            raise ValueError("npu_moe_token_unpermute: sorted_indices must not repeat")
+            _refuse(op, "sorted_indices must not repeat")
         rows = permuted_tokens.index_select(0, index).float().view(-1, top_k, permuted_tokens.shape[1])
         if probs is not None:
             rows = rows * probs.float().unsqueeze(2)
         return rows.sum(1).to(permuted_tokens.dtype)
 
     # -- npu_grouped_matmul / npu_swiglu -------------------------------------------------
-    def npu_grouped_matmul(self, x, weight, *, bias=None, group_list=None, split_item=0, group_type=None,
-                           group_list_type=0, **unsupported):
-        self._count("npu_grouped_matmul")
-        if unsupported or bias is not None:
-            raise NotImplementedError(f"emulated npu_grouped_matmul: unsupported arguments {sorted(unsupported)}")
-        if len(x) != 1 or len(weight) != 1 or weight[0].dim() != 3 or group_type != 0 or split_item not in (2, 3):
-            raise NotImplementedError("emulated npu_grouped_matmul: only the MoE form x=[X], weight=[W (E,K,N)], "
-                                      "group_type=0, split_item 2/3")
+    def _npu_grouped_matmul(self, x, weight, group_list, split_item, group_type, group_list_type, **rest):
+        op = "npu_grouped_matmul"
+        self._only_defaults(op, rest)
+        # The MoE form (docs, group_type 0, "Single-Single-Single"): x [M, K], weight [E, K, N], y [M, N].
+        if len(x) != 1 or len(weight) != 1 or weight[0].dim() != 3 or x[0].dim() != 2 or group_type != 0 or \
+                split_item not in (2, 3):
+            raise NotImplementedError(f"emulated {op}: only x=[X (M, K)], weight=[W (E, K, N)], group_type=0, "
+                                      f"split_item 2/3 is emulated")
         rows, w = x[0], weight[0]
-        if group_list is None or group_list.dtype != torch.int64 or tuple(group_list.shape) != (w.shape[0],):
-            raise ValueError(f"npu_grouped_matmul: group_list must be int64 [{w.shape[0]}]")
+        _require_dtype(op, "x", rows, (torch.float16, torch.bfloat16, torch.float32))
+        if w.dtype != rows.dtype or rows.shape[1] != w.shape[1]:
+            _refuse(op, f"weight must be {rows.dtype} [E, {rows.shape[1]}, N], got {w.dtype} {tuple(w.shape)}")
+        if group_list is None:
+            _refuse(op, "group_list must be passed for group_type 0")
+        _require_dtype(op, "group_list", group_list, (torch.int64,))
+        if tuple(group_list.shape) != (w.shape[0],) or w.shape[0] > 1024:
+            _refuse(op, f"group_list must be 1-D with one entry per weight group ({w.shape[0]}, at most 1024), got "
+                        f"{tuple(group_list.shape)}")
         if group_list_type not in (0, 1):
-            raise ValueError(f"npu_grouped_matmul: group_list_type must be 0 or 1, got {group_list_type}")
-        ends = group_list if group_list_type == 0 else torch.cumsum(group_list, 0)
-        if ends.numel() and int(ends[-1]) > rows.shape[0]:
-            raise ValueError(f"npu_grouped_matmul: groups cover {int(ends[-1])} rows, x has {rows.shape[0]}")
-        out = _unwritten((rows.shape[0], w.shape[2]), rows.dtype)  # rows past the last group: random on NPU
+            raise NotImplementedError(f"emulated {op}: group_list_type {group_list_type} (0 cumsum, 1 counts only)")
+        values = group_list.tolist()
+        if any(v < 0 for v in values):
+            _refuse(op, f"group_list must be non-negative, got {values}")
+        if group_list_type == 0:
+            if any(b < a for a, b in zip(values, values[1:])):
+                _refuse(op, f"group_list (cumsum, type 0) must be non-decreasing, got {values}")
+            total = values[-1]
+            ends = values
+        else:
+            if len(values) == 1:
+                _refuse(op, "group_list (counts, type 1) must not have length 1")
+            total = sum(values)
+            ends = list(itertools.accumulate(values))
+        # Documented: the last cumsum / the sum of the counts must equal x's first dimension.
+        if total != rows.shape[0]:
+            _refuse(op, f"group_list must cover x's {rows.shape[0]} rows exactly, it covers {total}")
+        out = torch.empty((rows.shape[0], w.shape[2]), dtype=rows.dtype)
         start = 0
-        for group, end in enumerate(ends.tolist()):
+        for group, end in enumerate(ends):
             if end > start:
                 out[start:end] = (rows[start:end].float() @ w[group].float()).to(rows.dtype)
             start = end
         return [out]
 
-    def npu_swiglu(self, x, dim=-1):
-        self._count("npu_swiglu")
-        a, b = x.chunk(2, dim=dim)
-        return (F.silu(a.float()) * b.float()).to(x.dtype)
+    def _npu_swiglu(self, self_, dim):
+        a, b = self_.chunk(2, dim=dim)
+        return (F.silu(a.float()) * b.float()).to(self_.dtype)
 
-    # -- MC2 dispatch -------------------------------------------------------------------
-    def npu_moe_distribute_dispatch(self, **kwargs):
-        self._count("npu_moe_distribute_dispatch")
-        if "x_active_mask" in kwargs:
-            raise TypeError("npu_moe_distribute_dispatch (v1) takes no x_active_mask")
-        return self._dispatch(v2=False, **kwargs)
+    # -- MC2 ---------------------------------------------------------------------------
+    def _npu_moe_distribute_dispatch(self, **arguments):
+        return self._dispatch("npu_moe_distribute_dispatch", False, **arguments)
 
-    def _dispatch_v2(self, **kwargs):
-        self._count("npu_moe_distribute_dispatch_v2")
-        return self._dispatch(v2=True, **kwargs)
+    def _npu_moe_distribute_dispatch_v2(self, *, elastic_info, performance_info, comm_alg, zero_expert_num,
+                                        copy_expert_num, const_expert_num, y_dtype, x_dtype, scales_dtype,
+                                        **arguments):
+        op = "npu_moe_distribute_dispatch_v2"
+        self._only_defaults(op, dict(elastic_info=elastic_info, performance_info=performance_info,
+                                     zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,
+                                     const_expert_num=const_expert_num, y_dtype=y_dtype, x_dtype=x_dtype,
+                                     scales_dtype=scales_dtype))
+        return self._dispatch(op, True, comm_alg=comm_alg, **arguments)
 
-    def _check_common(self, v2, x_shape, expert_ids, ep_world_size, moe_expert_num, group_tp, tp_world_size,
-                      expert_shard_type, shared_expert_rank_num, global_bs):
-        batch, top_k = expert_ids.shape
-        hidden = x_shape[1] if x_shape is not None else None
-        if expert_ids.dtype != torch.int32:
-            raise ValueError(f"MC2: expert_ids must be int32, got {expert_ids.dtype}")
-        if expert_shard_type != 0 or shared_expert_rank_num != 0 or global_bs != 0:
-            raise NotImplementedError("emulated MC2: shared experts and global_bs are not emulated")
-        if moe_expert_num % ep_world_size:
-            raise ValueError(f"MC2: moe_expert_num {moe_expert_num} must divide by ep_world_size {ep_world_size}")
-        if top_k > 16:
-            raise ValueError(f"MC2: K must be <= 16, got {top_k}")
+    def _algorithm(self, op: str, v2: bool, comm_alg: str) -> str:
+        """The MC2 algorithm a call runs: only the fullmesh ones are emulated."""
+        if not v2:
+            return "fullmesh"
         if self.soc_version == "A2":
-            if batch > 256 or ep_world_size not in _A2_WORLD_SIZES:
-                raise ValueError(f"MC2 on A2: BS <= 256 and W in {sorted(_A2_WORLD_SIZES)}, got BS={batch}, "
-                                 f"W={ep_world_size}")
-            if hidden is not None and (hidden > 7168 or hidden % 32):
-                raise ValueError(f"MC2 on A2: H must be <= 7168 and a multiple of 32, got {hidden}")
-        else:
-            if batch > 512 or not 2 <= ep_world_size <= 768 or moe_expert_num > 1024:
-                raise ValueError(f"MC2 on A3: BS <= 512, W in [2, 768], experts <= 1024; got BS={batch}, "
-                                 f"W={ep_world_size}, experts={moe_expert_num}")
-            if v2 and hidden is not None and not 1024 <= hidden <= 8192:
-                raise ValueError(f"MC2 v2 on A3: H must be in [1024, 8192], got {hidden}")
-            if not group_tp or tp_world_size < 1:
-                raise ValueError("MC2 on A3: group_tp, tp_world_size and tp_rank_id must be passed")
-        if tp_world_size > 1:
-            raise NotImplementedError("emulated MC2: the layout with tp_world_size > 1 is not documented")
-        if batch and (torch.sort(expert_ids, 1).values.diff(dim=1) == 0).any():
-            raise ValueError("MC2: a token's expert_ids must not repeat")
-        if batch and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= moe_expert_num):
-            raise ValueError(f"MC2: expert_ids must lie in [0, {moe_expert_num})")
+            if comm_alg == "":  # documented: "" picks hierarchy under these two variables, else fullmesh
+                hierarchy = (os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1"
+                             and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0")
+                comm_alg = "hierarchy" if hierarchy else "fullmesh"
+            if comm_alg not in ("fullmesh", "hierarchy"):
+                _refuse(op, f"comm_alg on A2 must be '', 'fullmesh' or 'hierarchy', got {comm_alg!r}")
+        elif comm_alg not in ("", "fullmesh_v1", "fullmesh_v2", "hierarchy"):
+            _refuse(op, f"comm_alg on A3 must be '', 'fullmesh_v1', 'fullmesh_v2' or 'hierarchy', got {comm_alg!r}")
+        if comm_alg in ("hierarchy", "fullmesh_v2"):
+            raise NotImplementedError(f"emulated {op}: the {comm_alg} algorithm is not emulated")
+        return comm_alg
 
-    def _dispatch(self, *, v2, x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales=None,
-                  x_active_mask=None, group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
-                  shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
-                  expert_token_nums_type=1):
-        self._check_common(v2, tuple(x.shape), expert_ids, ep_world_size, moe_expert_num, group_tp, tp_world_size,
-                           expert_shard_type, shared_expert_rank_num, global_bs)
-        if quant_mode != 0 or scales is not None:
-            raise NotImplementedError("emulated MC2 dispatch: quantisation is not emulated")
-        if expert_token_nums_type not in (0, 1):
-            raise ValueError(f"MC2 dispatch: expert_token_nums_type must be 0 or 1, got {expert_token_nums_type}")
-        group = self._group(group_ep)
-        world = dist.get_world_size(group)
-        if world != ep_world_size or dist.get_rank(group) != ep_rank_id:
-            raise ValueError(f"MC2 dispatch: ep_world_size/ep_rank_id {ep_world_size}/{ep_rank_id} do not match "
-                             f"the group ({world}/{dist.get_rank(group)})")
+    def _check_mc2(self, op: str, v2: bool, comm_alg: str, *, tokens: torch.Tensor, expert_ids, group_ep,
+                   ep_world_size, ep_rank_id, moe_expert_num, group_tp, tp_world_size, tp_rank_id,
+                   expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs) -> None:
+        """The documented argument limits dispatch and combine share (op-plugin 26.1.0 docs)."""
+        a2 = self.soc_version == "A2"
+        _require_dtype(op, "x" if "dispatch" in op else "expand_x", tokens, _FLOAT_16)
+        _require_dtype(op, "expert_ids", expert_ids, (torch.int32,))
+        if tokens.dim() != 2 or expert_ids.dim() != 2:
+            _refuse(op, f"tokens and expert_ids must be 2-D, got {tuple(tokens.shape)} and {tuple(expert_ids.shape)}")
         batch, top_k = expert_ids.shape
-        hidden = x.shape[1]
-        num_local = moe_expert_num // world
-        device = x.device
+        hidden = tokens.shape[1]
+        if shared_expert_rank_num != 0 or expert_shard_type != 0 or shared_expert_num != 1:
+            raise NotImplementedError(f"emulated {op}: shared experts are not emulated")
+        if global_bs not in (0, batch * ep_world_size):
+            raise NotImplementedError(f"emulated {op}: global_bs other than 0 or BS * ep_world_size")
+        if not isinstance(group_ep, str) or not 1 <= len(group_ep) < 128:
+            _refuse(op, f"group_ep must be a communicator name of length [1, 128), got {group_ep!r}")
+        # group_tp / tp_world_size / tp_rank_id: A2 has no TP domain ("use the default value" in eager
+        # mode); A3 takes "" when there is no TP domain, a name different from group_ep otherwise.
+        if a2 and (group_tp != "" or tp_world_size != 0 or tp_rank_id != 0):
+            _refuse(op, f"on A2 group_tp, tp_world_size and tp_rank_id must keep their defaults ('', 0, 0), got "
+                        f"{group_tp!r}, {tp_world_size}, {tp_rank_id}")
+        if not a2:
+            if group_tp == group_ep:
+                _refuse(op, f"group_tp must differ from group_ep, both are {group_ep!r}")
+            if not 0 <= tp_world_size <= 2:
+                _refuse(op, f"tp_world_size must be in [0, 2], got {tp_world_size}")
+            if tp_world_size == 2:
+                raise NotImplementedError(f"emulated {op}: TP inside MC2 (tp_world_size 2) is not emulated")
+            if tp_rank_id != 0:
+                _refuse(op, f"tp_rank_id must be 0 without a TP domain, got {tp_rank_id}")
+        if v2:
+            sizes = _V2_A2_FULLMESH_WORLD_SIZES if a2 else set(range(2, 769))
+        else:
+            sizes = _V1_WORLD_SIZES[self.soc_version]
+        if ep_world_size not in sizes:
+            _refuse(op, f"ep_world_size on {self.soc_version} must be one of "
+                        f"{sorted(sizes) if len(sizes) < 20 else '[2, 768]'}, got {ep_world_size}")
+        if not 0 <= ep_rank_id < ep_world_size:
+            _refuse(op, f"ep_rank_id must be in [0, {ep_world_size}), got {ep_rank_id}")
+        max_experts = 1024 if v2 else 512
+        if not 1 <= moe_expert_num <= max_experts or moe_expert_num % ep_world_size:
+            _refuse(op, f"moe_expert_num must be in [1, {max_experts}] and divisible by ep_world_size "
+                        f"{ep_world_size}, got {moe_expert_num}")
+        local = moe_expert_num // ep_world_size
+        # "moe_expert_num / (ep_world_size - shared_expert_rank_num) <= 24" on A2 (v1 docs; the v2 docs
+        # of torch_npu 7.x say the same, 26.x dropped it for v2: enforced for both).
+        if a2 and local > 24:
+            _refuse(op, f"on A2 at most 24 experts per rank, got {local}")
+        if not a2 and v2 and local * ep_world_size > 2048:
+            _refuse(op, f"on A3 local_expert_num * ep_world_size must be <= 2048, got {local * ep_world_size}")
+        if a2 and not (0 < hidden <= 7168 and hidden % 32 == 0):
+            _refuse(op, f"on A2 H must be in (0, 7168] and a multiple of 32, got {hidden}")
+        if not a2 and not v2 and hidden != 7168:
+            _refuse(op, f"on A3 (v1 operators) H must be 7168, got {hidden}")
+        if not a2 and v2 and not 1024 <= hidden <= 8192:
+            _refuse(op, f"on A3 H must be in [1024, 8192], got {hidden}")
+        max_batch = 256 if a2 else 512
+        if not 0 < batch <= max_batch:
+            _refuse(op, f"on {self.soc_version} BS must be in (0, {max_batch}], got {batch}")
+        if v2:
+            max_k = 12 if comm_alg == "" else 16  # "When comm_alg is set to "" ..., 0 < K <= 12"
+        else:
+            max_k = 16 if a2 else 8
+        if not 0 < top_k <= min(max_k, moe_expert_num):
+            _refuse(op, f"K must be in (0, {min(max_k, moe_expert_num)}], got {top_k}")
+        if (torch.sort(expert_ids, 1).values.diff(dim=1) == 0).any():
+            _refuse(op, "a token's expert_ids must not repeat")
+        if int(expert_ids.min()) < 0 or int(expert_ids.max()) >= moe_expert_num:
+            _refuse(op, f"expert_ids must lie in [0, {moe_expert_num})")
 
-        active_tokens = torch.ones(batch, dtype=torch.bool, device=device)
-        if x_active_mask is not None:
-            if x_active_mask.dtype != torch.bool or tuple(x_active_mask.shape) != (batch,):
-                raise ValueError(f"MC2 dispatch: x_active_mask must be bool [{batch}], got "
-                                 f"{x_active_mask.dtype} {tuple(x_active_mask.shape)}")
+    def _dispatch(self, op, v2, *, x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales,
+                  x_active_mask, expert_scales, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                  shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type,
+                  comm_alg=""):
+        comm_alg = self._algorithm(op, v2, comm_alg)
+        self._check_mc2(op, v2, comm_alg, tokens=x, expert_ids=expert_ids, group_ep=group_ep,
+                        ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+                        group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
+                        expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+                        shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs)
+        if quant_mode != 0 or scales is not None:
+            raise NotImplementedError(f"emulated {op}: quantisation is not emulated")
+        if expert_token_nums_type not in (0, 1):
+            _refuse(op, f"expert_token_nums_type must be 0 or 1, got {expert_token_nums_type}")
+        batch, top_k = expert_ids.shape
+        if expert_scales is not None:
+            if self.soc_version == "A3":
+                _refuse(op, "expert_scales is not supported on A3 (documented: keep the default None)")
+            _require_dtype(op, "expert_scales", expert_scales, (torch.float32,))
+            if tuple(expert_scales.shape) != (batch, top_k):
+                _refuse(op, f"expert_scales must be [BS, K] = [{batch}, {top_k}], got {tuple(expert_scales.shape)}")
+        mask = None
+        if x_active_mask is not None and v2:  # v1: "Reserved parameter, currently not used"
+            _require_dtype(op, "x_active_mask", x_active_mask, (torch.bool,))
+            if x_active_mask.dim() == 2:
+                raise NotImplementedError(f"emulated {op}: the 2-D (BS, K) x_active_mask is not emulated")
+            if tuple(x_active_mask.shape) != (batch,):
+                _refuse(op, f"x_active_mask must be bool [{batch}], got {tuple(x_active_mask.shape)}")
             num_true = int(x_active_mask.sum())
             if not bool(x_active_mask[:num_true].all()):
-                raise ValueError("MC2 dispatch: x_active_mask must have all trues before any false")
-            active_tokens = x_active_mask
+                _refuse(op, "x_active_mask must have all trues before any false")
+            mask = x_active_mask
+        group = self._group(op, group_ep)
+        world = dist.get_world_size(group)
+        if world != ep_world_size or dist.get_rank(group) != ep_rank_id:
+            _refuse(op, f"ep_world_size/ep_rank_id {ep_world_size}/{ep_rank_id} do not match the group "
+                        f"({world}/{dist.get_rank(group)})")
+        num_local = moe_expert_num // world
+        hidden = x.shape[1]
+        device = x.device
         # global_bs = 0 means BS * W: every rank must bring the same BS.
         batches = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
         dist.all_gather(batches, torch.tensor([batch], dtype=torch.int64, device=device), group=group)
         if any(int(b) != batch for b in batches):
-            raise ValueError(f"MC2 dispatch: with global_bs=0 every rank needs the same BS, got "
-                             f"{[int(b) for b in batches]}")
+            _refuse(op, f"with global_bs=0 every rank needs the same BS, got {[int(b) for b in batches]}")
 
+        active_tokens = mask if mask is not None else torch.ones(batch, dtype=torch.bool, device=device)
         flat = expert_ids.reshape(-1).to(torch.int64)
         active = active_tokens.repeat_interleave(top_k)
         # expand_idx: earlier active entries of this rank with the same expert.
@@ -271,18 +478,24 @@ class EmulatedTorchNpu:
         sent_per_expert = seen
         order = torch.sort(torch.where(active, flat, torch.full_like(flat, moe_expert_num)), stable=True).indices
         order = order[: int(active.sum())]
-        send_rows = x.index_select(0, order // top_k)
+        # Each row travels with its fp32 weight when expert_scales is given (documented: expand_scales is
+        # "the output after the alltoallv operation is performed on expert_scales and x").
+        weights = (expert_scales.reshape(-1)[order].float() if expert_scales is not None
+                   else torch.zeros(order.numel(), dtype=torch.float32))
+        send_rows = torch.cat([x.index_select(0, order // top_k).float(), weights.unsqueeze(1)], 1)
         send_counts = sent_per_expert.to(device)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)  # [W*L]: source s, local expert le
         input_splits = send_counts.view(world, num_local).sum(1).tolist()
         output_splits = recv_counts.view(world, num_local).sum(1).tolist()
-        received = x.new_empty((sum(output_splits), hidden))
+        received = send_rows.new_empty((sum(output_splits), hidden + 1))
         dist.all_to_all_single(received, send_rows.contiguous(), output_splits, input_splits, group=group)
 
         block_sizes = recv_counts.view(world, num_local).t().contiguous()  # [L, W]
         rows_out = batch * world * min(num_local, top_k)
-        expand_x = _unwritten((rows_out, hidden), x.dtype).to(device)
+        expand_x = _unwritten((rows_out, hidden), x.dtype, device)
+        expand_scales = (_unwritten((rows_out,), torch.float32) if expert_scales is not None
+                         else torch.empty(0, dtype=torch.float32))
         source_start = torch.cumsum(torch.tensor([0] + output_splits[:-1]), 0).tolist()
         inside_source = [0] * world
         write = 0
@@ -290,59 +503,93 @@ class EmulatedTorchNpu:
             for s in range(world):
                 size = int(block_sizes[le, s])
                 begin = source_start[s] + inside_source[s]
-                expand_x[write:write + size] = received[begin:begin + size]
+                expand_x[write:write + size] = received[begin:begin + size, :hidden].to(x.dtype)
+                if expert_scales is not None:
+                    expand_scales[write:write + size] = received[begin:begin + size, hidden]
                 inside_source[s] += size
                 write += size
         expert_token_nums = block_sizes.sum(1).to(torch.int64)
         if expert_token_nums_type == 0:
             expert_token_nums = torch.cumsum(expert_token_nums, 0)
         ep_recv_counts = torch.cumsum(block_sizes.reshape(-1), 0).to(torch.int32)
-        if self.soc_version == "A2":  # larger on A2; what the extra entries hold is not documented
-            ep_recv_counts = torch.cat([ep_recv_counts, torch.full((world,), -1, dtype=torch.int32)])
-        tp_recv_counts = (torch.tensor([write], dtype=torch.int32) if self.soc_version == "A3"
-                          else torch.empty(0, dtype=torch.int32))
+        if expert_scales is not None:  # shape of torch_npu's meta function; what the extra entries hold is opaque
+            extra = batch * world * 2 * top_k * (world // 8)
+            ep_recv_counts = torch.cat([ep_recv_counts, _unwritten((extra,), torch.int32)])
+        tp_recv_counts = torch.zeros(tp_world_size, dtype=torch.int32)
         dispatch_id = next(self._ids)
-        assist = _AssistInfo(dispatch_id) if v2 else expand_idx
-        self._records[group_ep] = _DispatchRecord(dispatch_id, expert_ids.clone(), active, expand_idx,
-                                                  ep_recv_counts.clone(), block_sizes, sent_per_expert, assist)
-        dynamic_scales = torch.full((rows_out,), float("nan"), dtype=torch.float32)
-        expand_scales = torch.full((rows_out,), float("nan"), dtype=torch.float32)
+        if v2:  # opaque: (max(BS*K, A*128),) int32 per torch_npu's meta function
+            assist = _unwritten((max(batch * top_k, rows_out * 128),), torch.int32)
+            assist[0] = dispatch_id
+        else:
+            assist = expand_idx
+        self._records[group_ep] = _DispatchRecord(
+            dispatch_id, v2, batch, rows_out, expert_ids.clone(), active, expand_idx, assist, ep_recv_counts,
+            tp_recv_counts, expand_scales, mask, block_sizes, sent_per_expert)
+        dynamic_scales = _unwritten((rows_out,), torch.float32)
         return (expand_x, dynamic_scales, assist, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales)
 
-    # -- MC2 combine --------------------------------------------------------------------
-    def npu_moe_distribute_combine(self, *, expand_idx, **kwargs):
-        self._count("npu_moe_distribute_combine")
-        if "x_active_mask" in kwargs:
-            raise TypeError("npu_moe_distribute_combine (v1) takes no x_active_mask")
-        return self._combine(v2=False, handle=expand_idx, **kwargs)
+    def _npu_moe_distribute_combine(self, *, expand_idx, activation_scale, weight_scale, group_list, out_dtype,
+                                    group_list_type, **arguments):
+        op = "npu_moe_distribute_combine"
+        self._only_defaults(op, dict(activation_scale=activation_scale, weight_scale=weight_scale,
+                                     group_list=group_list, out_dtype=out_dtype, group_list_type=group_list_type))
+        return self._combine(op, False, handle=expand_idx, **arguments)
 
-    def _combine_v2(self, *, assist_info_for_combine, **kwargs):
-        self._count("npu_moe_distribute_combine_v2")
-        return self._combine(v2=True, handle=assist_info_for_combine, **kwargs)
+    def _npu_moe_distribute_combine_v2(self, *, assist_info_for_combine, elastic_info, ori_x, const_expert_alpha_1,
+                                       const_expert_alpha_2, const_expert_v, performance_info, comm_alg,
+                                       zero_expert_num, copy_expert_num, const_expert_num, **arguments):
+        op = "npu_moe_distribute_combine_v2"
+        self._only_defaults(op, dict(elastic_info=elastic_info, ori_x=ori_x, const_expert_alpha_1=const_expert_alpha_1,
+                                     const_expert_alpha_2=const_expert_alpha_2, const_expert_v=const_expert_v,
+                                     performance_info=performance_info, zero_expert_num=zero_expert_num,
+                                     copy_expert_num=copy_expert_num, const_expert_num=const_expert_num))
+        return self._combine(op, True, handle=assist_info_for_combine, comm_alg=comm_alg, **arguments)
 
-    def _combine(self, *, v2, handle, expand_x, expert_ids, expert_scales, ep_send_counts, group_ep, ep_world_size,
-                 ep_rank_id, moe_expert_num, x_active_mask=None, tp_send_counts=None, group_tp="", tp_world_size=0,
-                 tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, global_bs=0,
-                 shared_expert_x=None):
-        self._check_common(v2, tuple(expand_x.shape) if expand_x.dim() == 2 else None, expert_ids, ep_world_size,
-                           moe_expert_num, group_tp, tp_world_size, expert_shard_type, shared_expert_rank_num,
-                           global_bs)
+    def _combine(self, op, v2, *, handle, expand_x, expert_ids, ep_send_counts, expert_scales, group_ep,
+                 ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                 shared_expert_x, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                 shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg=""):
+        comm_alg = self._algorithm(op, v2, comm_alg)
+        self._check_mc2(op, v2, comm_alg, tokens=expand_x, expert_ids=expert_ids, group_ep=group_ep,
+                        ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+                        group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
+                        expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+                        shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs)
+        if shared_expert_x is not None or comm_quant_mode != 0:
+            raise NotImplementedError(f"emulated {op}: shared_expert_x and communication quantisation")
         record = self._records.get(group_ep)
-        if record is None:
-            raise ValueError("MC2 combine: no dispatch on this communicator to combine")
-        if v2 and not (isinstance(handle, _AssistInfo) and handle is record.assist):
-            raise ValueError("MC2 combine_v2: assist_info_for_combine must be the one its dispatch_v2 returned")
-        if not v2 and not torch.equal(handle, record.expand_idx):
-            raise ValueError("MC2 combine: expand_idx must be the one its dispatch returned")
-        if not torch.equal(expert_ids, record.expert_ids) or not torch.equal(ep_send_counts, record.ep_recv_counts):
-            raise ValueError("MC2 combine: expert_ids and ep_send_counts must be those of the dispatch")
-        if self.soc_version == "A3" and tp_send_counts is None:
-            raise ValueError("MC2 combine on A3: tp_send_counts must be passed")
-        if shared_expert_x is not None:
-            raise NotImplementedError("emulated MC2 combine: shared_expert_x is not emulated")
-        if expert_scales.dtype != torch.float32 or expert_scales.shape != expert_ids.shape:
-            raise ValueError(f"MC2 combine: expert_scales must be fp32 {tuple(expert_ids.shape)}")
-        group = self._group(group_ep)
+        if record is None or record.v2 != v2:
+            _refuse(op, "no matching dispatch on this communicator to combine")
+        # Documented: pass dispatch's outputs to combine as they are; depend on nothing in them.
+        if not _same_tensor(handle, record.assist):
+            _refuse(op, f"{'assist_info_for_combine' if v2 else 'expand_idx'} must be the tensor its dispatch "
+                        f"returned")
+        if not torch.equal(expert_ids, record.expert_ids) or not _same_tensor(ep_send_counts, record.ep_recv_counts):
+            _refuse(op, "expert_ids and ep_send_counts must be those of the dispatch (ep_send_counts = its "
+                        "ep_recv_counts)")
+        if self.soc_version == "A2":
+            if tp_send_counts is not None:
+                _refuse(op, "tp_send_counts must be None on A2 (no TP domain)")
+            if expand_scales is None or record.expand_scales.numel() == 0:
+                _refuse(op, "expand_scales is required on A2: pass expert_scales to dispatch and its "
+                            "expand_scales output to combine")
+            if not _same_tensor(expand_scales, record.expand_scales):
+                _refuse(op, "expand_scales must be the tensor its dispatch returned")
+        else:
+            if expand_scales is not None:
+                _refuse(op, "expand_scales is not supported on A3 (documented: keep the default None)")
+            if tp_send_counts is not None and not _same_tensor(tp_send_counts, record.tp_recv_counts):
+                _refuse(op, "tp_send_counts must be its dispatch's tp_recv_counts")
+        if v2 and not ((x_active_mask is None and record.mask is None) or
+                       (x_active_mask is not None and record.mask is not None and
+                        torch.equal(x_active_mask, record.mask))):
+            _refuse(op, "x_active_mask must be the mask its dispatch was given")
+        _require_dtype(op, "expert_scales", expert_scales, (torch.float32,))
+        if expert_scales.shape != expert_ids.shape:
+            _refuse(op, f"expert_scales must be [BS, K] {tuple(expert_ids.shape)}, got {tuple(expert_scales.shape)}")
+        if expand_x.shape[0] != record.rows_out:
+            _refuse(op, f"expand_x must have dispatch's A = {record.rows_out} rows, got {expand_x.shape[0]}")
+        group = self._group(op, group_ep)
         world = ep_world_size
         num_local = moe_expert_num // world
         batch, top_k = expert_ids.shape
@@ -363,14 +610,16 @@ class EmulatedTorchNpu:
         start_in_chunk = torch.cumsum(per_expert, 1) - per_expert
         out = torch.zeros((batch, hidden), dtype=torch.float32)
         flat = expert_ids.reshape(-1).to(torch.int64)
+        scales = expert_scales.detach().reshape(-1)  # inference operators: no gradient flows through them
         for f in range(batch * top_k):
             if not bool(record.active[f]):
                 continue
             dest, le = divmod(int(flat[f]), num_local)
             row = int(chunk_start[dest]) + int(start_in_chunk[dest, le]) + int(record.expand_idx[f])
-            out[f // top_k] += float(expert_scales.view(-1)[f]) * returned[row].float()
+            out[f // top_k] += float(scales[f]) * returned[row].float()
         inactive_tokens = ~record.active.view(batch, top_k).any(1)
         out[inactive_tokens] = float("nan")  # combine output of masked tokens is not documented
+        del self._records[group_ep]
         return out.to(expand_x.dtype)
 
 

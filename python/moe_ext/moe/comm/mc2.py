@@ -36,7 +36,7 @@ class MC2CommImpl(MoECommMethod):
             raise ValueError(f"MC2CommImpl: needs an EP group of at least 2 ranks, got ep_size={config.ep_size}")
         self.npu = npu
         group = config.mc2_group
-        self.comm_name = npu_adapter.hccl_comm_name(npu, group.process_group, group.rank_in_group)
+        self.comm_name = npu_adapter.hccl_comm_name(npu, group.process_group)  # this process's global rank
 
     def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
         self.num_tokens = hidden_states.shape[0]
@@ -61,7 +61,8 @@ class MC2CommImpl(MoECommMethod):
                              "s // num_local_experts")
         self.topk_weights = topk_weights
         rows, expert_tokens, self.state = npu_adapter.distribute_dispatch(
-            self.npu, hidden_states, topk_ids, active_mask=self.active_mask, **self._group_kwargs())
+            self.npu, hidden_states, topk_ids, active_mask=self.active_mask, expert_weights=topk_weights,
+            **self._group_kwargs())
         return PermuteResult(rows, expert_tokens, GROUP_LIST_COUNT)
 
     def unpermute(self, mlp_output):
