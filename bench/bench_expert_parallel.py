@@ -107,9 +107,9 @@ def _bench(rank, world_size, args):
                                                                             top_k=args.topk))
         dispatcher.wire_meshes(ep_mesh=mesh)
         paths["torchtitan"] = _torchtitan_path(dispatcher)
-    except ImportError as error:
+    except Exception as error:  # not installed, or not importable on this torch: bench the others
         paths["torchtitan"] = None
-        note = f"torchtitan not importable ({error})"
+        note = f"torchtitan not importable ({type(error).__name__}: {error})"
     else:
         note = "torchtitan 0.3 AllToAllTokenDispatcher"
 

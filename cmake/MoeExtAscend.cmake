@@ -2,7 +2,8 @@
 #
 # Detection looks at $ASCEND_TOOLKIT_HOME, $ASCEND_HOME_PATH and the default
 # install prefix. No machine this project is developed or tested on has CANN,
-# so this branch is not exercised here; see csrc/ascend/README.md. On NPU the
+# so this branch is not exercised here (the kernels are compiled and run in CI
+# against the host twin instead: CMakeLists.txt's test target); see csrc/ascend/README.md. On NPU the
 # Python layer calls the torch_npu operators that implement the same contracts.
 set(MOE_EXT_CANN_FOUND OFF)
 set(MOE_EXT_ASCEND_KERNELS_BUILT OFF)
@@ -21,6 +22,10 @@ if(MOE_EXT_ENABLE_ASCEND)
     set(ASCEND_CANN_PACKAGE_PATH "${MOE_EXT_CANN_ROOT}")
     include("${MOE_EXT_CANN_ROOT}/compiler/tikcpp/ascendc_kernel_cmake/ascendc.cmake")
     ascendc_library(moe_ext_ascend_kernels STATIC ${MOE_EXT_ASCEND_SOURCES})
+    # kernels/*.h are included as "kernels/..."; the real kernel_operator.h comes from CANN
+    # (never the host twin in csrc/ascend/twin/, which only the GoogleTest target sees).
+    target_include_directories(moe_ext_ascend_kernels PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ascend"
+                               "${CMAKE_CURRENT_SOURCE_DIR}/csrc")
     set(MOE_EXT_ASCEND_KERNELS_BUILT ON)
   elseif(MOE_EXT_CANN_FOUND)
     message(STATUS "moe_ext: CANN found at ${MOE_EXT_CANN_ROOT}; no AscendC kernel sources yet")

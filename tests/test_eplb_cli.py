@@ -32,6 +32,129 @@ def test_plan_write_replan_and_plot(tmp_path, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     np.save(tmp_path / "loads.npy", np.ones((2, 16)))
     assert main(["eplb", str(tmp_path / "loads.npy"), "--replicas", "18", "--gpus", "4"]) == 2
-    assert "num_replicas" in capsys.readouterr().err
+    assert "--replicas must be a multiple of --gpus" in capsys.readouterr().err
     assert main(["eplb", str(tmp_path / "missing.npy"), "--replicas", "16", "--gpus", "4"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# Issue 14 (CLI), issue 15 item 6 (file errors), issue 19 item 6 (SGLang dumps, --window).
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "sglang_logical_count.json"
+BASE = ["--replicas", "24", "--gpus", "8"]
+
+
+def run_cli(argv, capsys):
+    code = main(["eplb", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_reads_the_documented_sglang_json_example(capsys):
+    code, out, err = run_cli([str(EXAMPLE), "--replicas", "24", "--gpus", "8"], capsys)
+    assert code == 0, err
+    assert "2 layers x 16 experts" in out and "legend:" in out and "bound" in out
+
+
+def test_reads_sglang_pt_dumps_both_shapes_and_plans_a_window_history(tmp_path, capsys):
+    generator = np.random.default_rng(0)
+    steps = torch.from_numpy(generator.integers(0, 50, size=(12, 3, 16)))  # [steps, layers, experts]
+    steps[5] = 0  # an unfilled ring-buffer slot of SGLang's circular buffer: dropped
+    dump = {"rank": 0, "logical_count": steps, "average_utilization_rate_over_window": None}
+    torch.save(dump, tmp_path / "expert_distribution_recorder_1.pt")
+    code, out, err = run_cli([str(tmp_path / "expert_distribution_recorder_1.pt"), *BASE], capsys)
+    assert code == 0, err and "3 layers x 16 experts" in out
+    code, out, err = run_cli([str(tmp_path / "expert_distribution_recorder_1.pt"), *BASE, "--window", "4"], capsys)
+    assert code == 0, err
+    assert "history of 2 windows of 4 steps" in out and "worst single window" in out  # 11 nonzero steps -> 2
+    torch.save({"rank": 0, "logical_count": steps.sum(0)}, tmp_path / "running_sum.pt")  # [layers, experts]
+    code, out, err = run_cli([str(tmp_path / "running_sum.pt"), *BASE], capsys)
+    assert code == 0, err
+    # SGLang's physical_to_logical_map is accepted as --current.
+    json.dump({"physical_to_logical_map": (torch.arange(24) % 16).repeat(3, 1).tolist()},
+              (tmp_path / "map.json").open("w"))
+    code, out, err = run_cli([str(tmp_path / "running_sum.pt"), *BASE, "--current", str(tmp_path / "map.json"),
+                              "--max-moves", "4"], capsys)
+    assert code == 0, err and "moves:" in out
+
+
+def test_strict_by_default_and_relaxing_reported(tmp_path, capsys):
+    loads = np.ones((2, 32))
+    loads[:, :8] = 20.0  # group 0 of 4 carries most of the load
+    np.save(tmp_path / "hot.npy", loads)
+    argv = [str(tmp_path / "hot.npy"), "--replicas", "48", "--gpus", "8", "--nodes", "4", "--groups", "4"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "hierarchy kept" in out and "relaxing would lower it" in out and "--allow-cross-node" in out
+    assert "hierarchy relaxed in" not in out
+    code, out, err = run_cli([*argv, "--allow-cross-node"], capsys)
+    assert code == 0, err and "hierarchy relaxed in 2 layers" in out
+
+
+def _bad_files(tmp_path):
+    good = np.ones((2, 16))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.tensor(good), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "malicious.pt").write_bytes(pickle.dumps(Evil()))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16)))
+    np.save(tmp_path / "complex.npy", good.astype(np.complex64))
+    np.save(tmp_path / "bool.npy", good.astype(bool))
+    np.save(tmp_path / "nan.npy", good * np.nan)
+    np.save(tmp_path / "object.npy", np.array([None, 1], dtype=object), allow_pickle=True)
+    (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "bad.json").write_text("{\"logical_count\": [[1, 2], [3]]}")
+    (tmp_path / "text.csv").write_text("1,2\n")
+    return {"missing.npy": "no such file", "empty.pt": "is empty", "truncated.pt": "cannot read",
+            "random.pt": "cannot read", "malicious.pt": "cannot read", "empty.npy": "empty",
+            "complex.npy": "complex", "bool.npy": "bool", "nan.npy": "NaN", "object.npy": "cannot read",
+            "folder.npy": "is a directory", "bad.json": "rectangular", "text.csv": "expected a .npy"}
+
+
+def test_bad_load_files_are_errors_with_exit_2(tmp_path, capsys):
+    for name, needle in _bad_files(tmp_path).items():
+        code, out, err = run_cli([str(tmp_path / name), *BASE], capsys)
+        assert code == 2, (name, out, err)
+        assert err.startswith("moe-ext eplb: error: LOADS") and needle in err, (name, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()  # weights_only: the pickle never ran
+
+
+def test_bad_current_output_plot_are_checked_before_planning(tmp_path, capsys):
+    np.save(tmp_path / "loads.npy", np.ones((2, 16)))
+    loads = str(tmp_path / "loads.npy")
+    cases = [
+        ([*BASE, "--current", str(tmp_path / "nope.pt")], "--current: no such file"),
+        ([*BASE, "--current", str(tmp_path)], "--current: " + str(tmp_path) + " is a directory"),
+        ([*BASE, "--output", str(tmp_path / "missing" / "p.pt")], "--output: folder"),
+        ([*BASE, "--output", str(tmp_path)], "--output: " + str(tmp_path) + " is a directory"),
+        ([*BASE, "--plot", str(tmp_path / "missing" / "p.png")], "--plot: folder"),
+        (["--replicas", "18", "--gpus", "4"], "--replicas must be a multiple of --gpus (4), got 18: try 16 or 20"),
+        (["--replicas", "290", "--gpus", "32"], "try 288 or 320"),
+        (["--replicas", "8", "--gpus", "4"], "--replicas must be >= the 16 experts"),
+        ([*BASE, "--max-moves", "3"], "--max-moves needs --current"),
+        ([*BASE, "--nodes", "3", "--groups", "3"], "--gpus (8) must be a multiple of --nodes (3)"),
+        ([*BASE, "--window", "0"], "--window must be >= 1"),
+        ([*BASE, "--plot-layer", "5"], "--plot-layer must be in [0, 2)"),
+    ]
+    torch.save({"phy2log": torch.zeros(2, 24, dtype=torch.int64)}, tmp_path / "lacking.pt")
+    cases.append(([*BASE, "--current", str(tmp_path / "lacking.pt"), "--max-moves", "2"], "--max-moves"))
+    torch.save({"phy2log": torch.zeros(3, 24, dtype=torch.int64)}, tmp_path / "shape.pt")
+    cases.append(([*BASE, "--current", str(tmp_path / "shape.pt")], "expected [2, 24]"))
+    for argv, needle in cases:
+        code, out, err = run_cli([loads, *argv], capsys)
+        assert code == 2, (argv, out, err)
+        assert err.startswith("moe-ext eplb: error: ") and needle in err, (argv, err)
+        assert "imbalance after" not in out  # nothing was planned
+    assert not (tmp_path / "missing").exists()

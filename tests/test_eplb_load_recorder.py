@@ -69,3 +69,20 @@ def _all_reduce_case(rank: int, world_size: int) -> None:
 
 def test_load_all_reduces_over_a_group():
     run_distributed(_all_reduce_case, 2, backend="gloo", timeout=120)
+
+
+def test_history_is_the_window_oldest_first_and_plans():
+    from moe_ext.eplb import LoadRecorder, plan_placement
+
+    recorder = LoadRecorder(2, 4, window=3)
+    assert recorder.history().shape == (0, 2, 4)
+    for step in range(5):
+        recorder.record(torch.full((2, 4), step, dtype=torch.int64) + torch.arange(4))
+        recorder.step()
+        expected = [s for s in range(step + 1)][-3:]
+        history = recorder.history()
+        assert history.shape == (len(expected), 2, 4)
+        assert history[:, 0, 0].tolist() == expected
+        assert torch.equal(history.sum(0), recorder.load())
+    plan = plan_placement(recorder.history(), 8, 1, 1, 4)
+    assert plan.window_imbalance.shape == (3, 2) and plan.worst_window_imbalance.shape == (2,)

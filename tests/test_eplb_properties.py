@@ -123,8 +123,12 @@ def test_strict_is_the_default_and_relaxing_is_reported():
     relaxed = plan_placement(weight, 288, 8, 4, 32, allow_cross_node=True)
     helped = strict.relax_gain > 0.02
     # Layers where relaxing helps by > 2% are relaxed on request, and the strict plan says by how much.
-    assert torch.equal(relaxed.hierarchy_relaxed, helped)
-    assert torch.allclose(relaxed.imbalance[helped], strict.relaxed_imbalance[helped])
+    assert bool(helped.any())
+    assert bool(relaxed.hierarchy_relaxed[helped].all())
+    assert (relaxed.imbalance[helped] < strict.imbalance[helped]).all()
+    # The strict plan's report (the global-mode plan) is within 2% of what relaxing then gives.
+    assert (strict.relaxed_imbalance[helped] <= relaxed.imbalance[helped] * 1.02).all()
+    assert not bool(relaxed.hierarchy_relaxed[~helped].any())
 
 
 # 2. Never worse than current ------------------------------------------------------------------
@@ -264,3 +268,28 @@ def test_extreme_loads_give_finite_metrics(scale):
     # A balanced-looking answer is never given for garbage: non-finite loads are refused.
     with pytest.raises(ArgumentError):
         placement_imbalance(torch.full((1, 6), float("nan")), plan.phy2log, 4)
+
+
+# 7. History planning --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups,nodes", [(1, 1), (4, 2), (3, 2)])
+def test_history_plan_never_worse_than_point_plan_or_current(groups, nodes):
+    generator = np.random.default_rng(5)
+    history = torch.from_numpy(generator.lognormal(0.0, 1.0, size=(5, 3, 32)) * 100)
+    weights = torch.tensor([1.0, 1.0, 2.0, 2.0, 4.0])
+    plan = plan_placement(history, 48, groups, nodes, 8, window_weights=weights)
+    normalised = weights / weights.sum()
+
+    def objective(phy2log):
+        per_window = torch.stack([placement_imbalance(w, phy2log, 8) for w in history])
+        return (normalised[:, None] * per_window).sum(0), per_window
+
+    mean, per_window = objective(plan.phy2log)
+    assert torch.allclose(plan.imbalance, mean) and torch.allclose(plan.window_imbalance, per_window)
+    assert torch.allclose(plan.worst_window_imbalance, per_window.max(0).values)
+    point = plan_placement(history.sum(0), 48, groups, nodes, 8)
+    assert (plan.imbalance <= objective(point.phy2log)[0] + 1e-12).all()
+    current = random_placement(3, 32, 48, 1)
+    migrated = plan_placement(history, 48, groups, nodes, 8, current=current, max_moves=3, window_weights=weights)
+    assert (migrated.imbalance <= objective(current)[0] + 1e-12).all()
+    assert (migrated.moves <= 3).all() and torch.equal(migrated.moves, (migrated.phy2log != current).sum(1))

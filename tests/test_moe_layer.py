@@ -58,11 +58,10 @@ def layer_cases(dp_size, tp_size):
         cases.append(("layer", dict(method=method, num_experts=16, top_k=top_k, hidden=16, inter=8,
                                     token_counts=_token_counts(dp_size, index), dtype=torch.float32,
                                     seed=100 + index, routing=routing, redundant=world * (index % 2))))
-    if tp_size == 1:  # training: gradients of x, gate and local experts
-        for index, method in enumerate(DENSE_METHODS):
-            cases.append(("layer", dict(method=method, num_experts=8, top_k=2 + index, hidden=16, inter=8,
-                                        token_counts=_token_counts(dp_size, index), dtype=torch.float32,
-                                        seed=200 + index, routing=ROUTINGS[0], backward=True)))
+    for index, method in enumerate(DENSE_METHODS):  # training: gradients of x, gate and local experts
+        cases.append(("layer", dict(method=method, num_experts=8, top_k=2 + index, hidden=16, inter=8,
+                                    token_counts=_token_counts(dp_size, index), dtype=torch.float32,
+                                    seed=200 + index, routing=ROUTINGS[0], backward=True)))
     return cases
 
 

@@ -205,7 +205,8 @@ TEST(EplbPlacement, HotNodeRelaxesHierarchy) {
   cross.allow_cross_node = true;
   const auto confined = plan_placement(shape, loads.data(), nullptr, PlacementOptions{});  // strict
   const auto relaxed = plan_placement(shape, loads.data(), nullptr, cross);
-  EXPECT_NEAR(confined.relaxed_imbalance[0], relaxed.imbalance[0], 1e-12);
+  EXPECT_LE(confined.relaxed_imbalance[0], relaxed.imbalance[0] * 1.02);
+  EXPECT_LT(confined.relaxed_imbalance[0], confined.imbalance[0] / 1.02);
   EXPECT_GT(confined.lower_bound[0], 1.5);  // node-level bound
   EXPECT_GE(confined.imbalance[0], confined.lower_bound[0] - 1e-12);
   expect_valid(shape, relaxed);

@@ -479,18 +479,26 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
   LayerPlan plan = finish(geometry, load, strict_state.expert, nullptr);
   plan.lower_bound = strict_bound;
   plan.global_lower_bound = global_bound;
-  if (options.evaluate_relaxed && plan.imbalance > global_bound * (1.0 + options.relax_threshold)) {
-    // What relaxing would give: every expert keeps its primary replica at
-    // home and the redundant ones go where the load is lowest; if the node is
-    // still too hot, placement as in global mode. Taken only when allowed.
+  if ((options.evaluate_relaxed || options.allow_cross_node) &&
+      plan.imbalance > global_bound * (1.0 + options.relax_threshold)) {
+    // What relaxing would give. Allowed: every expert keeps its primary
+    // replica at home and the redundant ones go where the load is lowest; if
+    // the node is still too hot, placement as in global mode. Strict: the
+    // global-mode plan alone, to report (one packing, not two).
     const double stop_load = global_bound * mean * (1.0 + 1e-9);
-    SlotState relaxed_state = pack_and_refine(
-        geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
-        geometry.gpus_per_node, stop_load, options.refine_counts, nullptr);
-    LayerPlan relaxed = finish(geometry, load, relaxed_state.expert, nullptr);
-    if (relaxed.imbalance > global_bound * (1.0 + options.relax_threshold)) {
+    LayerPlan relaxed;
+    if (options.allow_cross_node) {  // primaries at home first: fewer replicas leave
+      SlotState relaxed_state = pack_and_refine(
+          geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
+          geometry.gpus_per_node, stop_load, options.refine_counts, nullptr);
+      relaxed = finish(geometry, load, relaxed_state.expert, nullptr);
+    }
+    // Reporting only (strict): the global-mode plan alone says what relaxing gives.
+    if (!options.allow_cross_node || relaxed.imbalance > global_bound * (1.0 + options.relax_threshold)) {
       LayerPlan global = global_plan(stop_load);
-      if (global.imbalance < relaxed.imbalance * (1.0 - 1e-9)) relaxed = std::move(global);
+      if (!options.allow_cross_node || global.imbalance < relaxed.imbalance * (1.0 - 1e-9)) {
+        relaxed = std::move(global);
+      }
     }
     if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) {
       if (options.allow_cross_node && relaxed.imbalance < plan.imbalance / (1.0 + options.relax_threshold)) {
@@ -514,6 +522,14 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   const LayerPlan scratch = plan_layer_from_scratch(geometry, load, options);
   const double mean = total_of(load, num_experts) / static_cast<double>(geometry.num_gpus);
   const double target_load = scratch.imbalance * (1.0 + tolerance) * mean;
+
+  if (budget == 0) {  // nothing may move: the placement in force is the plan
+    LayerPlan kept = finish(geometry, load, std::vector<int32_t>(current, current + num_slots), current);
+    kept.lower_bound = scratch.lower_bound;
+    kept.global_lower_bound = scratch.global_lower_bound;
+    kept.relaxed_imbalance = std::min(kept.imbalance, scratch.relaxed_imbalance);
+    return kept;
+  }
 
   std::vector<int32_t> home;
   if (geometry.hierarchical && geometry.num_nodes > 1) {

@@ -119,6 +119,23 @@ class LoadRecorder:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return total
 
+    def history(self) -> torch.Tensor:
+        """The completed steps of the window, oldest first: [steps_recorded, layers, experts] int64.
+
+        The shape `plan_placement` takes as a load history (each step a window; sum
+        consecutive steps first for coarser windows). All-reduced over `group` like `load()`.
+        """
+        if self._filled < self.window:
+            steps = self._ring[: self._filled]
+        else:  # the ring is full: the oldest step sits at the write position
+            steps = torch.cat([self._ring[self._position:], self._ring[: self._position]])
+        steps = steps.clone()
+        if self.group is not None:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            dist.all_reduce(steps, op=dist.ReduceOp.SUM, group=self.group)
+        return steps
+
     def reset(self) -> None:
         """Forget every recorded step."""
         self._ring.zero_()

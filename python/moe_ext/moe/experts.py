@@ -107,20 +107,26 @@ def _row_experts(counts: torch.Tensor, num_rows: int) -> torch.Tensor:
 def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    activation: ExpertActivation = SWIGLU, w13_bias: Optional[torch.Tensor] = None,
                    w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One matmul pair per expert (reads the counts on the host)."""
-    out = rows.new_zeros((rows.shape[0], w2.shape[2]))
+    """One matmul pair per expert (reads the counts on the host).
+
+    Every expert runs, on zero rows too, and the blocks are concatenated: the
+    output stays a function of ``rows``, the weights and the biases whatever the
+    counts, so backward reaches them (zero gradients) on a rank whose experts got
+    no rows, as it does on its peers (see ``moe_ext.moe.comm.base``).
+    """
+    blocks = []
     start = 0
     for expert, count in enumerate(counts.tolist()):
-        if count:
-            gate_up = rows[start:start + count] @ w13[expert]
-            if w13_bias is not None:
-                gate_up = gate_up + w13_bias[expert]
-            block = activation(gate_up) @ w2[expert]
-            if w2_bias is not None:
-                block = block + w2_bias[expert]
-            out[start:start + count] = block
+        gate_up = rows[start:start + count] @ w13[expert]
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[expert]
+        block = activation(gate_up) @ w2[expert]
+        if w2_bias is not None:
+            block = block + w2_bias[expert]
+        blocks.append(block)
         start += count
-    return out
+    blocks.append(rows.new_zeros((rows.shape[0] - start, w2.shape[2])))  # rows past the last group
+    return torch.cat(blocks)
 
 
 def grouped_mm_applies(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
-from moe_ext.moe.comm.collectives import all_gather_rows, all_reduce_sum, reduce_scatter_rows
+from moe_ext.moe.comm.collectives import all_gather_rows, all_reduce_sum, copy_rows, reduce_scatter_rows
 from moe_ext.moe.config import MoEConfig
 from moe_ext.moe.context import ForwardContext
 from moe_ext.moe.routing import permute_by_local_expert, unpermute_weighted
@@ -25,6 +25,15 @@ class AllGatherCommImpl(MoECommMethod):
     finalize: reduce-scatter over DP (sums the experts of the DP ranks), then
     all-reduce over TP (sums the experts of the TP ranks), unpad.
 
+    Backward (any DP x TP layout, EP on the world or a subgroup): the DP
+    all-gathers' gradients are reduce-scattered and the reduce-scatter's
+    gathered; over TP the tokens and routing weights, which every TP rank
+    holds identically and feeds to its own experts, get their gradient summed
+    over TP (:func:`~moe_ext.moe.comm.collectives.copy_rows`), and the TP
+    all-reduce passes the replicated output gradient through. With
+    ``reduce_results=False`` the caller's TP reduction must do the same
+    (forward sum, backward identity: ``moe_ext.distributed.functional.all_reduce``).
+
     Works for any sizes; moves ``2 * (dp - 1) * T * H`` elements per rank.
     """
 
@@ -36,7 +45,11 @@ class AllGatherCommImpl(MoECommMethod):
         self.npu = npu
 
     def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
+        self.start_forward()
         self.num_tokens = hidden_states.shape[0]
+        if self.config.tp_size > 1:
+            group = self.config.tp_group
+            hidden_states, topk_weights = self.keep(copy_rows(hidden_states, group), copy_rows(topk_weights, group))
         if self.config.dp_size == 1:
             return hidden_states, topk_ids, topk_weights
         pad = context.max_tokens_across_dp - self.num_tokens
@@ -46,8 +59,8 @@ class AllGatherCommImpl(MoECommMethod):
             topk_ids = F.pad(topk_ids, (0, 0, 0, pad), value=self.config.num_physical_experts)
             topk_weights = F.pad(topk_weights, (0, 0, 0, pad))
         group = self.config.dp_group
-        return (all_gather_rows(hidden_states, group), all_gather_rows(topk_ids, group),
-                all_gather_rows(topk_weights, group))
+        return (self.keep(all_gather_rows(hidden_states, group)), all_gather_rows(topk_ids, group),
+                self.keep(all_gather_rows(topk_weights, group)))
 
     def permute(self, hidden_states, topk_ids, topk_weights, expert_map: Optional[torch.Tensor] = None):
         num_local = self.config.num_local_experts
@@ -89,4 +102,4 @@ class AllGatherCommImpl(MoECommMethod):
             hidden_states = reduce_scatter_rows(hidden_states, self.config.dp_group)[: self.num_tokens]
         if reduce_results and self.config.tp_size > 1:
             hidden_states = all_reduce_sum(hidden_states, self.config.tp_group)
-        return hidden_states
+        return self.tie_output(hidden_states)

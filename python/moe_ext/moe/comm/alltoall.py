@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import moe_ext.ops as moe_ops
 from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
-from moe_ext.moe.comm.collectives import all_gather_rows, all_to_all_rows
+from moe_ext.moe.comm.collectives import all_gather_rows, all_to_all_rows, split_rows
 from moe_ext.moe.config import MoEConfig
 from moe_ext.moe.context import ForwardContext
 from moe_ext.moe.routing import permute_by_local_expert, unpermute_weighted
@@ -31,6 +31,11 @@ class AllToAllCommImpl(MoECommMethod):
 
     Moves ``T * K * (ep - 1) / ep`` rows each way per rank; synchronises with
     the host once per forward (the split sizes).
+
+    Backward: the all-to-alls run reversed; the TP split of the (replicated)
+    tokens and weights all-gathers its gradient, and the TP all-gather of the
+    output, consumed identically by every TP rank, keeps its own share of the
+    gradient (no communication).
     """
 
     name = "alltoall"
@@ -41,6 +46,7 @@ class AllToAllCommImpl(MoECommMethod):
         self.alignment = alignment
 
     def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
+        self.start_forward()
         self.num_tokens = hidden_states.shape[0]
         tp = self.config.tp_size
         if tp == 1:
@@ -50,8 +56,9 @@ class AllToAllCommImpl(MoECommMethod):
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad))
             topk_ids = F.pad(topk_ids, (0, 0, 0, pad), value=self.config.num_physical_experts)
             topk_weights = F.pad(topk_weights, (0, 0, 0, pad))
-        rank = self.config.tp_rank
-        return (hidden_states.chunk(tp)[rank], topk_ids.chunk(tp)[rank], topk_weights.chunk(tp)[rank])
+        group, share = self.config.tp_group, topk_ids.shape[0] // tp
+        return (self.keep(split_rows(hidden_states, group)), topk_ids.narrow(0, self.config.tp_rank * share, share),
+                self.keep(split_rows(topk_weights, group)))
 
     def permute(self, hidden_states, topk_ids, topk_weights, expert_map: Optional[torch.Tensor] = None):
         if expert_map is not None:
@@ -74,8 +81,8 @@ class AllToAllCommImpl(MoECommMethod):
                               tokens_per_expert_group.view(world, num_local).sum(1)]).cpu()
         self.input_splits, self.output_splits = splits[0].tolist(), splits[1].tolist()
         self.num_sent = sum(self.input_splits)
-        received = all_to_all_rows(by_slot[: self.num_sent], self.output_splits, self.input_splits,
-                                   config.ep_group)
+        received = self.keep(all_to_all_rows(by_slot[: self.num_sent], self.output_splits, self.input_splits,
+                                             config.ep_group))
 
         alignment = self.alignment or (8 if device.type == "cuda" else 1)
         max_len = received.shape[0] + num_local * alignment
@@ -89,22 +96,22 @@ class AllToAllCommImpl(MoECommMethod):
         # Where each received row sits in the grouped layout (a permutation of the real rows).
         self.grouped_position = torch.empty(self.num_received, dtype=torch.int64, device=device)
         self.grouped_position[gather_index[is_row]] = torch.nonzero(is_row).squeeze(1)
-        if self.num_received:
-            grouped = received.index_select(0, gather_index.clamp_min(0))
-        else:  # nothing arrived: every grouped row is padding
-            grouped = received.new_zeros((num_grouped, received.shape[1]))
-        grouped = torch.where(is_row.unsqueeze(1), grouped, torch.zeros((), dtype=grouped.dtype, device=device))
+        # Padding rows read one zero row appended to what arrived, so the grouped rows are
+        # a function of ``received`` even when nothing arrived (no branch on the count).
+        source = torch.cat([received, received.new_zeros((1, received.shape[1]))])
+        grouped = source.index_select(0, torch.where(is_row, gather_index, torch.full_like(gather_index,
+                                                                                           self.num_received)))
         return PermuteResult(grouped, padded_sizes.to(torch.int64), GROUP_LIST_COUNT)
 
     def unpermute(self, mlp_output):
         received_order = mlp_output.index_select(0, self.grouped_position)
         returned = all_to_all_rows(received_order, self.input_splits, self.output_splits, self.config.ep_group)
         rows = self.num_prepared_tokens * self.top_k
-        if returned.shape[0] < rows:  # the rows of dropped entries: never read (index -1)
-            returned = torch.cat([returned, returned.new_zeros((rows - returned.shape[0], returned.shape[1]))])
+        # The rows of dropped entries (never read: index -1), possibly none.
+        returned = torch.cat([returned, returned.new_zeros((rows - returned.shape[0], returned.shape[1]))])
         return unpermute_weighted(returned, self.expanded_row_idx, self.topk_weights)
 
     def finalize(self, hidden_states, reduce_results: bool = True):
         if self.config.tp_size > 1:
-            hidden_states = all_gather_rows(hidden_states, self.config.tp_group)
-        return hidden_states[: self.num_tokens]
+            hidden_states = all_gather_rows(hidden_states, self.config.tp_group, backward="slice")
+        return self.tie_output(hidden_states[: self.num_tokens])

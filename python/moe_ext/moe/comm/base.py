@@ -13,6 +13,34 @@ A forward is four steps, each a method of one comm-method object:
 
 State needed by a later step (indices, counts, splits) lives on the object
 between the calls of one forward: one object per layer, one forward at a time.
+
+Training: every rank runs the same collectives in backward
+-----------------------------------------------------------
+Each collective's backward is a collective too, so backward stays in step only
+if every rank's autograd reaches the same collective nodes in the same order.
+Forward order is the same on every rank (the methods never skip a collective
+on data); autograd runs nodes in reverse creation order, so the order holds
+as long as the *set* of reached nodes does. Data can change that set in one
+way: a tensor cut from the loss on one rank only (a rank whose experts get no
+rows builds an output that does not depend on its inputs). The guard is
+structural rather than a rule each line must remember:
+
+- every tensor a differentiable collective produces in the forward goes
+  through :meth:`MoECommMethod.keep` (``prepare``/``permute`` do it), and
+  ``finalize`` returns :meth:`MoECommMethod.tie_output`: the output tied
+  (:func:`moe_ext.moe.comm.collectives.tie`) to all of them, so autograd
+  reaches every one of those collectives on every rank, whatever the routing;
+- collectives never sit behind a data-dependent branch (no ``if count:``
+  around a collective or around the op that feeds one; empty tensors go
+  through the same collectives as full ones), and the steps never rebuild a
+  tensor from fresh zeros where the result must carry a gradient;
+- a method without a backward (MC2, dummy) wraps its output with
+  :func:`moe_ext.moe.comm.collectives.forward_only`, which raises naming the
+  method at the first backward, before any backward collective.
+
+``tests/test_moe_backward.py`` checks the guard's premise on the cases that
+used to break it (experts with no rows, a rank with no tokens, TP > 1, EP on
+a subgroup) with forward and all gradients against a dense reference.
 """
 
 from __future__ import annotations
@@ -61,6 +89,23 @@ class MoECommMethod(ABC):
 
     def __init__(self, config: MoEConfig):
         self.config = config
+        self._anchors: list[torch.Tensor] = []
+
+    # -- the backward guard (module docstring) -----------------------------------------------
+    def keep(self, *tensors: torch.Tensor):
+        """Record tensors a collective produced in this forward; returns them (one or a tuple)."""
+        self._anchors.extend(t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def start_forward(self) -> None:
+        """Forget the previous forward's anchors (``prepare`` calls it first)."""
+        self._anchors = []
+
+    def tie_output(self, output: torch.Tensor) -> torch.Tensor:
+        """``output`` tied to every kept tensor of this forward (``finalize`` returns this)."""
+        from moe_ext.moe.comm.collectives import tie
+        anchors, self._anchors = self._anchors, []
+        return tie(output, anchors)
 
     # -- helpers shared by the implementations ---------------------------------------------
     def padding_expert_ids(self, num_rows: int, device: torch.device) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
+from moe_ext.moe.comm.collectives import forward_only
 from moe_ext.moe.context import ForwardContext
 
 __all__ = ["DummyCommImpl"]
@@ -18,13 +19,15 @@ class DummyCommImpl(MoECommMethod):
     ``permute`` gives every local expert zero rows, so the experts compute
     nothing; ``unpermute`` returns zeros: the layer output is all zeros. Used
     for warm-up and memory-profiling runs where the other ranks may not be in
-    step.
+    step. Forward only: a backward through its output raises
+    :class:`~moe_ext.moe.comm.collectives.ForwardOnlyError` naming the method.
     """
 
     name = "dummy"
 
     def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
         self.num_tokens = hidden_states.shape[0]
+        self.forward_inputs = (hidden_states, topk_weights)
         return hidden_states, topk_ids, topk_weights
 
     def permute(self, hidden_states, topk_ids, topk_weights, expert_map: Optional[torch.Tensor] = None):
@@ -37,4 +40,5 @@ class DummyCommImpl(MoECommMethod):
         return mlp_output.new_zeros(self.hidden_shape)
 
     def finalize(self, hidden_states, reduce_results: bool = True):
-        return hidden_states[: self.num_tokens]
+        inputs, self.forward_inputs = self.forward_inputs, ()
+        return forward_only(hidden_states[: self.num_tokens], self.name, inputs)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
-from moe_ext.moe.comm.collectives import all_gather_rows
+from moe_ext.moe.comm.collectives import all_gather_rows, forward_only
 from moe_ext.moe.config import MoEConfig
 from moe_ext.moe.context import ForwardContext
 from moe_ext.platform import npu as npu_adapter
@@ -23,7 +23,9 @@ class MC2CommImpl(MoECommMethod):
     size on every EP rank) and, with TP, keep this rank's 1/tp share of the
     tokens and of the active mask. Padding rows get distinct valid experts;
     on A3 with the v2 operators the mask keeps them from being sent at all.
-    finalize: all-gather the TP shares, unpad. Forward only (inference).
+    finalize: all-gather the TP shares, unpad. Forward only (inference): a
+    backward through its output raises
+    :class:`~moe_ext.moe.comm.collectives.ForwardOnlyError` naming the method.
     """
 
     name = "mc2"
@@ -40,6 +42,7 @@ class MC2CommImpl(MoECommMethod):
 
     def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
         self.num_tokens = hidden_states.shape[0]
+        self.forward_inputs = (hidden_states, topk_weights)
         pad = context.padded_num_tokens - self.num_tokens
         mask = context.mc2_mask
         if pad > 0:
@@ -72,7 +75,8 @@ class MC2CommImpl(MoECommMethod):
     def finalize(self, hidden_states, reduce_results: bool = True):
         if self.config.tp_size > 1:
             hidden_states = all_gather_rows(hidden_states, self.config.tp_group)
-        return hidden_states[: self.num_tokens]
+        inputs, self.forward_inputs = self.forward_inputs, ()
+        return forward_only(hidden_states[: self.num_tokens], self.name, inputs)
 
     def _group_kwargs(self) -> dict:
         config = self.config
