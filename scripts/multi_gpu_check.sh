@@ -4,7 +4,7 @@
 # benchmarks at EP 2 and EP = all GPUs. Logs under $OUT; a summary last.
 #
 #   scripts/multi_gpu_check.sh tests     NCCL pytest suites (+ the demo if present)
-#   scripts/multi_gpu_check.sh bench     rearrangement and MoE-layer benchmarks
+#   scripts/multi_gpu_check.sh bench     rearrangement, MoE-layer and parallel-linear benchmarks
 #   scripts/multi_gpu_check.sh all       both (mind the 10-minute limit per call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +32,17 @@ sizes=$(printf '%s\n' 2 "$gpus" | sort -un | tr '\n' ' ')
 if [ "$mode" = tests ] || [ "$mode" = all ]; then
   shopt -s nullglob
   step pytest_nccl 420 env MOE_EXT_TEST_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/test_parallel_state.py tests/test_rearrange.py tests/test_moe_layer.py tests/test_eplb_load_recorder.py
+    tests/test_parallel_state.py tests/test_rearrange.py tests/test_moe_layer.py tests/test_eplb_load_recorder.py \
+    tests/test_parallel_linear.py
   if [ -f python/moe_ext/cli/demo.py ]; then
     for ws in $sizes; do
       step "demo_nccl_$ws" 240 python3 -m moe_ext demo --ranks "$ws" --device cuda --json "$out/demo_$ws.json"
     done
+    # Under torchrun (the launcher's NCCL group), and DeepSeek-V3-sized experts (about 50-70 GiB per GPU).
+    step demo_torchrun 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+      -m moe_ext demo --json "$out/demo_torchrun.json"
+    step demo_dsv3 420 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+      -m moe_ext demo --preset deepseek-v3 --steps 20 --json "$out/demo_dsv3.json"
   fi
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
@@ -44,10 +50,11 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     step "rearrange_ep$ws" 240 python3 bench/bench_rearrange.py --backend nccl --world-size "$ws"
     step "moe_layer_ep$ws" 300 python3 bench/bench_moe_layer.py --backend nccl --world-size "$ws"
   done
+  step linear_tp2 300 python3 bench/bench_linear.py --backend nccl --world-size 2
 fi
 
 echo; cat "$out/gpu.txt" | head -n 12
-for log in "$out"/rearrange_*.log "$out"/moe_layer_*.log "$out"/demo_*.log; do
+for log in "$out"/rearrange_*.log "$out"/moe_layer_*.log "$out"/linear_*.log "$out"/demo_*.log; do
   [ -f "$log" ] && { echo; echo "== $(basename "$log")"; tail -n 25 "$log"; }
 done
 [ -f "$out/pytest_nccl.log" ] && { echo; grep -E "passed|failed|SKIPPED|Error" "$out/pytest_nccl.log" | tail -n 15; }

@@ -357,6 +357,9 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
     to.insert(std::lower_bound(to.begin(), to.end(), static_cast<int32_t>(slot)),
               static_cast<int32_t>(slot));
   };
+  std::vector<double> delta(static_cast<size_t>(geometry.num_gpus), 0.0);
+  std::vector<char> touched_mark(static_cast<size_t>(geometry.num_gpus), 0);
+  std::vector<int64_t> touched;
   bool changed = true;
   for (int pass = 0; changed && pass < 4; ++pass) {
     changed = false;
@@ -390,22 +393,41 @@ void revert_toward_current(const LayerGeometry& geometry, const double* load,
         changed = true;
         continue;
       }
-      // (b) Give the slot back to `before` outright when `now` can spare it
-      // (changes two replica counts: every GPU is re-evaluated).
+      // (b) Give the slot back to `before` outright when `now` can spare it.
+      // Two replica counts change: only the GPUs holding `now` or `before`
+      // change load, so only they are evaluated (the others are within the
+      // limit already: every accepted step keeps all GPUs within it).
       if (counts[now] < 2 || holds(gpu, before, p)) continue;
+      const double old_now = load[now] / counts[now], new_now = load[now] / (counts[now] - 1);
+      const double old_before = counts[before] > 0 ? load[before] / counts[before] : 0.0;
+      const double new_before = load[before] / (counts[before] + 1);
+      touched.clear();
+      auto add = [&](int64_t g, double value) {
+        if (!touched_mark[g]) {
+          touched_mark[g] = 1;
+          touched.push_back(g);
+        }
+        delta[g] += value;
+      };
+      for (const int32_t q : slots_of[now]) {
+        if (q != p) add(q / per_gpu, new_now - old_now);
+      }
+      for (const int32_t q : slots_of[before]) add(q / per_gpu, new_before - old_before);
+      add(gpu, new_before - old_now);
+      double peak = 0.0;
+      for (int64_t g : touched) peak = std::max(peak, gpu_load[g] + delta[g]);
+      const bool accept = peak <= limit_load * (1.0 + 1e-12);
+      for (int64_t g : touched) {
+        if (accept) gpu_load[g] += delta[g];
+        delta[g] = 0.0;
+        touched_mark[g] = 0;
+      }
+      if (!accept) continue;
       plan[p] = before;
       counts[now] -= 1;
       counts[before] += 1;
-      recompute();
-      if (*std::max_element(gpu_load.begin(), gpu_load.end()) <= limit_load * (1.0 + 1e-12)) {
-        move_slot(now, before, p);
-        changed = true;
-      } else {
-        plan[p] = now;
-        counts[now] += 1;
-        counts[before] -= 1;
-        recompute();
-      }
+      move_slot(now, before, p);
+      changed = true;
     }
   }
 }

@@ -215,14 +215,10 @@ class ParallelConfig:
             self._fail("dsa_cp_layer_shard only applies with layer_sharding",
                        "dsa_cp_layer_shard", "layer_sharding")
         mode = self.shard_weight_mode
-        if mode == "flashcomm2":
-            otp = self.flashcomm2_oproj_tensor_parallel_size
-            groups = self.world_size // otp
-            if groups == 1:
-                # The reference squeezes a single O-TP group to 1-D and fails.
-                self._fail("layer_sharding with a single flashcomm2 O-proj TP group"
-                           " (flashcomm2_oproj_tensor_parallel_size == world_size) is not supported",
-                           "layer_sharding", "flashcomm2_oproj_tensor_parallel_size", "world_size")
+        # Layer sharding over a single flashcomm2 O-proj TP group is accepted: the reference
+        # squeezes the one group's rank array to 1-D and fails, but the layout here builds one
+        # shard-weight group per O-TP shard (each held by one rank), and moe_ext.parallel's
+        # flashcomm2 op runs on it (tests/test_parallel_linear.py).
         if (mode == "tp" and self.pipeline_parallel_size > 1
                 and self.external_data_parallel_size > 1):
             # TP groups are cut into PP consecutive chunks; with external DP a

@@ -277,3 +277,94 @@ def distribute_combine(runtime: NpuRuntime, expert_output: torch.Tensor, expert_
     combine = (runtime.ops.npu_moe_distribute_combine_v2 if runtime.has_dispatch_v2
                else runtime.ops.npu_moe_distribute_combine)
     return combine(**kwargs)
+
+
+# -- fused matmul + collective: npu_mm_all_reduce_base / npu_mm_reduce_scatter_base (moe_ext.parallel) --------
+# Documented limits (Ascend op-plugin docs for torch_npu.npu_mm_all_reduce_base and
+# torch_npu.npu_mm_reduce_scatter_base): reduce_op 'sum' only, comm_turn 0 only;
+# matmul + all-reduce exists on A2 only; matmul + reduce-scatter takes a 2-D (m, k) input
+# with m divisible by world_size, k in [256, 65535), world_size in {2, 4, 8} on A2 and
+# {2, 4, 8, 16, 32} on A3, and no bias; both take float16 / bfloat16 (int8 when quantised).
+MM_ALL_REDUCE_WORLD_SIZES = (1, 2, 4, 8)
+MM_REDUCE_SCATTER_WORLD_SIZES = {"A2": (2, 4, 8), "A3": (2, 4, 8, 16, 32)}
+MM_FLOAT_DTYPES = (torch.float16, torch.bfloat16)
+MM_REDUCE_SCATTER_K_RANGE = (256, 65535)  # [low, high)
+
+__all__ += ["MM_ALL_REDUCE_WORLD_SIZES", "MM_REDUCE_SCATTER_WORLD_SIZES", "mm_all_reduce_unsupported",
+            "mm_all_reduce", "mm_reduce_scatter_unsupported", "mm_reduce_scatter", "quantize_per_tensor"]
+
+
+def mm_all_reduce_unsupported(runtime: NpuRuntime, x: torch.Tensor, weight_t: torch.Tensor,
+                              world_size: int) -> Optional[str]:
+    """Why ``npu_mm_all_reduce_base`` cannot take this call (None when it can)."""
+    if runtime.soc_version != "A2":
+        return f"npu_mm_all_reduce_base exists on A2 only, this runtime is {runtime.soc_version}"
+    if world_size not in MM_ALL_REDUCE_WORLD_SIZES:
+        return f"npu_mm_all_reduce_base takes world sizes {MM_ALL_REDUCE_WORLD_SIZES}, got {world_size}"
+    if x.dtype not in MM_FLOAT_DTYPES or weight_t.dtype != x.dtype:
+        return f"npu_mm_all_reduce_base takes float16/bfloat16 x1 and x2 of one dtype, got {x.dtype}, {weight_t.dtype}"
+    if x.dim() not in (2, 3) or weight_t.dim() != 2 or x.shape[-1] != weight_t.shape[0]:
+        return (f"npu_mm_all_reduce_base takes x1 (m, k) or (s, m, k) and x2 (k, n), got {tuple(x.shape)} and "
+                f"{tuple(weight_t.shape)}")
+    return None
+
+
+def mm_all_reduce(runtime: NpuRuntime, x: torch.Tensor, weight_t: torch.Tensor, comm_name: str, *,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``all_reduce_sum(x @ weight_t + bias)`` in one fused operator.
+
+    ``x`` [m, k] or [s, m, k], ``weight_t`` [k, n] (the transposed linear
+    weight), ``bias`` [n] or None: the operator adds it on every rank, so pass
+    it on one rank of the group only. Returns [..., n] in ``x``'s dtype.
+    """
+    return runtime.ops.npu_mm_all_reduce_base(x, weight_t, comm_name, reduce_op="sum", bias=bias, comm_turn=0)
+
+
+def mm_reduce_scatter_unsupported(runtime: NpuRuntime, x: torch.Tensor, weight_t: torch.Tensor,
+                                  world_size: int) -> Optional[str]:
+    """Why ``npu_mm_reduce_scatter_base`` cannot take this call (None when it can)."""
+    sizes = MM_REDUCE_SCATTER_WORLD_SIZES[runtime.soc_version]
+    if world_size not in sizes:
+        return f"npu_mm_reduce_scatter_base on {runtime.soc_version} takes world sizes {sizes}, got {world_size}"
+    quantised = x.dtype == torch.int8
+    if not quantised and x.dtype not in MM_FLOAT_DTYPES:
+        return f"npu_mm_reduce_scatter_base takes float16/bfloat16/int8 input, got {x.dtype}"
+    if weight_t.dtype != x.dtype:
+        return f"npu_mm_reduce_scatter_base takes input and x2 of one dtype, got {x.dtype} and {weight_t.dtype}"
+    if x.dim() != 2 or weight_t.dim() != 2 or x.shape[1] != weight_t.shape[0]:
+        return (f"npu_mm_reduce_scatter_base takes input (m, k) and x2 (k, n), got {tuple(x.shape)} and "
+                f"{tuple(weight_t.shape)}")
+    low, high = MM_REDUCE_SCATTER_K_RANGE
+    if not low <= x.shape[1] < high:
+        return f"npu_mm_reduce_scatter_base takes k in [{low}, {high}), got {x.shape[1]}"
+    if x.shape[0] % world_size:
+        return f"npu_mm_reduce_scatter_base takes m divisible by world_size {world_size}, got {x.shape[0]}"
+    return None
+
+
+def mm_reduce_scatter(runtime: NpuRuntime, x: torch.Tensor, weight_t: torch.Tensor, comm_name: str,
+                      world_size: int, *, x2_scale: Optional[torch.Tensor] = None,
+                      output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """This rank's rows of ``sum over the group of x @ weight_t``, in one fused operator.
+
+    ``x`` [m, k], ``weight_t`` [k, n]; returns [m / world_size, n] (rank r gets
+    rows [r*m/ws, (r+1)*m/ws)). The operator takes no bias: add it to the
+    result. Quantised (the w8a8 path): ``x`` and ``weight_t`` int8,
+    ``x2_scale`` float32 [n] (per-channel dequantisation scale) and
+    ``output_dtype`` (bfloat16): returns ``x2_scale * (x @ weight_t)`` summed
+    and scattered, in ``output_dtype``.
+    """
+    kwargs = dict(reduce_op="sum", bias=None, comm_turn=0, comm_mode="aiv")
+    if x2_scale is not None:
+        kwargs.update(x2_scale=x2_scale, output_dtype=output_dtype)
+    return runtime.ops.npu_mm_reduce_scatter_base(x, weight_t, comm_name, world_size, **kwargs)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale_reciprocal: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor int8 quantisation: ``clamp(round(x * scale_reciprocal + offset), -128, 127)``.
+
+    The activation quantisation of the w8a8 path (round half to even, as
+    ``torch.round``); plain torch, so it runs on every backend.
+    """
+    q = torch.round(x.float() * scale_reciprocal.float() + offset.float())
+    return q.clamp_(-128, 127).to(torch.int8)

@@ -627,3 +627,131 @@ def emulated_runtime(soc_version: str = "A3", with_v2: bool = True) -> NpuRuntim
     """An :class:`NpuRuntime` backed by :class:`EmulatedTorchNpu` (CPU tensors)."""
     ops = EmulatedTorchNpu(soc_version, with_v2)
     return NpuRuntime(ops, soc_version, comm_name_fn=ops.comm_name)
+
+
+# -- fused matmul + collective: npu_mm_all_reduce_base / npu_mm_reduce_scatter_base --------------------------
+# Written from the Ascend op-plugin documentation of the two operators (see
+# moe_ext.platform.npu for the limits). They are attached to EmulatedTorchNpu from
+# here so that this block stays in one place. The signatures carry every argument of
+# torch-npu 2.14's schemas by name (the reduce-scatter's first argument is the schema's
+# ``self``, called ``self_`` here), so they take a direct call and a schema-bound one alike;
+# arguments the emulation does not model must keep their defaults. Value errors raise
+# ArgumentError (a ValueError), tensor dtype errors TypeError. Arithmetic: the local
+# matmul in float32 (float64 for int8 inputs: exact), the collective in float32, then one
+# rounding to the output dtype; the hardware's accumulation order is not emulated.
+
+
+def _mm_refuse(op: str, message: str) -> None:
+    from moe_ext.errors import ArgumentError
+    raise ArgumentError(f"{op}: {message}")
+
+
+def _mm_not_modelled(op: str, **arguments) -> None:
+    changed = sorted(name for name, value in arguments.items()
+                     if value is not None and (isinstance(value, torch.Tensor) or value != 0))
+    if changed:
+        raise NotImplementedError(f"emulated {op}: arguments {changed} are not emulated (only their defaults)")
+
+
+def _emulated_mm_all_reduce_base(self, x1, x2, hcom, *, reduce_op="sum", bias=None, antiquant_scale=None,
+                                 antiquant_offset=None, x3=None, dequant_scale=None, pertoken_scale=None,
+                                 comm_quant_scale_1=None, comm_quant_scale_2=None, antiquant_group_size=0,
+                                 comm_turn=0, group_sizes=None, y_dtype=None, x1_dtype=None, x2_dtype=None,
+                                 dequant_scale_dtype=None, pertoken_scale_dtype=None, comm_quant_mode=0,
+                                 comm_mode=None):
+    op = "npu_mm_all_reduce_base"
+    if hasattr(self, "_count"):
+        self._count(op)
+    from moe_ext.platform.npu import MM_ALL_REDUCE_WORLD_SIZES, MM_FLOAT_DTYPES
+    _mm_not_modelled(op, antiquant_scale=antiquant_scale, antiquant_offset=antiquant_offset,
+                     dequant_scale=dequant_scale, pertoken_scale=pertoken_scale, comm_quant_scale_1=comm_quant_scale_1,
+                     comm_quant_scale_2=comm_quant_scale_2, antiquant_group_size=antiquant_group_size,
+                     group_sizes=group_sizes, y_dtype=y_dtype, x1_dtype=x1_dtype, x2_dtype=x2_dtype,
+                     dequant_scale_dtype=dequant_scale_dtype, pertoken_scale_dtype=pertoken_scale_dtype,
+                     comm_quant_mode=comm_quant_mode, comm_mode=comm_mode)
+    if self.soc_version != "A2":
+        raise RuntimeError(f"{op}: supported on Atlas A2 only, this is {self.soc_version}")
+    if reduce_op != "sum" or comm_turn != 0:
+        _mm_refuse(op, f"reduce_op must be 'sum' and comm_turn 0, got {reduce_op!r}, {comm_turn}")
+    if x1.dtype not in MM_FLOAT_DTYPES or x2.dtype != x1.dtype:
+        raise TypeError(f"{op}: x1 and x2 must be float16/bfloat16 of one dtype, got {x1.dtype}, {x2.dtype}")
+    if x1.dim() not in (2, 3) or x2.dim() != 2 or x1.shape[-1] != x2.shape[0]:
+        _mm_refuse(op, f"x1 must be (m, k) or (s, m, k) and x2 (k, n), got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    n = x2.shape[1]
+    if bias is not None and (bias.dtype != x1.dtype or tuple(bias.shape) != (n,)):
+        _mm_refuse(op, f"bias must be {x1.dtype} [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    out_shape = tuple(x1.shape[:-1]) + (n,)
+    if x3 is not None and (x3.dtype != x1.dtype or tuple(x3.shape) != out_shape):
+        _mm_refuse(op, f"x3 must be {x1.dtype} {out_shape}, got {x3.dtype} {tuple(x3.shape)}")
+    group = self._groups.get(hcom)
+    if group is None:
+        _mm_refuse(op, f"unknown HCCL communicator name {hcom!r}")
+    world = dist.get_world_size(group)
+    if world not in MM_ALL_REDUCE_WORLD_SIZES:
+        _mm_refuse(op, f"the communicator must have {MM_ALL_REDUCE_WORLD_SIZES} ranks, got {world}")
+    local = x1.float() @ x2.float()
+    if bias is not None:
+        local = local + bias.float()
+    if x3 is not None:
+        local = local + x3.float()
+    local = local.contiguous()
+    dist.all_reduce(local, group=group)
+    return local.to(x1.dtype)
+
+
+def _emulated_mm_reduce_scatter_base(self, self_, x2, hcom, world_size, *, reduce_op="sum", bias=None,
+                                     x1_scale=None, x2_scale=None, comm_turn=0, output_dtype=None, comm_mode=None):
+    op = "npu_mm_reduce_scatter_base"
+    if hasattr(self, "_count"):
+        self._count(op)
+    from moe_ext.platform.npu import MM_FLOAT_DTYPES, MM_REDUCE_SCATTER_K_RANGE, MM_REDUCE_SCATTER_WORLD_SIZES
+    x1 = self_
+    if reduce_op != "sum" or comm_turn != 0:
+        _mm_refuse(op, f"reduce_op must be 'sum' and comm_turn 0, got {reduce_op!r}, {comm_turn}")
+    if bias is not None:
+        _mm_refuse(op, "bias is not supported (must be None)")
+    if x1_scale is not None:
+        raise NotImplementedError(f"emulated {op}: x1_scale (per-token) is not emulated")
+    if comm_mode not in (None, "aiv", "ai_cpu"):
+        _mm_refuse(op, f"comm_mode must be None, 'aiv' or 'ai_cpu', got {comm_mode!r}")
+    sizes = MM_REDUCE_SCATTER_WORLD_SIZES[self.soc_version]
+    group = self._groups.get(hcom)
+    if group is None:
+        _mm_refuse(op, f"unknown HCCL communicator name {hcom!r}")
+    if world_size not in sizes or world_size != dist.get_world_size(group):
+        _mm_refuse(op, f"world_size must be in {sizes} on {self.soc_version} and equal the communicator's size "
+                       f"{dist.get_world_size(group)}, got {world_size}")
+    if x1.dim() != 2 or x2.dim() != 2 or x1.shape[1] != x2.shape[0]:
+        _mm_refuse(op, f"input must be (m, k) and x2 (k, n), got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    m, k = x1.shape
+    n = x2.shape[1]
+    low, high = MM_REDUCE_SCATTER_K_RANGE
+    if not low <= k < high or m % world_size:
+        _mm_refuse(op, f"k must lie in [{low}, {high}) and m divide by world_size {world_size}, got m={m}, k={k}")
+    if x1.dtype == torch.int8:
+        if x2.dtype != torch.int8:
+            raise TypeError(f"{op}: the int8 form needs an int8 x2, got {x2.dtype}")
+        if comm_mode != "aiv":
+            _mm_refuse(op, f"the int8 form needs comm_mode='aiv', got {comm_mode!r}")
+        if x2_scale is None or x2_scale.dtype != torch.float32 or tuple(x2_scale.shape) not in ((n,), (1,)):
+            raise NotImplementedError(f"emulated {op}: the int8 form is emulated with a float32 x2_scale of shape "
+                                      f"[{n}] or [1] only (the int64-encoded scale is not documented here)")
+        if output_dtype not in MM_FLOAT_DTYPES:
+            _mm_refuse(op, f"the int8 form needs output_dtype float16/bfloat16, got {output_dtype}")
+        local = ((x1.double() @ x2.double()) * x2_scale.double()).float()
+        out_dtype = output_dtype
+    else:
+        if x1.dtype not in MM_FLOAT_DTYPES or x2.dtype != x1.dtype:
+            raise TypeError(f"{op}: input and x2 must be float16/bfloat16 (or int8) of one dtype, got {x1.dtype}, "
+                            f"{x2.dtype}")
+        if x2_scale is not None or output_dtype not in (None, x1.dtype):
+            _mm_refuse(op, "x2_scale and another output_dtype belong to the int8 form")
+        local = x1.float() @ x2.float()
+        out_dtype = x1.dtype
+    out = local.new_empty((m // world_size, n))
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, local.contiguous(), group=group)
+    return out.to(out_dtype)
+
+
+EmulatedTorchNpu.npu_mm_all_reduce_base = _emulated_mm_all_reduce_base
+EmulatedTorchNpu.npu_mm_reduce_scatter_base = _emulated_mm_reduce_scatter_base
