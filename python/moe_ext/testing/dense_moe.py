@@ -70,7 +70,7 @@ def dense_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
 def dense_moe_batched(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                       num_expert_group: Optional[int] = None, topk_group: Optional[int] = None,
-                      correction_bias: Optional[torch.Tensor] = None,
+                      group_score: Optional[str] = None, correction_bias: Optional[torch.Tensor] = None,
                       routed_scaling_factor: float = 1.0) -> torch.Tensor:
     """:func:`dense_moe` computed with whole-batch tensor ops: one loop over experts, none over tokens.
 
@@ -86,14 +86,17 @@ def dense_moe_batched(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w1
     choice = scores + (correction_bias.float() if correction_bias is not None else 0)
     tokens, experts = choice.shape
     if num_expert_group is not None:
+        if group_score not in ("max", "top2_sum"):
+            raise ValueError(f"dense_moe_batched: group_score must be 'max' or 'top2_sum' with num_expert_group, "
+                             f"got {group_score!r}")
         group_size = experts // num_expert_group
         grouped = choice.view(tokens, num_expert_group, group_size)
-        if correction_bias is not None:
-            group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
+        if group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
         else:
-            group_score = grouped.max(-1).values
+            group_scores = grouped.max(-1).values
         keep = torch.zeros(tokens, num_expert_group, dtype=torch.bool, device=choice.device)
-        keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
         choice = choice.masked_fill(~keep.repeat_interleave(group_size, dim=1), float("-inf"))
     chosen = choice.topk(top_k, dim=-1).indices  # [T, K]
     weights = scores.gather(1, chosen)
