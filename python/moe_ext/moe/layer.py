@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -15,9 +16,9 @@ from moe_ext.errors import ArgumentError, check_bool, check_int
 from moe_ext.moe import weights as _weights
 from moe_ext.moe.comm.base import MoECommMethod
 from moe_ext.moe.config import MoEConfig
-from moe_ext.moe.context import ForwardContext, build_forward_context
+from moe_ext.moe.context import ForwardContext, checked_forward_context
 from moe_ext.moe.experts import ExpertActivation, run_local_experts
-from moe_ext.moe.select import make_comm_method, select_comm_method
+from moe_ext.moe.select import COMM_METHODS, FORCE_ENV, make_comm_method, select_comm_method
 from moe_ext.moe.topk import check_routing_options, select_experts
 
 __all__ = ["MoELayer", "load_recording_disabled", "logical_to_physical_table"]
@@ -443,12 +444,7 @@ class MoELayer(nn.Module):
 
     def _check_forward_inputs(self, hidden_states, context, router_logits, topk_weights, topk_ids) -> None:
         hidden, num_experts, top_k = self.config.hidden_size, self.config.num_experts, self.config.top_k
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"MoELayer: hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() < 1 or hidden_states.shape[-1] != hidden or not hidden_states.dtype.is_floating_point:
-            raise ArgumentError(f"MoELayer: hidden_states must be a float tensor [..., {hidden}], got "
-                                f"{hidden_states.dtype} {tuple(hidden_states.shape)}")
-        num_tokens = hidden_states.numel() // hidden
+        num_tokens = hidden_states.shape[0]
         if context is not None and context.num_tokens != num_tokens:
             raise ArgumentError(f"MoELayer: context.num_tokens must equal the {num_tokens} tokens of hidden_states, "
                                 f"got {context.num_tokens}")
@@ -493,9 +489,16 @@ class MoELayer(nn.Module):
         ``context``: see :func:`build_forward_context` (built here when None,
         one DP all-reduce). Collective over the EP group.
         """
-        self._check_forward_inputs(hidden_states, context, router_logits, topk_weights, topk_ids)
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, self.config.hidden_size)
+        hidden = self.config.hidden_size
+        shape, x = None, hidden_states
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 and hidden_states.shape[-1] == hidden:
+            shape, x = hidden_states.shape, hidden_states.reshape(-1, hidden)
+        # hidden_states: checked here on every rank at once (the context's all-reduce carries the verdict);
+        # the routing arguments: checked on this rank only.
+        context = checked_forward_context("MoELayer", self.config, x, dtype=self.w13.dtype, device=self.w13.device,
+                                          comm_method=self._comm_method_label(), methods=("auto",) + COMM_METHODS,
+                                          context=context)
+        self._check_forward_inputs(x, context, router_logits, topk_weights, topk_ids)
         if topk_ids is not None:
             weights, logical = topk_weights.float(), topk_ids.to(torch.int64)
         else:
@@ -506,8 +509,6 @@ class MoELayer(nn.Module):
         if self.apply_router_weight_on_input:
             expert_input = x * weights.to(x.dtype)  # top_k == 1: one weight per token
             weights = torch.ones_like(weights)
-        if context is None:
-            context = build_forward_context(self.config, x.shape[0], x.device)
         comm = self.comm_method_for(context.max_tokens_across_dp)
         self.last_comm_method = comm.name
         tokens, slots, weights = comm.prepare(expert_input, slots, weights, context)
@@ -529,6 +530,12 @@ class MoELayer(nn.Module):
         if self.shared_gate_weight is not None:
             out = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * out
         return out
+
+    def _comm_method_label(self) -> str:
+        """The method as every rank must agree on it: fixed, forced by the environment, or "auto"."""
+        if self._fixed_comm is not None:
+            return self._fixed_comm.name
+        return os.environ.get(FORCE_ENV) or "auto"
 
     def _record_load(self, logical: torch.Tensor, slots: torch.Tensor) -> None:
         with torch.no_grad():
