@@ -34,10 +34,18 @@ if [ "$mode" = tests ] || [ "$mode" = all ]; then
   step pytest_nccl 420 env MOE_EXT_TEST_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider -rs \
     tests/test_parallel_state.py tests/test_rearrange.py tests/test_moe_layer.py tests/test_eplb_load_recorder.py \
     tests/test_parallel_linear.py
+  # MoE backward on NCCL (issue 12): the 2-rank cases (EP 2 with experts that get no rows and a
+  # rank without tokens, DP 1 x TP 2) and the 2-rank matrix; the 4-rank cases are gloo-only.
+  step moe_backward_nccl 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_moe_backward.py
   if [ -f python/moe_ext/cli/demo.py ]; then
     for ws in $sizes; do
       step "demo_nccl_$ws" 240 python3 -m moe_ext demo --ranks "$ws" --device cuda --json "$out/demo_$ws.json"
     done
+    # Under torchrun (the launcher's NCCL group), and DeepSeek-V3-sized experts (about 50-70 GiB per GPU).
+    step demo_torchrun 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+      -m moe_ext demo --json "$out/demo_torchrun.json"
+    step demo_dsv3 420 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+      -m moe_ext demo --preset deepseek-v3 --steps 20 --json "$out/demo_dsv3.json"
   fi
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
@@ -53,4 +61,5 @@ for log in "$out"/rearrange_*.log "$out"/moe_layer_*.log "$out"/linear_*.log "$o
   [ -f "$log" ] && { echo; echo "== $(basename "$log")"; tail -n 25 "$log"; }
 done
 [ -f "$out/pytest_nccl.log" ] && { echo; grep -E "passed|failed|SKIPPED|Error" "$out/pytest_nccl.log" | tail -n 15; }
+[ -f "$out/moe_backward_nccl.log" ] && { echo; grep -E "passed|failed|SKIPPED|Error" "$out/moe_backward_nccl.log" | tail -n 8; }
 echo; printf '%s\n' "${summary[@]}"

@@ -27,23 +27,25 @@ def device_for(rank: int) -> torch.device:
 
 def make_groups(dp: int, tp: int, copies: int) -> dict:
     """MoEConfig keyword arguments of this rank; every rank creates every group, in one order."""
+    from moe_ext.distributed import world_timeout
     rank, world = dist.get_rank(), dist.get_world_size()
     ep = dp * tp
+    new_group = lambda ranks: dist.new_group(ranks, timeout=world_timeout())  # noqa: E731
     assert ep * copies == world, (dp, tp, copies, world)
     copy, local = divmod(rank, ep)
     dp_rank, tp_rank = divmod(local, tp)
     mine = dict(ep=None, dp=None, tp=None)
     for c in range(copies):
         base = c * ep
-        ep_group = dist.new_group(list(range(base, base + ep))) if copies > 1 else dist.group.WORLD
+        ep_group = new_group(list(range(base, base + ep))) if copies > 1 else dist.group.WORLD
         if c == copy:
             mine["ep"] = ep_group
         for d in range(dp):
-            group = dist.new_group([base + d * tp + t for t in range(tp)]) if tp > 1 else None
+            group = new_group([base + d * tp + t for t in range(tp)]) if tp > 1 else None
             if c == copy and d == dp_rank:
                 mine["tp"] = group
         for t in range(tp):
-            group = dist.new_group([base + d * tp + t for d in range(dp)]) if dp > 1 else None
+            group = new_group([base + d * tp + t for d in range(dp)]) if dp > 1 else None
             if c == copy and t == tp_rank:
                 mine["dp"] = group
     return dict(dp_size=dp, dp_rank=dp_rank, tp_size=tp, tp_rank=tp_rank, ep_group=mine["ep"],

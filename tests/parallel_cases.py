@@ -398,6 +398,34 @@ def run_configs_fused(rank, world_size, plan):
         return run_configs(rank, world_size, plan, fusion="fused")
 
 
+def run_configs_symm_mem_reference(rank, world_size, plan):
+    """The CUDA fused wiring on gloo: torch's own reference implementations of the symmetric-memory
+    operators (``_fused_*_fallback``, the same contract on any device) stand in for the CUDA kernels,
+    so everything around the kernel call (shapes, argument order, bias, padding) runs here."""
+    import torch.distributed._symmetric_memory as symm_mem
+    from moe_ext.parallel import backend as backend_module
+    backend_module._cuda_reason = lambda x, weight, group: None
+    backend_module._ensure_symm_mem = lambda group: group.device_group.group_name
+    backend_module._symm_mem_matmul_reduce_scatter = (
+        lambda x, weight_t, name: symm_mem._fused_matmul_reduce_scatter_fallback(x, weight_t, "sum", 0, name))
+    backend_module._symm_mem_all_gather_matmul = (
+        lambda x, weight_t, name: symm_mem._fused_all_gather_matmul_fallback(x, [weight_t], 0, name,
+                                                                             return_A=True)[1][0])
+    calls = {"rs": 0, "ag": 0}
+    rs, ag = backend_module._symm_mem_matmul_reduce_scatter, backend_module._symm_mem_all_gather_matmul
+
+    def count(key, fn):
+        def wrapped(*args):
+            calls[key] += 1
+            return fn(*args)
+        return wrapped
+    backend_module._symm_mem_matmul_reduce_scatter = count("rs", rs)
+    backend_module._symm_mem_all_gather_matmul = count("ag", ag)
+    done = run_configs_fused(rank, world_size, plan)
+    assert calls["rs"] > 0 and calls["ag"] > 0, calls
+    return done
+
+
 CASES = {
     "column": lambda r, d, b, g: case_column(r, d, b, g, False),
     "column_gather": lambda r, d, b, g: case_column(r, d, b, g, True),

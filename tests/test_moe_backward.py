@@ -25,13 +25,15 @@ TIMEOUT = 120  # generous for a loaded 2-core machine; a hang used to wait out g
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_issue_inputs_and_matrix_on_gloo(world_size):
+def test_issue_inputs_and_matrix_on_gloo(world_size, monkeypatch):
+    monkeypatch.setenv("MOE_EXT_TEST_BACKEND", "gloo")  # CPU tensors in the ranks, whatever the run sets
     cases = issue_cases(world_size) + matrix_cases(world_size, sample=None if FULL else 6)
     checks = run_distributed(run_cases, world_size, cases, timeout=TIMEOUT * (4 if FULL else 1))
     assert checks == [len(cases)] * world_size
 
 
-def test_forward_only_methods_refuse_backward_by_name():
+def test_forward_only_methods_refuse_backward_by_name(monkeypatch):
+    monkeypatch.setenv("MOE_EXT_TEST_BACKEND", "gloo")
     messages = run_distributed(check_forward_only_methods, 2, timeout=TIMEOUT)
     for rank_messages in messages:
         mc2, dummy = rank_messages
@@ -40,14 +42,11 @@ def test_forward_only_methods_refuse_backward_by_name():
 
 
 @pytest.mark.cuda
-def test_two_rank_issue_inputs_on_nccl():
+def test_two_rank_issue_inputs_on_nccl(monkeypatch):
     """EP 2 with experts that get no rows, a rank with no tokens, and DP 1 x TP 2, on two GPUs."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs for nccl")
-    os.environ["MOE_EXT_TEST_BACKEND"] = "nccl"  # inherited by the spawned ranks: tensors on cuda:<rank>
-    try:
-        cases = issue_cases(2) + matrix_cases(2, sample=None)
-        checks = run_distributed(run_cases, 2, cases, backend="nccl", timeout=TIMEOUT)
-    finally:
-        os.environ.pop("MOE_EXT_TEST_BACKEND", None)
+    monkeypatch.setenv("MOE_EXT_TEST_BACKEND", "nccl")  # inherited by the spawned ranks: tensors on cuda:<rank>
+    cases = issue_cases(2) + matrix_cases(2, sample=None)
+    checks = run_distributed(run_cases, 2, cases, backend="nccl", timeout=TIMEOUT)
     assert checks == [len(cases)] * 2

@@ -131,6 +131,19 @@ def test_module_arguments_are_checked():
         ReplicatedLinear(0, 4)
 
 
+def test_backend_decisions():
+    from moe_ext.parallel import backend
+    assert backend._decide("step", LinearBackend("auto"), None) is True
+    assert backend._decide("step", LinearBackend("auto"), "no operator") is False
+    assert backend._decide("step", LinearBackend("unfused"), None) is False
+    with pytest.raises(ArgumentError, match="fusion='fused' but the fused operator cannot take this call: why"):
+        backend._decide("step", LinearBackend("fused"), "why")
+    x, w = torch.zeros(4, 8), torch.zeros(6, 8)
+    assert "CUDA tensors" in backend._cuda_reason(x, w, None)
+    with pytest.raises(TypeError, match="LinearBackend.npu must be an NpuRuntime"):
+        LinearBackend(npu="torch_npu")
+
+
 class _FakeRowOp(RowParallelOp):
     def __init__(self):  # no group needed for the direction check
         self.group, self.backend = None, LinearBackend()
@@ -190,6 +203,20 @@ def test_every_op_matches_dense_linear(world_size):
     done = run_distributed(parallel_cases.run_configs, world_size, plan, backend=backend_under_test(), timeout=300)
     expected = [name for _, names in plan for name in names]
     assert all(ran == expected for ran in done), done
+
+
+@pytest.mark.distributed
+def test_fused_cuda_wiring_with_torchs_reference_operators():
+    """The fused (symmetric-memory) path of every op, on gloo, with torch's reference implementations
+    of the two operators in place of the CUDA kernels: checks moe_ext's wiring, not the kernels."""
+    import torch.distributed._symmetric_memory as symm_mem
+    if not all(hasattr(symm_mem, name) for name in ("_fused_matmul_reduce_scatter_fallback",
+                                                    "_fused_all_gather_matmul_fallback")):
+        pytest.skip(f"torch {torch.__version__} has no reference symm_mem fused operators")
+    if backend_under_test() == "nccl":
+        pytest.skip("the CUDA kernels themselves are tested by test_fused_cuda_operators_match_dense_linear")
+    done = run_distributed(parallel_cases.run_configs_symm_mem_reference, 2, FUSED_PLAN, timeout=300)
+    assert all(ran == [n for _, names in FUSED_PLAN for n in names] for ran in done), done
 
 
 @pytest.mark.cuda

@@ -426,23 +426,25 @@ def _report(args, plan, layers, experts, before_imbalance, public_imbalance, pub
           f"{args.nodes} nodes, {args.groups} groups ({mode} mode{kept})")
     if history is not None:
         print(f"planned for a history of {history.shape[0]} windows of {args.window} steps (--window)")
-    header = f"{'layer':>5} {'before':>8} {'after':>8} {'bound':>8} {'relaxed':>8} {'moves':>6}"
+    from moe_ext.cli.table import format_table
+
+    headers = ["layer", "before", "after", "bound", "relaxed", "moves"]
     if history is not None:
-        header += f" {'worst':>8}"
+        headers.append("worst")
     if public_imbalance is not None:
-        header += f" {'public':>8}"
-    header += "  notes"
-    print(header)
+        headers.append("public")
+    headers.append("notes")
     gain = plan.relax_gain
+    rows = []
     for layer in range(layers):
-        relaxed = f"{float(plan.relaxed_imbalance[layer]):8.3f}" if float(gain[layer]) > 0.02 else f"{'-':>8}"
-        moves = f"{int(plan.moves[layer]):6d}" if current is not None else f"{'-':>6}"
-        line = (f"{layer:>5} {float(before_imbalance[layer]):8.3f} {float(plan.imbalance[layer]):8.3f} "
-                f"{float(plan.lower_bound[layer]):8.3f} {relaxed} {moves}")
+        row = [str(layer), f"{float(before_imbalance[layer]):.3f}", f"{float(plan.imbalance[layer]):.3f}",
+               f"{float(plan.lower_bound[layer]):.3f}",
+               f"{float(plan.relaxed_imbalance[layer]):.3f}" if float(gain[layer]) > 0.02 else "-",
+               str(int(plan.moves[layer])) if current is not None else "-"]
         if history is not None:
-            line += f" {float(plan.worst_window_imbalance[layer]):8.3f}"
+            row.append(f"{float(plan.worst_window_imbalance[layer]):.3f}")
         if public_imbalance is not None:
-            line += f" {float(public_imbalance[layer]):8.3f}"
+            row.append(f"{float(public_imbalance[layer]):.3f}")
         notes = []
         if float(gain[layer]) > 0.02:
             notes.append(f"relaxing would lower it {100 * float(gain[layer]):.1f}%")
@@ -450,7 +452,9 @@ def _report(args, plan, layers, experts, before_imbalance, public_imbalance, pub
             notes.append(f"{int(plan.cross_node_replicas[layer])} outside node")
         if int(plan.same_gpu_duplicates[layer]):
             notes.append(f"{int(plan.same_gpu_duplicates[layer])} twins")
-        print(line + ("  " + "; ".join(notes) if notes else ""))
+        row.append("; ".join(notes))
+        rows.append(row)
+    print(format_table(headers, rows))
     summary = plan.summary()
     print(f"imbalance before: mean {float(before_imbalance.mean()):.3f} worst {float(before_imbalance.max()):.3f}")
     print(f"imbalance after:  mean {summary['imbalance_mean']:.3f} worst {summary['imbalance_worst']:.3f} "

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["DemoConfig", "COMM_METHOD_CHOICES", "DEVICE_CHOICES"]
+from moe_ext.errors import ArgumentError
+
+__all__ = ["DemoConfig", "COMM_METHOD_CHOICES", "DEVICE_CHOICES", "PRESETS", "MAX_TIMEOUT"]
 
 # "dummy" (moe_ext.moe's no-communication method for profiling) is left out: it computes no real output.
 COMM_METHOD_CHOICES = ("auto", "allgather", "native_allgather", "alltoall", "mc2")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
+MAX_TIMEOUT = 7 * 24 * 3600.0  # seconds; timeouts become datetime.timedelta, which overflows far beyond this
+
+# --preset NAME: a named set of sizes (explicit options still win).
+PRESETS = {
+    # DeepSeek-V3's routed experts at full size: 256 experts of hidden 7168 and MoE
+    # intermediate 2048 (about 176 MiB each in fp32), 32 redundant slots as its EPLB
+    # deployment uses, top-8 of 8 groups keeping 4. Every rank also holds the logical
+    # weights for the dense check (about 45 GiB), so this is for one GPU / NPU per rank.
+    "deepseek-v3": dict(experts=256, redundant_experts=32, top_k=8, hidden_size=7168, intermediate_size=2048,
+                        expert_groups=8, topk_group=4, tokens_per_rank=256, tolerance=1e-3),
+}
 
 
 @dataclass
@@ -42,12 +56,18 @@ class DemoConfig:
     device: str = "auto"
     seed: int = 0
     tolerance: Optional[float] = None  # None: 1e-4, or 1e-1 with mc2 (it moves bf16 activations)
-    timeout: float = 300.0
-    # Hidden test hooks: make one rank die (os._exit) or corrupt its weights at a step.
+    timeout: float = 60.0  # seconds without a finished step, once every rank has started
+    startup_timeout: float = 180.0  # seconds for spawning, imports, process group and layer, before step 0
+    # Hidden test hooks: make one rank die (os._exit), corrupt its weights, stall
+    # (sleep in Python) or stop itself (SIGSTOP) at a step.
     kill_rank: Optional[int] = None
     kill_step: Optional[int] = None
     corrupt_rank: Optional[int] = None
     corrupt_step: Optional[int] = None
+    stall_rank: Optional[int] = None
+    stall_step: Optional[int] = None
+    stop_rank: Optional[int] = None
+    stop_step: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.redundant_experts is None and isinstance(self.ranks, int) and self.ranks >= 1 \
@@ -76,11 +96,16 @@ class DemoConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def bytes_per_expert(self) -> int:
+        """fp32 bytes of one expert's weights (w13 [H, 2I] and w2 [I, H])."""
+        return 3 * self.hidden_size * self.intermediate_size * 4
+
     def validate(self) -> None:
-        """Raise ValueError naming the argument for any impossible combination."""
+        """Raise ArgumentError (a ValueError) naming the argument for any impossible combination."""
         def need(condition: bool, message: str) -> None:
             if not condition:
-                raise ValueError(message)
+                raise ArgumentError(message)
 
         for name in ("ranks", "experts", "top_k", "hidden_size", "intermediate_size", "expert_groups",
                      "topk_group", "tokens_per_rank", "steps", "rebalance_interval"):
@@ -100,9 +125,15 @@ class DemoConfig:
         need(self.top_k <= self.topk_group * (self.experts // self.expert_groups),
              f"--top-k ({self.top_k}) must be <= the experts of the --topk-group best groups "
              f"({self.topk_group} * {self.experts // self.expert_groups})")
-        need(self.skew >= 0, f"--skew must be >= 0, got {self.skew}")
-        need(self.tolerance > 0, f"--tolerance must be > 0, got {self.tolerance}")
-        need(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
+        need(math.isfinite(self.skew) and self.skew >= 0, f"--skew must be a finite number >= 0, got {self.skew}")
+        need(math.isfinite(self.tolerance) and self.tolerance > 0,
+             f"--tolerance must be a finite number > 0, got {self.tolerance}")
+        for name in ("timeout", "startup_timeout"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                 and 0 < value <= MAX_TIMEOUT,
+                 f"--{name.replace('_', '-')} must be a finite number of seconds in (0, {MAX_TIMEOUT:.0f}], "
+                 f"got {value!r}")
         need(self.max_moves is None or self.max_moves >= 0, f"--max-moves must be >= 0, got {self.max_moves}")
         need(self.comm_method in COMM_METHOD_CHOICES,
              f"--comm-method must be one of {', '.join(COMM_METHOD_CHOICES)}, got {self.comm_method!r}")
@@ -110,7 +141,7 @@ class DemoConfig:
              f"--comm-method mc2 needs --ranks >= 2, got {self.ranks}")
         need(self.device in DEVICE_CHOICES,
              f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
-        for hook in ("kill", "corrupt"):
+        for hook in ("kill", "corrupt", "stall", "stop"):
             rank, step = getattr(self, f"{hook}_rank"), getattr(self, f"{hook}_step")
             if rank is not None or step is not None:
                 need(rank is not None and step is not None and 0 <= rank < self.ranks and 0 <= step < self.steps,

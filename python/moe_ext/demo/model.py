@@ -37,12 +37,26 @@ class LogicalWeights:
         return (self.w13[0].numel() * self.w13.element_size()) + (self.w2[0].numel() * self.w2.element_size())
 
 
-def make_weights(config: DemoConfig) -> LogicalWeights:
+# Expert weights larger than this are drawn on the accelerator itself (its own
+# seeded generator, the same on every rank) instead of on the CPU and copied:
+# the DeepSeek-V3 preset's 45 GiB would take minutes and the host's memory per rank.
+DEVICE_GENERATION_BYTES = 1 << 30
+
+
+def make_weights(config: DemoConfig, device: torch.device | None = None) -> LogicalWeights:
+    """The logical weights, on ``device`` (default CPU); a pure function of the seed and the device type."""
     generator = torch.Generator().manual_seed(config.seed)
     experts, hidden, inter = config.experts, config.hidden_size, config.intermediate_size
     gate = torch.randn(experts, hidden, generator=generator) / math.sqrt(hidden)
-    w13 = torch.randn(experts, hidden, 2 * inter, generator=generator) / math.sqrt(hidden)
-    w2 = torch.randn(experts, inter, hidden, generator=generator) / math.sqrt(inter)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cpu" and experts * config.bytes_per_expert > DEVICE_GENERATION_BYTES:
+        on_device = torch.Generator(device=device).manual_seed(config.seed)
+        w13 = torch.randn(experts, hidden, 2 * inter, generator=on_device, device=device).div_(math.sqrt(hidden))
+        w2 = torch.randn(experts, inter, hidden, generator=on_device, device=device).div_(math.sqrt(inter))
+        gate = gate.to(device)
+    else:
+        w13 = torch.randn(experts, hidden, 2 * inter, generator=generator) / math.sqrt(hidden)
+        w2 = torch.randn(experts, inter, hidden, generator=generator) / math.sqrt(inter)
     # Zipf popularity over experts of neighbouring ids (experts of related
     # topics tend to be hot together), starting at a seeded expert: the hot
     # experts crowd onto one or two ranks of the initial placement.
@@ -51,7 +65,7 @@ def make_weights(config: DemoConfig) -> LogicalWeights:
     order = (torch.arange(experts) + first_hot) % experts
     topic_probability = torch.empty(experts, dtype=torch.float64)
     topic_probability[order] = popularity / popularity.sum()
-    return LogicalWeights(gate, w13, w2, topic_probability)
+    return LogicalWeights(gate, w13, w2, topic_probability).to(device)
 
 
 def make_batch(config: DemoConfig, weights: LogicalWeights, step: int) -> torch.Tensor:

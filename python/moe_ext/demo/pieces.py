@@ -34,7 +34,7 @@ def describe() -> dict[str, str]:
         "routing_ops": ("moe_ext.ops.moe_permute/moe_unpermute" if using_native_routing_ops()
                         else "moe_ext.moe.routing plain-torch path (op library without the routing ops)"),
         "rearrangement": "moe_ext.eplb.rearrange_expert_weights_inplace",
-        "dense_reference": "moe_ext.testing.dense_moe",
+        "dense_reference": "moe_ext.testing.dense_moe.dense_moe_batched (every token, vectorised)",
         "planner": "moe_ext.eplb.plan_placement",
         "load_recorder": "moe_ext.eplb.LoadRecorder",
     }
@@ -162,9 +162,9 @@ def rearrange_weights(old_placement: torch.Tensor, new_placement: torch.Tensor, 
 
 def dense_reference(config: DemoConfig, x: torch.Tensor, weights: LogicalWeights) -> torch.Tensor:
     """The layer's output for ``x`` computed densely in this process from the logical weights."""
-    from moe_ext.testing.dense_moe import dense_moe
+    from moe_ext.testing.dense_moe import dense_moe_batched
 
     w13, w2 = weights.w13, weights.w2
     if config.comm_method == "mc2":  # the layer's inputs and expert weights are bf16 (see build_layer)
         x, w13, w2 = (t.to(torch.bfloat16).float() for t in (x, w13, w2))
-    return dense_moe(x, weights.gate, w13, w2, config.top_k, **routing_options(config))
+    return dense_moe_batched(x, weights.gate, w13, w2, config.top_k, **routing_options(config))

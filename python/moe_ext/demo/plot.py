@@ -49,7 +49,10 @@ def write_plot(result: dict, path: str) -> None:
     bars.set_xlabel("rank")
     bars.set_ylabel("routed tokens per step (mean)")
     bars.set_title("per-rank load before / after rebalancing")
-    bars.legend(loc="upper right")
+    # Head room above the tallest bar for a one-row legend, so it never covers a bar.
+    tallest = max(list(before) + list(after) + [mean], default=1.0)
+    bars.set_ylim(0, tallest * 1.3 if tallest > 0 else 1.0)
+    bars.legend(loc="upper center", ncol=3, fontsize="small", frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

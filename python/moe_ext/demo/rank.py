@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import time
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from moe_ext.demo import pieces
 from moe_ext.demo.config import DemoConfig
+from moe_ext.demo.launch import mark_step
 from moe_ext.demo.model import initial_placement, make_batch, make_weights
 from moe_ext.demo.report import Progress
 
@@ -38,13 +40,15 @@ def _synchronize(device: torch.device) -> None:
         torch.npu.synchronize()  # type: ignore[attr-defined]
 
 
-def _device_for(rank: int, device_type: str) -> torch.device:
+def _device_for(device_type: str) -> torch.device:
+    """This rank's device: the accelerator numbered LOCAL_RANK (set by torchrun, or by the demo's own launcher)."""
+    index = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     if device_type == "npu":
-        torch.npu.set_device(rank)  # type: ignore[attr-defined]
-        return torch.device("npu", rank)
+        torch.npu.set_device(index)  # type: ignore[attr-defined]
+        return torch.device("npu", index)
     return torch.device("cpu")
 
 
@@ -52,12 +56,11 @@ def run_rank(rank: int, world_size: int, config: DemoConfig, device_type: str, i
     """One rank of the demo (the function ``launch`` spawns). Returns this rank's numbers."""
     from moe_ext.eplb import LoadRecorder, placement_imbalance, plan_placement
 
-    device = _device_for(rank, device_type)
+    device = _device_for(device_type)
     groups = pieces.make_ep_groups(world_size)
     eplb_group = pieces.EPGroups.process_group(groups.eplb)
     ep_group = pieces.EPGroups.process_group(groups.ep)
-    weights_cpu = make_weights(config)
-    weights = weights_cpu.to(device)
+    weights = make_weights(config, device)
     placement = initial_placement(config)
     layer = pieces.build_layer(config, groups, placement, weights, rank, device)
     recorder = LoadRecorder(1, config.experts, window=config.rebalance_interval, device=device, group=eplb_group)
@@ -72,12 +75,19 @@ def run_rank(rank: int, world_size: int, config: DemoConfig, device_type: str, i
     forward_seconds = 0.0
     max_error = 0.0
 
+    first_step_at = time.time()  # wall clock: the parent compares it with its own start (start-up time)
     for step in range(config.steps):
+        mark_step(step)  # the launcher's heartbeat reports it
         if config.kill_rank == rank and config.kill_step == step:
             os._exit(KILLED_EXIT_CODE)  # test hook: die abruptly, as a crashed process would
+        if config.stop_rank == rank and config.stop_step == step:
+            os.kill(os.getpid(), signal.SIGSTOP)  # test hook: freeze, as a process stopped from outside would
+        if config.stall_rank == rank and config.stall_step == step:
+            while True:  # test hook: stall in Python outside any collective (the process stays alive)
+                time.sleep(1.0)
         if config.corrupt_rank == rank and config.corrupt_step == step:
             layer.corrupt()  # test hook: a wrong weight must be caught by the reference check
-        x = make_batch(config, weights_cpu, step)[rank * tokens:(rank + 1) * tokens].to(device)
+        x = make_batch(config, weights, step)[rank * tokens:(rank + 1) * tokens].to(device)
 
         _synchronize(device)
         started = time.perf_counter()
@@ -125,6 +135,7 @@ def run_rank(rank: int, world_size: int, config: DemoConfig, device_type: str, i
     return {
         "rank": rank,
         "device": str(device),
+        "first_step_at": first_step_at,
         "tokens": tokens * config.steps,
         "forward_seconds": forward_seconds,
         "tokens_per_second": tokens * config.steps / forward_seconds if forward_seconds > 0 else 0.0,

@@ -1,55 +1,76 @@
-"""Plain-text output of the demo: the progress bar (rank 0) and the closing tables."""
+"""The demo's output: progress (rank 0) and the closing summary.
+
+rich draws the progress bar on a terminal and the tables when it is installed
+(optional: ``pip install rich``); without it, or when the output is not a
+terminal, plain lines (see :mod:`moe_ext.cli.table`).
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, TextIO
 
+from moe_ext.cli.table import format_table, have_rich
+
 __all__ = ["Progress", "format_report", "format_bytes"]
 
 
 class Progress:
-    """A one-line progress bar over steps, redrawn with ``\\r`` on a terminal.
+    """Progress over steps, on rank 0.
 
-    Elsewhere (logs, CI, pytest) it prints a line every tenth of the run and at
-    each rebalance instead, so the output stays readable.
+    On a terminal with rich installed: a rich progress bar (steps, elapsed, an
+    estimate of the time left, the step's imbalance and the largest error so
+    far), with each rebalance printed above it. Elsewhere (no terminal: logs,
+    CI, pytest; or no rich): a plain line every tenth of the run and one per
+    rebalance, each rebalance after the progress line of its step.
     """
 
     def __init__(self, total: int, *, enabled: bool = True, interactive: Optional[bool] = None,
-                 stream: Optional[TextIO] = None, width: int = 24):
-        self.total, self.enabled, self.width = total, enabled, width
+                 stream: Optional[TextIO] = None):
+        self.total, self.enabled = total, enabled
         self.stream = stream or sys.stdout
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.every = max(1, total // 10)
-        self._open_line = False
+        self._rich = None
+        if enabled and self.interactive and have_rich():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            console = Console(file=self.stream, force_terminal=True)
+            self._rich = RichProgress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                      TextColumn("{task.fields[status]}"),
+                                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                      console=console)
+            self._task = self._rich.add_task("steps", total=total, status="")
+            self._rich.start()
+
+    @staticmethod
+    def rebalance_note(rebalance: dict) -> str:
+        return (f"rebalance @ step {rebalance['step']}: planned imbalance {rebalance['imbalance_before']:.2f} -> "
+                f"{rebalance['imbalance_after']:.2f}, {rebalance['slots_moved']} slots moved, "
+                f"{format_bytes(rebalance['bytes_moved'])} in {rebalance['transfer_seconds'] * 1e3:.1f} ms")
 
     def update(self, done: int, imbalance: float, max_error: float, rebalance: Optional[dict] = None) -> None:
         if not self.enabled:
             return
-        filled = self.width * done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        line = (f"step {done:>{len(str(self.total))}}/{self.total} [{bar}] imbalance {imbalance:5.2f}  "
-                f"max error {max_error:.1e}")
+        if self._rich is not None:
+            self._rich.update(self._task, completed=done,
+                              status=f"imbalance {imbalance:5.2f}  max error {max_error:.1e}")
+            if rebalance is not None:
+                self._rich.console.print(self.rebalance_note(rebalance), highlight=False)
+            return
+        if done % self.every == 0 or done == self.total or rebalance is not None:
+            self.stream.write(f"step {done:>{len(str(self.total))}}/{self.total}  imbalance {imbalance:5.2f}  "
+                              f"max error {max_error:.1e}\n")
         if rebalance is not None:
-            note = (f"rebalance @ step {rebalance['step']}: planned imbalance {rebalance['imbalance_before']:.2f} -> "
-                    f"{rebalance['imbalance_after']:.2f}, {rebalance['slots_moved']} slots moved, "
-                    f"{format_bytes(rebalance['bytes_moved'])} in {rebalance['transfer_seconds'] * 1e3:.1f} ms")
-            if self.interactive:
-                self.stream.write("\r\033[K" + note + "\n")
-            else:
-                self.stream.write(note + "\n")
-        if self.interactive:
-            self.stream.write("\r\033[K" + line)
-            self._open_line = True
-        elif done % self.every == 0 or done == self.total:
-            self.stream.write(line + "\n")
+            self.stream.write(self.rebalance_note(rebalance) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self._open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open_line = False
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
 
 
 def format_bytes(count: float) -> str:
@@ -58,14 +79,6 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
 
 
 def format_report(result: dict) -> str:
@@ -83,7 +96,7 @@ def format_report(result: dict) -> str:
                      f"{event['transfer_seconds'] * 1e3:.2f}"])
     out.append("Rebalances (imbalance = busiest rank's tokens / mean over ranks; before/after: planner's view of "
                "the recorded window; measured: mean over the next interval)")
-    out.append(_table(["#", "step", "before", "after", "bound", "measured", "slots moved", "rows moved",
+    out.append(format_table(["#", "step", "before", "after", "bound", "measured", "slots moved", "rows moved",
                        "bytes moved", "plan ms", "transfer ms"], rows) if rows else "  (no rebalance ran)")
     first, last = result["measured_imbalance_first_interval"], result["measured_imbalance_last_interval"]
     out.append("")
@@ -93,7 +106,15 @@ def format_report(result: dict) -> str:
     out.append(f"Correctness: {verdict}: max |EP output - dense reference| = {result['max_error']:.2e} over "
                f"{config['steps']} steps x {config['ranks']} ranks (tolerance {config['tolerance']:.0e})")
     per_rank = result["tokens_per_second_per_rank"]
-    out.append("Throughput (forward only, tokens/s per rank): "
+    out.append(f"Throughput (forward only): {result.get('tokens_per_second_total', 0.0):,.0f} tokens/s over all "
+               f"ranks (every rank's tokens / the slowest rank's time in the layer's forward); per rank: "
                + ", ".join(f"rank {rank}: {value:,.0f}" for rank, value in enumerate(per_rank)))
-    out.append(f"Comm method: {', '.join(result['comm_methods'])}; wall time {result['wall_seconds']:.1f} s")
+    out.append("  Per rank = its own tokens / its time in forward. That time includes waiting for the other ranks in "
+               "dispatch and combine, so a rank that is scheduled late makes the others wait and look slow too.")
+    cores = result.get("host_cpu_count")
+    if result.get("device") == "cpu" and cores and cores < config["ranks"]:
+        out.append(f"  Here {config['ranks']} ranks share {cores} CPU cores: the per-rank numbers differ with how "
+                   "the OS schedules them (up to a few x), not with their expert load.")
+    out.append(f"Comm method: {', '.join(result['comm_methods'])}; ranks: {result.get('launcher', 'self-spawned')}; "
+               f"wall time {result['wall_seconds']:.1f} s (of which start-up {result.get('startup_seconds', 0.0):.1f} s)")
     return "\n".join(out)

@@ -14,11 +14,13 @@ communicators are shared follows the reference engine:
 
 from __future__ import annotations
 
+import datetime
 import inspect
 
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from moe_ext.distributed.config import ParallelConfig
@@ -27,6 +29,7 @@ from moe_ext.distributed.layouts import FAMILIES, group_layouts
 
 __all__ = [
     "init_parallel_state",
+    "world_timeout",
     "destroy_parallel_state",
     "is_initialized",
     "get_parallel_config",
@@ -78,14 +81,37 @@ def is_initialized() -> bool:
     return _STATE is not None
 
 
+def world_timeout() -> Optional[datetime.timedelta]:
+    """The timeout the default (world) process group was initialised with, or None if unknown.
+
+    ``torch.distributed.new_group`` without a timeout uses torch's default (30
+    minutes on gloo), not the world's: groups moe_ext creates pass this
+    instead, so a world started with a short timeout fails fast everywhere.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    # The backend config reads like "cpu:gloo,cuda:nccl"; every backend object carries its options.
+    config = str(dist.get_backend_config(world)) if hasattr(dist, "get_backend_config") else "cpu:gloo"
+    for entry in config.split(","):
+        device = entry.split(":")[0].strip()
+        try:
+            return world._get_backend(torch.device(device)).options._timeout
+        except Exception:  # a device type torch cannot name here, or a backend without options
+            continue
+    return None
+
+
 def init_parallel_state(config: ParallelConfig, backend: Optional[str] = None, *,
-                        cpu_groups: bool = True) -> None:
+                        cpu_groups: bool = True, timeout: Optional[datetime.timedelta] = None) -> None:
     """Create the process groups of every family ``config`` turns on.
 
     Call on every rank, after ``torch.distributed.init_process_group``, with
     the same config. ``backend`` defaults to the default group's backend
     (gloo, nccl, hccl, ...). With ``cpu_groups`` and a non-gloo backend, each
-    group also gets a gloo twin as ``cpu_group``.
+    group also gets a gloo twin as ``cpu_group``. ``timeout``: of every group
+    created; default the world's (:func:`world_timeout`), not torch's
+    30-minute default for new groups.
 
     Calling it again with the same config and backend does nothing; with a
     different one it raises (call :func:`destroy_parallel_state` first).
@@ -107,6 +133,10 @@ def init_parallel_state(config: ParallelConfig, backend: Optional[str] = None, *
         raise RuntimeError("init_parallel_state: already initialised with a different config or "
                            "backend; call destroy_parallel_state() first")
 
+    if timeout is not None and not isinstance(timeout, datetime.timedelta):
+        raise TypeError(f"init_parallel_state: timeout must be a datetime.timedelta or None, got "
+                        f"{type(timeout).__name__}")
+    timeout = timeout if timeout is not None else world_timeout()
     state = _ParallelState(config=config, backend=backend)
     make_cpu_twin = cpu_groups and backend != "gloo"
     by_size: dict[int, ParallelGroup] = {}  # fine-grained TP groups, shared by size
@@ -118,7 +148,7 @@ def init_parallel_state(config: ParallelConfig, backend: Optional[str] = None, *
             if name == "flashcomm2_odp" and config.flashcomm2_oproj_tensor_parallel_size == 1:
                 state.groups[name] = state.groups["tp"]
                 continue
-            group = _create_family(name, layout, backend, make_cpu_twin, state.owned)
+            group = _create_family(name, layout, backend, make_cpu_twin, state.owned, timeout)
             state.groups[name] = group
             if name in config.finegrained_tp_sizes:
                 by_size[group.world_size] = group
@@ -142,17 +172,18 @@ def _group_order(ranks: list[int]) -> list[int]:
 
 
 def _create_family(name: str, layout: list[list[int]], backend: str, make_cpu_twin: bool,
-                   owned: list[dist.ProcessGroup]) -> ParallelGroup:
+                   owned: list[dist.ProcessGroup], timeout: Optional[datetime.timedelta] = None) -> ParallelGroup:
     """Create every group of a family (collectively) and return this rank's."""
     rank = dist.get_rank()
     mine: Optional[ParallelGroup] = None
     for index, ranks in enumerate(layout):
         description = f"moe_ext_{name}_{index}"
         ranks = _group_order(ranks)
-        device_group = dist.new_group(ranks, backend=backend, group_desc=description, **_KEEP_ORDER)
+        device_group = dist.new_group(ranks, backend=backend, group_desc=description, timeout=timeout,
+                                      **_KEEP_ORDER)
         cpu_group = None
         if make_cpu_twin:
-            cpu_group = dist.new_group(ranks, backend="gloo", group_desc=description + "_cpu",
+            cpu_group = dist.new_group(ranks, backend="gloo", group_desc=description + "_cpu", timeout=timeout,
                                        **_KEEP_ORDER)
         if rank in ranks:
             owned.append(device_group)

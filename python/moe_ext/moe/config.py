@@ -123,10 +123,12 @@ class MoEConfig:
         return first, first + self.num_local_experts
 
 
-def make_moe_groups(dp_size: int, tp_size: int) -> dict[str, Any]:
+def make_moe_groups(dp_size: int, tp_size: int, *, timeout: Any = None) -> dict[str, Any]:
     """Create the EP, DP and TP groups of the ``dp_size x tp_size`` layout on the default world.
 
-    Every rank must call this (``new_group`` is collective). Returns the keyword
+    Every rank must call this (``new_group`` is collective). The groups take
+    ``timeout`` (a ``datetime.timedelta``), by default the world's
+    (``moe_ext.distributed.world_timeout``). Returns the keyword
     arguments of :class:`MoEConfig` that describe this rank: dp/tp sizes and
     ranks and the three groups.
     """
@@ -134,15 +136,17 @@ def make_moe_groups(dp_size: int, tp_size: int) -> dict[str, Any]:
     if dp_size * tp_size != world_size:
         raise ValueError(f"make_moe_groups: dp_size * tp_size must equal the world size {world_size}, "
                          f"got {dp_size} * {tp_size}")
+    from moe_ext.distributed.state import world_timeout
+    timeout = timeout if timeout is not None else world_timeout()
     rank = dist.get_rank()
     dp_rank, tp_rank = divmod(rank, tp_size)
     tp_group = dp_group = None
     for d in range(dp_size):
-        group = dist.new_group([d * tp_size + t for t in range(tp_size)])
+        group = dist.new_group([d * tp_size + t for t in range(tp_size)], timeout=timeout)
         if d == dp_rank:
             tp_group = group
     for t in range(tp_size):
-        group = dist.new_group([d * tp_size + t for d in range(dp_size)])
+        group = dist.new_group([d * tp_size + t for d in range(dp_size)], timeout=timeout)
         if t == tp_rank:
             dp_group = group
     return dict(dp_size=dp_size, dp_rank=dp_rank, tp_size=tp_size, tp_rank=tp_rank,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -9,9 +10,9 @@ import torch.nn as nn
 
 from moe_ext.moe.comm.base import MoECommMethod
 from moe_ext.moe.config import MoEConfig
-from moe_ext.moe.context import ForwardContext, build_forward_context
+from moe_ext.moe.context import ForwardContext, checked_forward_context
 from moe_ext.moe.experts import run_local_experts
-from moe_ext.moe.select import make_comm_method, select_comm_method
+from moe_ext.moe.select import COMM_METHODS, FORCE_ENV, make_comm_method, select_comm_method
 from moe_ext.moe.topk import select_experts
 
 __all__ = ["MoELayer", "logical_to_physical_table"]
@@ -141,11 +142,15 @@ class MoELayer(nn.Module):
         return weights, physical.to(torch.int32)
 
     def forward(self, hidden_states: torch.Tensor, context: Optional[ForwardContext] = None) -> torch.Tensor:
-        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.config.hidden_size:
-            raise ValueError(f"MoELayer: hidden_states must be [T, {self.config.hidden_size}], "
-                             f"got {tuple(hidden_states.shape)}")
-        if context is None:
-            context = build_forward_context(self.config, hidden_states.shape[0], hidden_states.device)
+        """``hidden_states`` [T, hidden_size] in the expert weights' dtype -> [T, hidden_size].
+
+        Bad input raises TypeError / ArgumentError naming it, on every rank of
+        the EP group at once when the context is built here (see
+        :func:`moe_ext.moe.context.checked_forward_context`).
+        """
+        context = checked_forward_context("MoELayer", self.config, hidden_states, dtype=self.w13.dtype,
+                                          device=self.w13.device, comm_method=self._comm_method_label(),
+                                          methods=("auto",) + COMM_METHODS, context=context)
         weights, slots = self.route(hidden_states)
         self._record_load(slots)
         comm = self.comm_method_for(context.max_tokens_across_dp)
@@ -155,6 +160,12 @@ class MoELayer(nn.Module):
         expert_output = run_local_experts(routed, self.w13, self.w2, npu=self.npu, backend=self.expert_backend)
         combined = comm.unpermute(expert_output)
         return comm.finalize(combined, self.reduce_results)
+
+    def _comm_method_label(self) -> str:
+        """The method as every rank must agree on it: fixed, forced by the environment, or "auto"."""
+        if self._fixed_comm is not None:
+            return self._fixed_comm.name
+        return os.environ.get(FORCE_ENV) or "auto"
 
     def _record_load(self, slots: torch.Tensor) -> None:
         with torch.no_grad():

@@ -116,6 +116,15 @@ def _ensure_symm_mem(group: ParallelGroup) -> str:
     return name
 
 
+def _symm_mem_matmul_reduce_scatter(x: torch.Tensor, weight_t: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.ops.symm_mem.fused_matmul_reduce_scatter(x, weight_t, "sum", 0, group_name)
+
+
+def _symm_mem_all_gather_matmul(x: torch.Tensor, weight_t: torch.Tensor, group_name: str) -> torch.Tensor:
+    # return_A=True: the multicast (multimem) variant is chosen only with return_A=False.
+    return torch.ops.symm_mem.fused_all_gather_matmul(x, [weight_t], 0, group_name, return_A=True)[1][0]
+
+
 def _comm_name(runtime: NpuRuntime, group: ParallelGroup) -> str:
     # The global rank: Ascend documents get_hccl_comm_name's argument as a global rank ID.
     return npu_platform.hccl_comm_name(runtime, group.device_group, group.rank)
@@ -160,8 +169,7 @@ def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: Parallel
         if backend.npu is not None:
             name = _comm_name(backend.npu, group)
             return npu_platform.mm_reduce_scatter(backend.npu, x, weight.t(), name, group.world_size)
-        return torch.ops.symm_mem.fused_matmul_reduce_scatter(x.contiguous(), weight.t(), "sum", 0,
-                                                              _ensure_symm_mem(group))
+        return _symm_mem_matmul_reduce_scatter(x.contiguous(), weight.t(), _ensure_symm_mem(group))
     return _collectives.reduce_scatter(F.linear(x, weight), 0, group)
 
 
@@ -177,8 +185,6 @@ def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if reason is None and _needs_grad(x, weight, bias):
         reason = "the fused operators have no backward and autograd records this call"
     if _decide("all_gather_linear", backend, reason):
-        _, outputs = torch.ops.symm_mem.fused_all_gather_matmul(x.contiguous(), [weight.t()], 0,
-                                                                _ensure_symm_mem(group), return_A=True)
-        out = outputs[0]
+        out = _symm_mem_all_gather_matmul(x.contiguous(), weight.t(), _ensure_symm_mem(group))
         return out + bias if bias is not None else out
     return F.linear(_collectives.all_gather(x, 0, group), weight, bias)

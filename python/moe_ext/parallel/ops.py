@@ -33,7 +33,13 @@ Conventions, for every op:
   before any collective;
 - every step is differentiable through ``moe_ext.parallel._collectives``,
   except the fused operators, which :mod:`moe_ext.parallel.backend` uses only
-  when autograd does not record the call.
+  when autograd does not record the call. Gradient convention (that of
+  ``moe_ext.distributed.functional``): an output every member holds
+  identically carries one loss; a replicated input's gradient is summed over
+  the members. Parameters held by several members (a row op's bias, added on
+  rank 0 or after the reduce-scatter; flashcomm2's weight shard on its O-DP
+  peers) get partial gradients whose sum over those members is the gradient,
+  as for any replicated parameter.
 
 Where the reference engine's ops (Ascend inference engine's custom linear ops)
 break, these do better: the O-proj TP op there splits an unsharded input and
