@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (device tool): build against its torch, run the
-# CUDA test suite and the benchmarks, keep logs under $OUT, print a short table.
+# One call on the GPU machine (device tool): build against its torch (or install
+# a wheel built elsewhere), run the CUDA test suite and the benchmarks, keep logs
+# under $OUT, print a short table.
 #
 #   scripts/gpu_check.sh            one GPU: build, pytest (CUDA included), benches
 #   scripts/gpu_check.sh nccl       two GPUs: also the multi-process suites on NCCL
 #   GPU_CHECK_TESTS="tests/x.py"    restrict pytest;  GPU_CHECK_BENCH="bench/a.py" restrict benches
+#   GPU_CHECK_WHEEL=dist/x.whl      the binary-compatibility proof: install that wheel (built on
+#                                   the CPU machine against another torch, with _native for this
+#                                   Python: MOE_EXT_EXTRA_PYTHONS) with no rebuild at all. Logs the
+#                                   glibc, the files' sha256 and the stable-ABI probe
+#                                   (scripts/probe/stable_abi_probe.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-single}
@@ -23,8 +29,21 @@ step() {  # step NAME LOGFILE COMMAND...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
-step build build.log env MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -v . || {
-  tail -n 60 "$out/build.log"; exit 1; }
+if [ -n "${GPU_CHECK_WHEEL:-}" ]; then
+  {
+    ldd --version | head -n 1
+    python3 -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__, "CUDA", torch.version.cuda)'
+    echo "wheel: $GPU_CHECK_WHEEL"; sha256sum "$GPU_CHECK_WHEEL"
+  } >"$out/platform.txt" 2>&1
+  step install install.log python3 -m pip install --no-deps --force-reinstall -v "$GPU_CHECK_WHEEL" || {
+    tail -n 40 "$out/install.log"; exit 1; }
+  package=$(cd / && python3 -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("moe_ext").origin))')
+  sha256sum "$package"/_C.so "$package"/_C_cuda.so "$package"/_native*.so >>"$out/platform.txt" 2>&1
+  step stable-abi-probe stable_abi_probe.log python3 scripts/probe/stable_abi_probe.py
+else
+  step build build.log env MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -v . || {
+    tail -n 60 "$out/build.log"; exit 1; }
+fi
 workdir=$(mktemp -d)
 step info info.log bash -c "cd $workdir && python3 -m moe_ext info"
 step pytest pytest.log python3 -m pytest ${GPU_CHECK_TESTS:-tests} -q -p no:cacheprovider -rs
@@ -40,6 +59,8 @@ done
 
 echo
 cat "$out/gpu.txt"
+[ -f "$out/platform.txt" ] && cat "$out/platform.txt"
+[ -f "$out/stable_abi_probe.log" ] && cat "$out/stable_abi_probe.log"
 cat "$out/info.log"
 for bench in ${GPU_CHECK_BENCH:-bench/bench_permute_indices.py}; do
   echo; tail -n 12 "$out/$(basename "$bench" .py).log"

@@ -17,6 +17,7 @@
 // applies to a stable-ABI build).
 #pragma once
 
+#include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
@@ -59,6 +60,18 @@ inline std::string device_str(const Tensor& tensor) {
       static_cast<int>(device.type()));
   if (device.has_index() && !device.is_cpu()) name += core::str_cat(":", static_cast<int>(device.index()));
   return name;
+}
+
+// tensor.contiguous() and tensor.to(dtype) without a dispatcher round trip
+// when nothing changes: through the stable ABI every torch::stable op is a
+// boxed call (a few microseconds of host time each), where at::Tensor's
+// methods return early inline.
+inline Tensor make_contiguous(const Tensor& tensor) {
+  return tensor.is_contiguous() ? tensor : torch::stable::contiguous(tensor);
+}
+inline Tensor make_contiguous_as(const Tensor& tensor, ScalarType dtype) {
+  return tensor.scalar_type() == dtype ? make_contiguous(tensor)
+                                       : torch::stable::to(make_contiguous(tensor), dtype);
 }
 
 // Runs a core (torch-free) call; its std::invalid_argument already is the

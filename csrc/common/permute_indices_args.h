@@ -22,7 +22,7 @@ inline PermuteIndicesCall prepare_permute_indices(const Tensor& tokens_per_exper
   check_dtype(tokens_per_expert_group, op, "tokens_per_expert_group", {ScalarType::Int, ScalarType::Long});
   core::check_permute_indices_shape(tokens_per_expert_group.numel(), experts_per_rank, num_ranks,
                                     max_len, alignment);
-  Tensor counts = torch::stable::contiguous(tokens_per_expert_group);
+  Tensor counts = make_contiguous(tokens_per_expert_group);
   Tensor permuted_indices = torch::stable::new_empty(counts, {max_len}, ScalarType::Int);
   Tensor m_sizes = torch::stable::new_empty(counts, {experts_per_rank}, ScalarType::Int);
   Tensor m_offsets = torch::stable::new_empty(counts, {experts_per_rank}, ScalarType::Int);

@@ -48,10 +48,10 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(
     bool counts_cumsum) {
   ops::check_permute_args(hidden_states, topk_ids, num_experts, active_start, active_end,
                           expert_map);
-  const Tensor hidden = torch::stable::contiguous(hidden_states);
-  const Tensor ids = torch::stable::contiguous(topk_ids);
+  const Tensor hidden = ops::make_contiguous(hidden_states);
+  const Tensor ids = ops::make_contiguous(topk_ids);
   std::optional<Tensor> map;
-  if (expert_map.has_value()) map = torch::stable::contiguous(*expert_map);
+  if (expert_map.has_value()) map = ops::make_contiguous(*expert_map);
   const int64_t num_tokens = ids.size(0), topk = ids.size(1), hidden_size = hidden.size(1);
 
   Tensor permuted = torch::stable::new_empty(hidden, {num_tokens * topk, hidden_size});
@@ -88,7 +88,7 @@ Tensor expert_histogram(const Tensor& topk_ids, int64_t num_experts) {
   constexpr const char* op = "expert_histogram";
   ops::check_index(topk_ids, op, "topk_ids");
   MOE_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
-  const Tensor ids = torch::stable::contiguous(topk_ids);
+  const Tensor ids = ops::make_contiguous(topk_ids);
   Tensor counts = torch::stable::new_empty(ids, {num_experts}, ScalarType::Long);
   if (ids.scalar_type() == ScalarType::Int) {
     core::expert_histogram(ids.const_data_ptr<int32_t>(), ids.numel(), num_experts,

@@ -37,7 +37,7 @@ void gather(const Tensor& x, const int64_t* source_of, Tensor& out) {
 }
 
 Tensor as_int64(const Tensor& indices) {
-  return torch::stable::to(torch::stable::contiguous(indices), ScalarType::Long);
+  return ops::make_contiguous_as(indices, ScalarType::Long);
 }
 
 }  // namespace
@@ -45,7 +45,7 @@ Tensor as_int64(const Tensor& indices) {
 Tensor gather_rows(const Tensor& x, const Tensor& indices) {
   constexpr const char* op = "gather_rows";
   ops::check_rows_args(x, indices, op, "x");
-  const Tensor source = torch::stable::contiguous(x);
+  const Tensor source = ops::make_contiguous(x);
   const Tensor rows = as_int64(indices);
   core::check_row_indices(rows.const_data_ptr<int64_t>(), rows.numel(), source.size(0), op, "indices");
   Tensor out = torch::stable::new_empty(source, {rows.numel(), source.size(1)});
@@ -56,7 +56,7 @@ Tensor gather_rows(const Tensor& x, const Tensor& indices) {
 Tensor scatter_rows(const Tensor& x, const Tensor& indices, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
   ops::check_scatter_rows_args(x, indices, num_rows, op);
-  const Tensor source = torch::stable::contiguous(x);
+  const Tensor source = ops::make_contiguous(x);
   const Tensor rows = as_int64(indices);
   Tensor inverse = torch::stable::new_empty(rows, {num_rows});
   core::build_inverse_index(rows.const_data_ptr<int64_t>(), rows.numel(), num_rows, op, "indices",

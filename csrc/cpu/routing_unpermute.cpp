@@ -42,7 +42,7 @@ void dispatch_floating(ScalarType dtype, const char* op, Body&& body) {
 
 // expanded_row_idx as int64, whatever its dtype, after the range check.
 Tensor checked_rows(const Tensor& expanded_row_idx, int64_t num_rows, const char* op) {
-  const Tensor rows = torch::stable::to(torch::stable::contiguous(expanded_row_idx), ScalarType::Long);
+  const Tensor rows = ops::make_contiguous_as(expanded_row_idx, ScalarType::Long);
   core::check_row_indices(rows.const_data_ptr<int64_t>(), rows.numel(), num_rows, op, "expanded_row_idx");
   return rows;
 }
@@ -57,7 +57,7 @@ Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
                      const std::optional<Tensor>& probs, int64_t topk) {
   constexpr const char* op = "moe_unpermute";
   const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
-  const Tensor source = torch::stable::contiguous(permuted);
+  const Tensor source = ops::make_contiguous(permuted);
   const Tensor rows = checked_rows(expanded_row_idx, source.size(0), op);
   const int64_t hidden_size = source.size(1);
   Tensor out = torch::stable::new_empty(source, {num_tokens, hidden_size});
@@ -66,7 +66,7 @@ Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
     using scalar_t = typename T::scalar_t;
     using acc_t = typename T::acc_t;
     std::optional<Tensor> weights;
-    if (probs.has_value()) weights = torch::stable::to(torch::stable::contiguous(*probs), T::acc_type);
+    if (probs.has_value()) weights = ops::make_contiguous_as(*probs, T::acc_type);
     const acc_t* weight = weights.has_value() ? static_cast<const acc_t*>(weights->const_data_ptr()) : nullptr;
     const auto* in = static_cast<const scalar_t*>(source.const_data_ptr());
     auto* result = static_cast<scalar_t*>(out.mutable_data_ptr());
@@ -97,12 +97,12 @@ std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_output, con
   constexpr const char* op = "moe_unpermute_backward";
   const int64_t num_tokens =
       ops::check_unpermute_backward_args(grad_output, permuted, expanded_row_idx, probs, topk, op);
-  const Tensor source = torch::stable::contiguous(permuted);
-  const Tensor grad = torch::stable::contiguous(grad_output);
+  const Tensor source = ops::make_contiguous(permuted);
+  const Tensor grad = ops::make_contiguous(grad_output);
   const int64_t num_rows = source.size(0), hidden_size = source.size(1);
   // Each row of permuted may be named once: the gradient scatter then has one
   // writer per row and needs no atomics.
-  const Tensor rows = torch::stable::to(torch::stable::contiguous(expanded_row_idx), ScalarType::Long);
+  const Tensor rows = ops::make_contiguous_as(expanded_row_idx, ScalarType::Long);
   Tensor inverse = torch::stable::new_empty(rows, {num_rows});
   core::build_inverse_index(rows.const_data_ptr<int64_t>(), rows.numel(), num_rows, op,
                             "expanded_row_idx", inverse.mutable_data_ptr<int64_t>());
@@ -117,7 +117,7 @@ std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_output, con
     using acc_t = typename T::acc_t;
     std::optional<Tensor> weights, grad_weights;
     if (with_probs) {
-      weights = torch::stable::to(torch::stable::contiguous(*probs), T::acc_type);
+      weights = ops::make_contiguous_as(*probs, T::acc_type);
       grad_weights = torch::stable::new_zeros(*weights, {num_tokens, topk});
     }
     const acc_t* weight = with_probs ? static_cast<const acc_t*>(weights->const_data_ptr()) : nullptr;

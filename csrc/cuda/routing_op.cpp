@@ -47,10 +47,10 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(
                     ": the CUDA kernel supports at most ", permute_max_active_experts(),
                     " experts in the active range, got ", active_end - active_start);
   const DeviceGuard device(hidden_states);
-  const Tensor hidden = torch::stable::contiguous(hidden_states);
-  const Tensor ids = torch::stable::contiguous(topk_ids);
+  const Tensor hidden = ops::make_contiguous(hidden_states);
+  const Tensor ids = ops::make_contiguous(topk_ids);
   std::optional<Tensor> map;
-  if (expert_map.has_value()) map = torch::stable::contiguous(*expert_map);
+  if (expert_map.has_value()) map = ops::make_contiguous(*expert_map);
   const int64_t num_tokens = ids.size(0), topk = ids.size(1), rows = num_tokens * topk;
 
   Tensor permuted = torch::stable::new_empty(hidden, {rows, hidden.size(1)});
@@ -74,10 +74,10 @@ Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
   constexpr const char* op = "moe_unpermute";
   const int64_t num_tokens = ops::check_unpermute_args(permuted, expanded_row_idx, probs, topk, op);
   const DeviceGuard device(permuted);
-  const Tensor source = torch::stable::contiguous(permuted);
-  const Tensor rows = torch::stable::contiguous(expanded_row_idx);
+  const Tensor source = ops::make_contiguous(permuted);
+  const Tensor rows = ops::make_contiguous(expanded_row_idx);
   std::optional<Tensor> weights;
-  if (probs.has_value()) weights = torch::stable::contiguous(*probs);
+  if (probs.has_value()) weights = ops::make_contiguous(*probs);
   Tensor out = torch::stable::new_empty(source, {num_tokens, source.size(1)});
   MOE_CUDA_CHECK(op, launch_moe_unpermute(
                          float_type(source), source.data_ptr(), source.size(0), source.size(1),
@@ -99,11 +99,11 @@ std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_output,
   MOE_CHECK_VALUE(expanded_row_idx.numel() <= kInt32Max, op,
                     ": expanded_row_idx must have fewer than 2^31 entries, got ", expanded_row_idx.numel());
   const DeviceGuard device(permuted);
-  const Tensor source = torch::stable::contiguous(permuted);
-  const Tensor grad = torch::stable::contiguous(grad_output);
-  const Tensor rows = torch::stable::contiguous(expanded_row_idx);
+  const Tensor source = ops::make_contiguous(permuted);
+  const Tensor grad = ops::make_contiguous(grad_output);
+  const Tensor rows = ops::make_contiguous(expanded_row_idx);
   std::optional<Tensor> weights;
-  if (probs.has_value()) weights = torch::stable::contiguous(*probs);
+  if (probs.has_value()) weights = ops::make_contiguous(*probs);
   const bool with_probs = weights.has_value();
   Tensor grad_permuted = torch::stable::empty_like(source);
   Tensor grad_probs = with_probs ? (compute_grad_probs ? torch::stable::new_empty(*weights, {num_tokens, topk})
@@ -126,7 +126,7 @@ Tensor expert_histogram(const Tensor& topk_ids, int64_t num_experts) {
   ops::check_index(topk_ids, op, "topk_ids");
   MOE_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
   const DeviceGuard device(topk_ids);
-  const Tensor ids = torch::stable::contiguous(topk_ids);
+  const Tensor ids = ops::make_contiguous(topk_ids);
   Tensor counts = torch::stable::new_empty(ids, {num_experts}, ScalarType::Long);
   MOE_CUDA_CHECK(op, launch_expert_histogram(ids.data_ptr(), ids.scalar_type() == ScalarType::Long, ids.numel(),
                                              num_experts, counts.mutable_data_ptr<int64_t>(),
@@ -138,8 +138,8 @@ Tensor gather_rows(const Tensor& x, const Tensor& indices) {
   constexpr const char* op = "gather_rows";
   ops::check_rows_args(x, indices, op, "x");
   const DeviceGuard device(x);
-  const Tensor source = torch::stable::contiguous(x);
-  const Tensor rows = torch::stable::contiguous(indices);
+  const Tensor source = ops::make_contiguous(x);
+  const Tensor rows = ops::make_contiguous(indices);
   Tensor out = torch::stable::new_empty(source, {rows.numel(), source.size(1)});
   MOE_CUDA_CHECK(op, launch_gather_rows(source.data_ptr(), source.size(0), row_bytes(source), rows.data_ptr(),
                                         rows.scalar_type() == ScalarType::Long, rows.numel(), out.data_ptr(),
@@ -153,8 +153,8 @@ Tensor scatter_rows(const Tensor& x, const Tensor& indices, int64_t num_rows) {
   MOE_CHECK_VALUE(indices.numel() <= kInt32Max, op, ": indices must have fewer than 2^31 entries, got ",
                     indices.numel());
   const DeviceGuard device(x);
-  const Tensor source = torch::stable::contiguous(x);
-  const Tensor rows = torch::stable::contiguous(indices);
+  const Tensor source = ops::make_contiguous(x);
+  const Tensor rows = ops::make_contiguous(indices);
   Tensor out = torch::stable::new_empty(source, {num_rows, source.size(1)});
   Tensor inverse = torch::stable::new_empty(rows, {num_rows}, ScalarType::Int);
   MOE_CUDA_CHECK(op, launch_scatter_rows(source.data_ptr(), source.size(0), row_bytes(source), rows.data_ptr(),

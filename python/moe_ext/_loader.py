@@ -1,7 +1,7 @@
 """Loads the native parts of moe_ext.
 
-``moe_ext/_native`` (pybind11, torch-free, one per Python version) always loads
-and reports what was compiled. The op libraries are built on PyTorch's stable
+``moe_ext/_build_info.py`` says what was compiled; ``moe_ext/_native``
+(pybind11, torch-free, one file per Python version) holds the planners. The op libraries are built on PyTorch's stable
 ABI (docs/DESIGN.md, "Binary compatibility"), so they are not tied to the torch
 they were compiled against, only to a minimum release:
 
@@ -35,13 +35,24 @@ _loaded = False
 def build_info() -> dict[str, Any]:
     """What this build compiled (backends, CUDA archs, CANN) and for which torch."""
     try:
-        from moe_ext import _native
+        from moe_ext._build_info import BUILD_INFO
     except ImportError as error:
         package = os.path.dirname(__file__)
         raise ImportError(
-            f"moe_ext's native module _native (pybind11, built per Python version) is missing "
-            f"or does not load from {package} ({error}); {_DEV_BUILD_HINT}") from error
-    return dict(_native.build_info())
+            f"moe_ext is not built: {package} has no _build_info.py (written by the native "
+            f"build with _C.so and _native); {_DEV_BUILD_HINT}") from error
+    return dict(BUILD_INFO)
+
+
+def _check_native_module() -> None:
+    try:
+        from moe_ext import _native  # noqa: F401
+    except ImportError as error:
+        package = os.path.dirname(__file__)
+        raise ImportError(
+            f"moe_ext's planner module _native (pybind11, one file per Python version) does not "
+            f"load from {package} for this Python ({error}); it was built for another Python or "
+            f"not at all: {_DEV_BUILD_HINT}") from error
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -81,6 +92,7 @@ def load_native_ops() -> None:
     if _loaded:
         return
     info = build_info()
+    _check_native_module()
     if not info["torch_ops_built"]:
         raise ImportError("moe_ext was built without its torch op library (MOE_EXT_BUILD_TORCH=OFF)")
     check_torch_version(torch.__version__, info["torch_min_version"])

@@ -28,6 +28,7 @@ def collect() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "built_against_torch": built["torch_version"],
+        "torch_min_version": built["torch_min_version"],
         "cxx_compiler": built["cxx_compiler"],
         "backends": {
             "cpu": {"compiled": True, "available": True},
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(facts, indent=2))
         return 0
     print(f"moe_ext {facts['moe_ext']}  python {facts['python']}  torch {facts['torch']}"
-          f" (built against {facts['built_against_torch']})")
+          f" (op libraries: stable ABI, torch >= {facts['torch_min_version']}; built with"
+          f" {facts['built_against_torch']})")
     cuda, npu = facts["backends"]["cuda"], facts["backends"]["npu"]
     rows = [
         ("cpu", "yes", "yes", ""),

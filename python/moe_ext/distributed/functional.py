@@ -43,7 +43,7 @@ collectives of a rank are a function of (grad mode, ``requires_grad`` of the
 inputs, which outputs reach the loss), never of tensor values. The callers'
 part of the contract: ``requires_grad`` agrees across the group, and every
 differentiable output stays connected to the loss on every rank (the MoE
-comm methods guarantee the last with :func:`moe_ext.moe.comm.base.tie`, see
+comm methods guarantee the last with :func:`moe_ext.moe.comm.collectives.tie`, see
 there).
 
 Shapes: ``all_gather``, ``reduce_scatter``, ``all_reduce``, ``split`` and
