@@ -160,10 +160,10 @@ def _scenario_bench(rank: int, world_size: int, row_shapes: list, dtype_name: st
     plain_times, ours_times = [], []
     plain()
     forward = True
-    rearrange_expert_weights_inplace(old, new, weights)  # warm-up (and back below)
-    rearrange_expert_weights_inplace(new, old, weights)
+    rearrange_expert_weights_inplace(old, new, weights, allow_dropping_experts=True)  # warm-up (and back below)
+    rearrange_expert_weights_inplace(new, old, weights, allow_dropping_experts=True)
     peak_extra = None
-    plan = rearrange_expert_weights_inplace(old, new, weights, is_profile=True)
+    plan = rearrange_expert_weights_inplace(old, new, weights, is_profile=True, allow_dropping_experts=True)
     received = int(plan.rows_received[:, rank].sum())
     assert received == received_rows, (received, received_rows)
     buffer_bytes = _buffer_bytes_of(plan, rank, row_bytes)
@@ -173,7 +173,7 @@ def _scenario_bench(rank: int, world_size: int, row_shapes: list, dtype_name: st
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             baseline = torch.cuda.memory_allocated(device)
-        ours_times.append(timed(lambda: rearrange_expert_weights_inplace(src, dst, weights)))
+        ours_times.append(timed(lambda: rearrange_expert_weights_inplace(src, dst, weights, allow_dropping_experts=True)))
         if device.type == "cuda":
             extra = torch.cuda.max_memory_allocated(device) - baseline
             peak_extra = extra if peak_extra is None else max(peak_extra, extra)

@@ -100,8 +100,14 @@ def test_type_errors_cross_the_stable_abi_as_runtime_error_and_come_back():
     bad = (torch.ones(3, 2), torch.tensor([1.0]))
     with pytest.raises(RuntimeError, match=r"^TypeError: gather_rows: indices must be Int or Long"):
         torch.ops.moe_ext.gather_rows(*bad)
-    with pytest.raises(TypeError, match=r"^gather_rows: indices must be Int or Long, got Float$"):
+    # The wrapper refuses it before dispatch, in torch's dtype spelling (issue 15).
+    with pytest.raises(TypeError, match=r"^gather_rows: indices must be torch.int32 or torch.int64, got "
+                                        r"torch.float32$"):
         moe_ext.ops.gather_rows(*bad)
+    try:  # and the C++ message still comes back as a TypeError through native_error
+        torch.ops.moe_ext.gather_rows(*bad)
+    except RuntimeError as error:
+        assert isinstance(_loader.native_error(error), TypeError)
     # Value errors need no conversion: std::invalid_argument arrives as ValueError.
     with pytest.raises(ValueError, match="got 5 at index 0"):
         torch.ops.moe_ext.gather_rows(torch.ones(3, 2), torch.tensor([5]))

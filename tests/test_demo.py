@@ -209,8 +209,10 @@ def test_batched_dense_reference_matches_the_per_token_one():
         w13 = torch.randn(experts, hidden, 2 * inter, generator=generator) / hidden ** 0.5
         w2 = torch.randn(experts, inter, hidden, generator=generator) / inter ** 0.5
         bias = torch.randn(experts, generator=generator) * 0.1 if case["bias"] else None
+        group_score = None if case["num_expert_group"] is None else ("top2_sum" if case["bias"] else "max")
         routing = dict(scoring=case["scoring"], num_expert_group=case["num_expert_group"],
-                       topk_group=case["topk_group"], correction_bias=bias, routed_scaling_factor=2.5)
+                       topk_group=case["topk_group"], group_score=group_score, correction_bias=bias,
+                       routed_scaling_factor=2.5)
         expected = dense_moe(x, gate, w13, w2, case["top_k"], **routing)
         got = dense_moe_batched(x, gate, w13, w2, case["top_k"], **routing)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

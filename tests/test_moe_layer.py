@@ -43,9 +43,10 @@ def comm_cases(dp_size, tp_size):
 ROUTINGS = [
     dict(scoring="softmax", renormalize=True),
     dict(scoring="softmax", renormalize=False),
-    dict(scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2, use_correction_bias=True,
-         routed_scaling_factor=2.5),
-    dict(scoring="softmax", renormalize=False, num_expert_group=4, topk_group=3),
+    dict(scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2, group_score="top2_sum",
+         use_correction_bias=True, routed_scaling_factor=2.5),
+    dict(scoring="softmax", renormalize=False, num_expert_group=4, topk_group=3, group_score="max"),
+    dict(scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2, group_score="top2_sum"),
 ]
 
 
@@ -87,7 +88,7 @@ def test_single_rank_layer_feeds_eplb_load_recorder_and_replicas():
     placement = torch.tensor([2, 0, 1, 5, 4, 3, 0, 0, 4])  # expert 0 has three replicas, 4 has two
     config = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=8,
                        num_physical_experts=slots)
-    recorder = LoadRecorder(num_layers=2, num_experts=slots, window=4)
+    recorder = LoadRecorder(num_layers=2, num_experts=num_experts, window=4)  # logical experts
     layer = MoELayer(config, placement=placement, load_recorder=recorder, layer_index=1)
     gate, w13, w2 = torch.randn(num_experts, hidden), torch.randn(num_experts, hidden, 16), torch.randn(num_experts, 8, hidden)
     layer.load_logical_weights(gate, w13, w2)
@@ -100,7 +101,8 @@ def test_single_rank_layer_feeds_eplb_load_recorder_and_replicas():
     recorder.step()
     load = recorder.load()
     assert int(load[1].sum()) == 12 * top_k and int(load[0].sum()) == 0
-    assert torch.equal(load[1], torch.bincount(chosen.reshape(-1).long(), minlength=slots))
+    assert torch.equal(load[1], torch.bincount(placement[chosen.reshape(-1).long()], minlength=num_experts))
+    assert torch.equal(layer.last_slot_load, torch.bincount(chosen.reshape(-1).long(), minlength=slots))
     # the replica of expert e is t % replicas[e]: recompute it per token
     replicas_of = {0: [1, 6, 7], 4: [4, 8]}
     for t, row in enumerate(chosen.tolist()):

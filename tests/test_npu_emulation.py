@@ -15,6 +15,7 @@ minutes of CPU on a small machine).
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -25,6 +26,7 @@ from moe_ext.errors import ArgumentError
 from moe_ext.moe import make_moe_groups, select_comm_method, MoEConfig
 from moe_ext.testing.distributed import run_distributed
 from moe_ext.testing.npu import EmulatedTorchNpu, emulated_runtime
+from moe_ext.testing.npu_schemas import CALL_SITE_OPERATORS
 
 FULL_MATRIX = os.environ.get("MOE_EXT_NPU_FULL_MATRIX") == "1"
 
@@ -218,6 +220,24 @@ def _v1_binds_then_refuses(rank, world_size):
     return calls
 
 
+def _fused_matmuls(rank, world_size):
+    """platform/npu.py's matmul + collective call sites (moe_ext.parallel's), once each, through the binding."""
+    import torch.distributed as dist
+    from moe_ext.platform import npu as adapter
+    runtime = emulated_runtime("A2")
+    name = adapter.hccl_comm_name(runtime, dist.group.WORLD)
+    generator = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 256, generator=generator).bfloat16() for _ in range(world_size)]
+    weight = torch.randn(256, 8, generator=generator).bfloat16()
+    total = sum(x.float() @ weight.float() for x in xs)
+    reduced = adapter.mm_all_reduce(runtime, xs[rank], weight, name)
+    torch.testing.assert_close(reduced.float(), total, atol=0.5, rtol=2e-2)
+    scattered = adapter.mm_reduce_scatter(runtime, xs[rank], weight, name, world_size)
+    rows = 4 // world_size
+    torch.testing.assert_close(scattered.float(), total[rank * rows:(rank + 1) * rows], atol=0.5, rtol=2e-2)
+    return runtime.ops.calls
+
+
 def npu_layer_grid(rank, world_size, layouts):
     """MC2 and AllGather's NPU path through the whole layer, on every chip variant the EP size admits."""
     calls: dict[str, int] = {}
@@ -241,7 +261,8 @@ def npu_layer_grid(rank, world_size, layouts):
                 calls[name] = calls.get(name, 0) + number
             checks += 1
     _dispatch_layout(rank, world_size)
-    for name, number in _v1_binds_then_refuses(rank, world_size).items():
+    for name, number in itertools.chain(_v1_binds_then_refuses(rank, world_size).items(),
+                                        _fused_matmuls(rank, world_size).items()):
         calls[name] = calls.get(name, 0) + number
     return calls, checks
 
@@ -251,9 +272,8 @@ def test_npu_paths_under_emulation(world_size, layouts):
     results = run_distributed(npu_layer_grid, world_size, layouts, backend="gloo", timeout=600)
     for calls, checks in results:
         assert checks == 6 * len(layouts)
-        assert {"npu_moe_init_routing_v2", "npu_moe_token_unpermute", "npu_grouped_matmul", "npu_swiglu",
-                "npu_moe_distribute_dispatch", "npu_moe_distribute_combine", "npu_moe_distribute_dispatch_v2",
-                "npu_moe_distribute_combine_v2"} <= set(calls)
+        # Every torch_npu operator moe_ext calls was bound (by the pinned schema) at least once.
+        assert set(CALL_SITE_OPERATORS) <= set(calls), set(CALL_SITE_OPERATORS) - set(calls)
 
 
 def _v1_end_to_end(rank, world_size):

@@ -255,10 +255,11 @@ def test_backward_is_deterministic(device):
 
 def test_cpu_refuses_ids_out_of_range_before_writing():
     hidden = torch.randn(3, 4)
-    with pytest.raises(ValueError, match=r"topk_ids must be in \[0, num_experts=8\), got 9 at token 1, slot 0"):
+    with pytest.raises(ValueError, match=r"topk_ids must be in \[0, num_experts=8\) or -1 \(no expert\), "
+                                         r"got 9 at token 1, slot 0"):
         moe_permute(hidden, torch.tensor([[0, 1], [9, 2], [3, 4]], dtype=torch.int32), num_experts=8)
-    with pytest.raises(ValueError, match="got -1 at token 0, slot 1"):
-        moe_permute(hidden, torch.tensor([[0, -1], [1, 2], [3, 4]]), num_experts=8)
+    with pytest.raises(ValueError, match="got -2 at token 0, slot 1"):
+        moe_permute(hidden, torch.tensor([[0, -2], [1, 2], [3, 4]]), num_experts=8)
 
 
 def test_expert_histogram_skips_ids_outside_the_range(device):
@@ -273,10 +274,11 @@ def test_expert_histogram_skips_ids_outside_the_range(device):
     (lambda d: moe_permute(torch.randn(3, 4, device=d), torch.zeros(2, 2, dtype=torch.int32, device=d),
                            num_experts=4), ValueError, "same number of tokens, got 2 and 3"),
     (lambda d: moe_permute(torch.randn(3, 4, device=d), torch.zeros(3, 2, device=d), num_experts=4),
-     TypeError, "topk_ids must be Int or Long, got Float"),
+     TypeError, "topk_ids must be torch.int32 or torch.int64, got torch.float32"),
     (lambda d: moe_permute(torch.zeros(3, 4, dtype=torch.int32, device=d),
                            torch.zeros(3, 2, dtype=torch.int32, device=d), num_experts=4),
-     TypeError, "hidden_states must be Float or Half or BFloat16 or Double, got Int"),
+     TypeError, "hidden_states must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, "
+                "got torch.int32"),
     (lambda d: moe_permute(torch.randn(3, 4, device=d), torch.zeros(3, 2, dtype=torch.int32, device=d),
                            num_experts=4, active_expert_range=(3, 5)),
      ValueError, r"0 <= start <= end <= num_experts = 4, got \(3, 5\)"),
@@ -284,7 +286,8 @@ def test_expert_histogram_skips_ids_outside_the_range(device):
                            num_experts=4, expert_map=torch.zeros(5, dtype=torch.int32, device=d)),
      ValueError, "expert_map must have num_experts = 4 entries, got 5"),
     (lambda d: moe_permute(torch.randn(3, 4, device=d), torch.zeros(3, 2, dtype=torch.int32, device=d),
-                           num_experts=4, counts="sum"), ValueError, "counts must be 'count' or 'cumsum'"),
+                           num_experts=4, counts="sum"), ValueError,
+     r"counts must be one of \['count', 'cumsum'\], got 'sum'"),
     (lambda d: moe_permute(torch.randn(3, 4, device=d), torch.zeros(3, 0, dtype=torch.int32, device=d),
                            num_experts=4), ValueError, "K >= 1"),
     (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d),
@@ -292,7 +295,7 @@ def test_expert_histogram_skips_ids_outside_the_range(device):
      r"probs must be \[T, K\] = \[2, 3\] to match expanded_row_idx \(T \* K = 6\)"),
     (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d),
                              torch.rand(2, 3, device=d, dtype=torch.float64)), TypeError,
-     "probs must be float32 or the dtype of permuted"),
+     "probs must be torch.float32 or the dtype of permuted"),
     (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(7, dtype=torch.int32, device=d),
                              topk=2), ValueError, "7 entries, not a multiple of topk = 2"),
     (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d)),
@@ -315,7 +318,7 @@ def test_cpu_refuses_bad_row_indices():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_mismatch_is_refused():
-    with pytest.raises(ValueError, match="topk_ids is on cpu but hidden_states is on cuda"):
+    with pytest.raises(ValueError, match="topk_ids is on cpu and hidden_states is on cuda"):
         moe_permute(torch.randn(3, 4, device="cuda"), torch.zeros(3, 2, dtype=torch.int32), num_experts=4)
 
 

@@ -76,7 +76,7 @@ def test_row_ops_refuse_bad_indices_on_cpu():
         scatter_rows(torch.randn(2, 2), torch.tensor([1, 1]), 4)
     with pytest.raises(ValueError, match="one entry per row of x"):
         scatter_rows(torch.randn(2, 2), torch.tensor([1]), 4)
-    with pytest.raises(TypeError, match="indices must be Int or Long"):
+    with pytest.raises(TypeError, match="indices must be torch.int32 or torch.int64"):
         gather_rows(torch.randn(3, 2), torch.tensor([0.0]))
 
 

@@ -10,13 +10,34 @@ namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
+// Ids must be in [0, num_experts) or -1 ("no expert": padding tokens, dropped
+// like a row that expert_map sends to -1). Every comparison is made on the
+// widened value before any arithmetic, so no id can overflow an index.
 template <typename IdT>
 void check_ids_in_range(const IdT* ids, int64_t count, int64_t topk, int64_t num_experts,
                         const char* op) {
   for (int64_t f = 0; f < count; ++f) {
     const int64_t id = static_cast<int64_t>(ids[f]);
-    MOE_CHECK_ARG(id >= 0 && id < num_experts, op, ": topk_ids must be in [0, num_experts=",
-                  num_experts, "), got ", id, " at token ", f / topk, ", slot ", f % topk);
+    MOE_CHECK_ARG(id >= -1 && id < num_experts, op, ": topk_ids must be in [0, num_experts=",
+                  num_experts, ") or -1 (no expert), got ", id, " at token ", f / topk, ", slot ",
+                  f % topk);
+  }
+}
+
+// The map values that rows look up must be -1 (not on this rank) or a key in
+// [0, num_experts) (the key space that active_expert_range is drawn from).
+// Anything else is a corrupt map: refused, never used as an index or an
+// offset. Only entries that some row looks up are checked, as on CUDA (where
+// the check is a device-side assert at the lookup).
+template <typename IdT, typename MapT>
+void check_looked_up_map_values(const IdT* ids, int64_t count, int64_t num_experts,
+                                const MapT* expert_map, const char* op) {
+  for (int64_t f = 0; f < count; ++f) {
+    const int64_t id = static_cast<int64_t>(ids[f]);
+    if (id < 0) continue;
+    const int64_t key = static_cast<int64_t>(expert_map[id]);
+    MOE_CHECK_ARG(key >= -1 && key < num_experts, op, ": expert_map values must be in [0, num_experts=",
+                  num_experts, ") or -1 (not on this rank), got expert_map[", id, "] = ", key);
   }
 }
 
@@ -50,14 +71,19 @@ int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t to
                       active_end);
   const int64_t rows = num_tokens * topk;
   check_ids_in_range(topk_ids, rows, topk, num_experts, "moe_permute");
+  if (expert_map != nullptr)
+    check_looked_up_map_values(topk_ids, rows, num_experts, expert_map, "moe_permute");
 
   // Counting sort on the local key: histogram, exclusive scan, stable placement.
   const int64_t range = active_end - active_start;
+  // Compare before subtracting: key - active_start is only formed for a key
+  // inside [active_start, active_end), so it can neither overflow nor index
+  // outside [0, range) whatever the map holds.
   const auto local_key = [&](int64_t f) -> int64_t {  // -1 = dropped
     const int64_t id = static_cast<int64_t>(topk_ids[f]);
+    if (id < 0) return -1;  // -1: no expert
     const int64_t key = expert_map ? static_cast<int64_t>(expert_map[id]) : id;
-    const int64_t local = key - active_start;
-    return (local >= 0 && local < range) ? local : -1;
+    return (key >= active_start && key < active_end) ? key - active_start : -1;
   };
   std::vector<int64_t> next_position(static_cast<size_t>(range), 0);
   for (int64_t f = 0; f < rows; ++f) {

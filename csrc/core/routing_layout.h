@@ -4,7 +4,12 @@
 // The routing layout follows the dropless contract of torch_npu's
 // npu_moe_init_routing_v2:
 //   - topk_ids [T, K] is flattened token-major: row f = t * K + k;
+//   - an id of -1 means "no expert" (engines pad topk_ids with it): the row is
+//     dropped; any other id outside [0, num_experts) is refused;
 //   - each row's key is its expert id, or expert_map[id] when a map is given;
+//     a map value must be -1 or in [0, num_experts) (the key space the active
+//     range is drawn from); any other value that a row looks up is refused,
+//     never used in arithmetic;
 //   - rows whose key lies outside the active range [start, end) (a map's -1
 //     included) are dropped; the others are stably sorted by key, so valid
 //     rows come first, in key order, ties in flattened order;
@@ -13,7 +18,9 @@
 //   - expert_tokens[e - start] = rows with key e (int64), or the inclusive
 //     cumulative sum of those counts.
 // Every function validates its whole input before writing anything; a bad
-// argument throws std::invalid_argument with a message naming it.
+// argument throws std::invalid_argument with a message naming it. Index
+// arithmetic on user values is overflow-safe: values are widened to int64 and
+// compared against their bounds before any subtraction or offset is formed.
 #pragma once
 
 #include <cstdint>

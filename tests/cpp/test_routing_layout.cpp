@@ -7,6 +7,8 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "core/routing_layout.h"
@@ -82,6 +84,49 @@ TEST(RoutingLayout, RefusesBadIdsBeforeWriting) {
   EXPECT_THROW((build_routing_layout<int32_t, int32_t>)(ids.data(), 1, 2, 8, nullptr, 3, 9, false,
                                                       row_idx.data(), tokens.data()),
                std::invalid_argument);
+}
+
+// -1 in topk_ids is "no expert": dropped like a map's -1, not counted.
+TEST(RoutingLayout, MinusOneIdIsDropped) {
+  std::vector<int64_t> ids = {2, -1, -1, 0, 2, 1};
+  std::vector<int32_t> row_idx(6, 7);
+  std::vector<int64_t> tokens(3, 7);
+  const int64_t valid = build_routing_layout<int64_t, int32_t>(ids.data(), 3, 2, 3, nullptr, 0, 3, false,
+                                                               row_idx.data(), tokens.data());
+  EXPECT_EQ(valid, 4);
+  EXPECT_EQ(row_idx, (std::vector<int32_t>{2, -1, -1, 0, 3, 1}));
+  EXPECT_EQ(tokens, (std::vector<int64_t>{1, 1, 2}));
+  // Through a map too: -1 never indexes the map.
+  const std::vector<int64_t> map = {1, -1, 0};
+  const int64_t mapped = build_routing_layout<int64_t, int64_t>(ids.data(), 3, 2, 3, map.data(), 0, 2,
+                                                                false, row_idx.data(), tokens.data());
+  EXPECT_EQ(mapped, 3);
+  EXPECT_EQ(row_idx, (std::vector<int32_t>{0, -1, -1, 2, 1, -1}));
+}
+
+// Map values far outside the key space (the key - start overflow of issue 15)
+// are refused before anything is written, whatever the active range.
+TEST(RoutingLayout, RefusesCorruptMapValuesWithoutOverflow) {
+  const int64_t lowest = std::numeric_limits<int64_t>::min();
+  std::vector<int64_t> ids = {0, 1, 1, 0, 1};
+  std::vector<int32_t> row_idx(5, 7);
+  std::vector<int64_t> tokens(3, 7);
+  for (const std::vector<int64_t>& map : {std::vector<int64_t>{lowest, 0},
+                                          std::vector<int64_t>{std::numeric_limits<int64_t>::max(), 0},
+                                          std::vector<int64_t>{-2, 0}, std::vector<int64_t>{0, 2}}) {
+    for (auto [start, end] : {std::pair<int64_t, int64_t>{2, 2}, {1, 2}, {0, 2}}) {
+      EXPECT_THROW((build_routing_layout<int64_t, int64_t>)(ids.data(), 5, 1, 2, map.data(), start, end,
+                                                            false, row_idx.data(), tokens.data()),
+                   std::invalid_argument);
+      EXPECT_EQ(row_idx, (std::vector<int32_t>(5, 7)));
+    }
+  }
+  // An unreferenced corrupt entry is never read, so it is not refused.
+  const std::vector<int64_t> map = {lowest, 0};
+  std::vector<int64_t> only_one = {1, 1};
+  EXPECT_EQ((build_routing_layout<int64_t, int64_t>)(only_one.data(), 2, 1, 2, map.data(), 0, 1, false,
+                                                     row_idx.data(), tokens.data()),
+            2);
 }
 
 TEST(RoutingLayout, HistogramAndInverse) {

@@ -98,4 +98,5 @@ def routing_options(config: DemoConfig) -> dict:
     grouped = config.expert_groups > 1
     return dict(scoring="sigmoid", renormalize=True,
                 num_expert_group=config.expert_groups if grouped else None,
-                topk_group=config.topk_group if grouped else None, routed_scaling_factor=1.0)
+                topk_group=config.topk_group if grouped else None, group_score="max" if grouped else None,
+                routed_scaling_factor=1.0)

@@ -82,7 +82,7 @@ class DemoLayer:
 
     @property
     def last_expert_load(self) -> torch.Tensor:
-        return self.layer.last_expert_load
+        return self.layer.last_slot_load  # per physical slot: rank.py folds it and measures the rank imbalance
 
     @property
     def last_comm_method(self) -> str:
@@ -93,17 +93,11 @@ class DemoLayer:
             return self.layer(x.to(self.layer.config.dtype)).to(x.dtype)
 
     def expert_weight_tensors(self) -> list[torch.Tensor]:
-        return [self.layer.w13.data, self.layer.w2.data]
+        return self.layer.expert_weights()
 
     def set_placement(self, placement: torch.Tensor) -> None:
         """Route by ``placement`` from now on (the weights must already be where it says)."""
-        from moe_ext.moe import logical_to_physical_table
-
-        table, replicas = logical_to_physical_table(placement, self.layer.config.num_experts)
-        device = self.layer.w13.device
-        self.layer.placement = placement.to(device=device, dtype=torch.int64)
-        self.layer.logical_to_physical = table.to(device)
-        self.layer.replica_count = replicas.to(device)
+        self.layer.set_placement(placement, move_weights=False)
 
     def corrupt(self) -> None:
         self.layer.w2.data.add_(1.0)  # every local slot: whichever is used, the output is wrong
@@ -137,6 +131,7 @@ def build_layer(config: DemoConfig, groups: EPGroups, placement: torch.Tensor, w
     options = routing_options(config)
     layer = moe.MoELayer(moe_config, scoring=options["scoring"], renormalize=options["renormalize"],
                          num_expert_group=options["num_expert_group"], topk_group=options["topk_group"],
+                         group_score=options["group_score"],
                          routed_scaling_factor=options["routed_scaling_factor"], comm_method=config.comm_method,
                          npu=_npu_runtime(config, device.type), placement=placement, device=device)
     layer.requires_grad_(False)

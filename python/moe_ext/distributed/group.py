@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from moe_ext.distributed.health import check_group_usable
+
 __all__ = ["ParallelGroup"]
 
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
@@ -73,6 +75,7 @@ class ParallelGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` over the members (same shape). May reuse ``x``'s storage."""
+        check_group_usable(self.device_group, "ParallelGroup.all_reduce", self.name)
         if self.world_size == 1:
             return x
         if not x.is_contiguous():
@@ -82,6 +85,7 @@ class ParallelGroup:
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Members' ``x`` concatenated along ``dim`` in group-rank order."""
+        check_group_usable(self.device_group, "ParallelGroup.all_gather", self.name)
         if self.world_size == 1:
             return x
         dim = self._normalise_dim(x, dim, "all_gather")
@@ -101,6 +105,7 @@ class ParallelGroup:
 
         ``x.size(dim)`` must be a multiple of ``world_size``; rank i gets slice i.
         """
+        check_group_usable(self.device_group, "ParallelGroup.reduce_scatter", self.name)
         if self.world_size == 1:
             return x
         dim = self._normalise_dim(x, dim, "reduce_scatter")
@@ -123,6 +128,7 @@ class ParallelGroup:
         ``output_split_sizes[i]`` rows come from member i. ``output`` is
         allocated when not given. Returns the received tensor.
         """
+        check_group_usable(self.device_group, "ParallelGroup.all_to_all_single", self.name)
         for label, splits in (("input_split_sizes", input_split_sizes),
                               ("output_split_sizes", output_split_sizes)):
             if splits is not None and len(splits) != self.world_size:
@@ -152,6 +158,7 @@ class ParallelGroup:
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Member ``src``'s (a group rank) ``x`` on every member, in place."""
+        check_group_usable(self.device_group, "ParallelGroup.broadcast", self.name)
         if not 0 <= src < self.world_size:
             raise ValueError(f"ParallelGroup({self.name!r}).broadcast: src must be a group rank in "
                              f"[0, {self.world_size}), got {src}")
@@ -161,6 +168,7 @@ class ParallelGroup:
 
     def barrier(self) -> None:
         """Wait for every member (on the CPU group)."""
+        check_group_usable(self.device_group, "ParallelGroup.barrier", self.name)
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)
 

@@ -6,6 +6,10 @@ back to the host while recording (the ring position is host-side bookkeeping),
 so recording never synchronises with the device and is CUDA-graph friendly
 apart from `step()`'s Python-side position. `load()` sums the window and, given
 a process group, all-reduces it so every rank plans from the same loads.
+
+`moe_ext.moe.MoELayer` calls `record_layer(layer_index, counts)` with counts per
+*logical* expert (size the recorder with the model's logical expert count);
+until issue 16 it handed per-physical-slot counts.
 """
 
 from __future__ import annotations

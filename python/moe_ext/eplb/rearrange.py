@@ -15,12 +15,28 @@ writes nothing in place before a layer's commit.
 
 Everything is checked before any weight is touched, and the ranks agree on the
 outcome through one small all-reduce: when one rank refuses the call, every
-rank raises ValueError and no weight changes anywhere.
+rank raises (TypeError for a wrong type, :class:`~moe_ext.errors.ArgumentError`
+for a bad value) and no weight changes anywhere. A new map that drops a
+logical expert the old map holds is refused the same way unless
+``allow_dropping_experts=True``.
+
+Failure while moving (issue 15): ranks cannot agree through a group that has
+lost a member, and staging every layer before writing it would break the
+one-layer peak-memory bound, so a rearrangement ends with one final outcome
+all-reduce and a rank returns success only when every rank got there. Any
+failure on the way (a peer that died, a transfer error) raises
+:class:`RearrangementError` on every surviving rank, saying for each layer
+whether it was ``applied``, ``untouched`` or ``partial`` on that rank. The
+remaining window: a rank that dies *after* it contributed to the final
+all-reduce leaves its peers returning success (their weights, and the dead
+rank's at its death, are all in the new placement; the group has lost a
+member, which its next collective reports).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -28,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_ext.distributed.health import check_group_usable, mark_unusable
+from moe_ext.errors import ArgumentError, check_bool, check_int
 from moe_ext.eplb.transfer import (
     COPY_AFTER_EXCHANGE,
     COPY_BEFORE_EXCHANGE,
@@ -37,7 +55,35 @@ from moe_ext.eplb.transfer import (
     plan_expert_transfer,
 )
 
-__all__ = ["RearrangementHandle", "rearrange_expert_weights_async", "rearrange_expert_weights_inplace"]
+__all__ = ["RearrangementError", "RearrangementHandle", "rearrange_expert_weights_async",
+           "rearrange_expert_weights_inplace"]
+
+APPLIED, UNTOUCHED, PARTIAL = "applied", "untouched", "partial"
+
+
+class RearrangementError(RuntimeError):
+    """A rearrangement that failed while moving weights (after every check passed).
+
+    Attributes:
+        rank: this rank in the expert-parallel group.
+        layer_status: per layer, on this rank: ``"applied"`` (the rank's rows
+            hold the new placement), ``"untouched"`` (they hold the old one,
+            exactly) or ``"partial"`` (some rows may have been written; reload
+            or re-run that layer).
+    """
+
+    def __init__(self, message: str, rank: int, layer_status: Sequence[str]):
+        self.rank = rank
+        self.layer_status = list(layer_status)
+        super().__init__(f"{message}\n{describe_layer_status(rank, self.layer_status)}")
+
+
+def describe_layer_status(rank: int, layer_status: Sequence[str]) -> str:
+    groups: dict = {}
+    for layer, status in enumerate(layer_status):
+        groups.setdefault(status, []).append(layer)
+    parts = [f"{status}: layers {layers}" for status, layers in groups.items()]
+    return f"on rank {rank}, per layer: " + "; ".join(parts) + f" (all {len(layer_status)}: {layer_status})"
 
 _BUFFER_ALIGNMENT = 256  # bytes: each tensor's region of the buffer starts aligned for any dtype
 
@@ -53,14 +99,14 @@ def _check_rank_mapping(rank_mapping: Mapping[int, int], ep_size: int) -> tuple[
     group is the new one, ``len(rank_mapping)`` old ranks map into it.
     """
     if not isinstance(rank_mapping, Mapping):
-        raise ValueError(f"rank_mapping must be a dict old rank -> new rank, got {type(rank_mapping).__name__}")
+        raise TypeError(f"rank_mapping must be a dict old rank -> new rank, got {type(rank_mapping).__name__}")
     old_ep_size = len(rank_mapping)
     keys = sorted(rank_mapping)
     if not all(isinstance(k, (int, np.integer)) for k in keys) or keys != list(range(old_ep_size)):
         raise ValueError(f"rank_mapping must have the keys 0..{old_ep_size - 1} (every old rank), got {keys}")
     values = [rank_mapping[k] for k in keys]
-    if not all(isinstance(v, (int, np.integer)) for v in values):
-        raise ValueError(f"rank_mapping values must be ints (new rank, or -1 for a removed rank), got {values}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"rank_mapping values must be ints (new rank, or -1 for a removed rank), got {values}")
     kept = [int(v) for v in values if v != -1]
     if len(set(kept)) != len(kept):
         raise ValueError(f"rank_mapping maps two old ranks to the same new rank: {dict(rank_mapping)}")
@@ -195,20 +241,48 @@ def _signature(old: np.ndarray, new: np.ndarray, layers: list, extra: tuple) -> 
     return int.from_bytes(digest.digest(), "little")
 
 
+def _check_no_expert_dropped(old: np.ndarray, new: np.ndarray) -> None:
+    """Refuse a new map that no longer holds a logical expert the old map holds (its weights would be
+    overwritten everywhere)."""
+    for layer in range(old.shape[0]):
+        lost = np.setdiff1d(old[layer][old[layer] >= 0], new[layer][new[layer] >= 0])
+        if lost.size:
+            shown = lost[:8].tolist()
+            raise ArgumentError(
+                f"new_global_expert_indices drops logical expert(s) {shown}{' ...' if lost.size > 8 else ''} "
+                f"({lost.size} in all) of layer {layer} that old_global_expert_indices holds: their weights "
+                "would be lost on every rank. Place every expert the old map holds, or pass "
+                "allow_dropping_experts=True to drop them deliberately")
+
+
 def _prepare(old_global_expert_indices: Any, new_global_expert_indices: Any, expert_weights: Any,
-             ep_group: Any, is_profile: bool, rank_mapping: Optional[Mapping[int, int]],
-             ranks_per_node: int, write_before_commit: bool) -> _Prepared:
+             ep_group: Any, is_profile: Any, rank_mapping: Optional[Mapping[int, int]],
+             ranks_per_node: Any, write_before_commit: bool, allow_dropping_experts: Any,
+             what: str) -> _Prepared:
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("rearranging expert weights needs an initialised torch.distributed process group")
+        raise ArgumentError("rearranging expert weights needs an initialised torch.distributed process group")
+    if ep_group is not None and not isinstance(ep_group, dist.ProcessGroup) and isinstance(
+            getattr(ep_group, "device_group", None), dist.ProcessGroup):
+        ep_group = ep_group.device_group  # a moe_ext.distributed.ParallelGroup
+    if ep_group is not None and not isinstance(ep_group, dist.ProcessGroup):
+        # Checked before the group is used: nothing below can agree through a non-group.
+        raise TypeError(f"{what}: ep_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(ep_group).__name__} ({ep_group!r})")
     group = ep_group if ep_group is not None else dist.group.WORLD
+    check_group_usable(group, what)
     ep_size = dist.get_world_size(group)
     ep_rank = dist.get_rank(group)
     error: Optional[str] = None
+    error_type: type = ArgumentError
     signature = 0
     prepared = None
     try:
+        is_profile = check_bool("is_profile", is_profile)
+        allow_dropping_experts = check_bool("allow_dropping_experts", allow_dropping_experts)
+        ranks_per_node = check_int("ranks_per_node", ranks_per_node, minimum=0)
         old = _as_map("old_global_expert_indices", old_global_expert_indices)
         new = _as_map("new_global_expert_indices", new_global_expert_indices)
+        held, wanted = old, new
         old, new = _apply_rank_mapping(old, new, rank_mapping, ep_size)
         if old.shape != new.shape:
             raise ValueError("old_global_expert_indices and new_global_expert_indices must have the same "
@@ -218,17 +292,20 @@ def _prepare(old_global_expert_indices: Any, new_global_expert_indices: Any, exp
                              f"positive multiple of the group size {ep_size}")
         slots_per_rank = old.shape[1] // ep_size
         layers = _check_weights(expert_weights, old.shape[0], slots_per_rank)
-        if not isinstance(ranks_per_node, (int, np.integer)) or ranks_per_node < 0:
-            raise ValueError(f"ranks_per_node must be an int >= 0, got {ranks_per_node!r}")
-        plan = plan_expert_transfer(old, new, ep_size, ranks_per_node=int(ranks_per_node),
+        plan = plan_expert_transfer(old, new, ep_size, ranks_per_node=ranks_per_node,
                                     write_before_commit=write_before_commit)
+        if not allow_dropping_experts:
+            _check_no_expert_dropped(held, wanted)
         global_ranks = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r
                         for r in range(ep_size)]
         device = layers[0][0].device if layers else torch.device("cpu")
         prepared = _Prepared(plan, group, ep_rank, global_ranks, layers, device)
-        signature = _signature(old, new, layers, (ep_size, int(ranks_per_node), bool(is_profile)))
+        signature = _signature(old, new, layers, (ep_size, ranks_per_node, is_profile, allow_dropping_experts))
     except Exception as refused:  # noqa: BLE001  every rank must reach the all-reduce below
-        error = str(refused) if isinstance(refused, ValueError) else f"{type(refused).__name__}: {refused}"
+        if isinstance(refused, (TypeError, ValueError)):
+            error, error_type = str(refused), (TypeError if isinstance(refused, TypeError) else ArgumentError)
+        else:
+            error = f"{type(refused).__name__}: {refused}"
     # One all-reduce: every rank learns whether some rank refused, and whether
     # all ranks were given the same maps and weight shapes.
     verdict = torch.tensor([0 if error else 1, signature, -signature], dtype=torch.int64,
@@ -236,13 +313,13 @@ def _prepare(old_global_expert_indices: Any, new_global_expert_indices: Any, exp
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
     ok, low, negative_high = verdict.tolist()
     if error:
-        raise ValueError(f"rearrange expert weights (rank {ep_rank}): {error}")
+        raise error_type(f"{what} (rank {ep_rank}): {error}; no weight was changed")
     if not ok:
-        raise ValueError("rearrange expert weights: another rank of the group refused the call "
-                         "(see its error); no weight was changed")
+        raise ArgumentError(f"{what}: another rank of the group refused the call "
+                            "(see its error); no weight was changed")
     if low != -negative_high:
-        raise ValueError("rearrange expert weights: the ranks were given different maps, rank_mapping, "
-                         "ranks_per_node, is_profile or weight shapes; no weight was changed")
+        raise ArgumentError(f"{what}: the ranks were given different maps, rank_mapping, ranks_per_node, "
+                            "is_profile, allow_dropping_experts or weight shapes; no weight was changed")
     assert prepared is not None
     return prepared
 
@@ -415,10 +492,48 @@ def _reserve_for_profile(prepared: _Prepared) -> None:
     del buffer
 
 
+def _layer_writes_before_commit(prepared: _Prepared, layer: int) -> bool:
+    """Whether posting ``layer``'s transfer on this rank may write weights in place (local copies
+    straight into place, or receives landing in place) before its commit."""
+    part = prepared.plan.for_rank(layer, prepared.ep_rank)
+    return bool((part.local_copy_stages == COPY_BEFORE_EXCHANGE).any() or (part.recv_buffer_rows < 0).any())
+
+
+def _agree_on_outcome(prepared: _Prepared, succeeded: bool) -> bool:
+    """The final outcome collective: True only if every rank of the group succeeded.
+
+    Raises whatever the backend raises when a member is gone (gloo: at once;
+    NCCL: at the process-group timeout).
+    """
+    verdict = torch.tensor([1 if succeeded else 0], dtype=torch.int64, device=_collective_device(prepared.group))
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=prepared.group)
+    return bool(verdict.item() == 1)
+
+
+def _finish_with_outcome(prepared: _Prepared, what: str, status: list, failure: Optional[BaseException]) -> None:
+    """Run the final outcome collective and raise RearrangementError unless every rank succeeded."""
+    try:
+        everyone = _agree_on_outcome(prepared, failure is None)
+    except Exception as outcome_error:  # noqa: BLE001  a member is gone: the group cannot agree
+        if failure is None:
+            failure = outcome_error
+        raise RearrangementError(
+            f"{what} failed: {type(failure).__name__}: {failure}. The ranks could not agree on the outcome "
+            "(a member of the group failed or is gone), so this rank does not report success",
+            prepared.ep_rank, status) from failure
+    if failure is not None:
+        raise RearrangementError(f"{what} failed on this rank: {type(failure).__name__}: {failure}",
+                                 prepared.ep_rank, status) from failure
+    if not everyone:
+        raise RearrangementError(f"{what} failed on another rank of the group (see its error); this rank "
+                                 "completed its part", prepared.ep_rank, status)
+
+
 def rearrange_expert_weights_inplace(old_global_expert_indices: Any, new_global_expert_indices: Any,
                                      expert_weights: Sequence[Iterable[torch.Tensor]], ep_group: Any = None,
                                      is_profile: bool = False, rank_mapping: Optional[Mapping[int, int]] = None,
-                                     *, ranks_per_node: int = 0) -> TransferPlan:
+                                     *, ranks_per_node: int = 0,
+                                     allow_dropping_experts: bool = False) -> TransferPlan:
     """Rearrange the expert weights of every layer in place, one layer at a time.
 
     Collective over ``ep_group``: every rank calls it with the same maps.
@@ -441,11 +556,30 @@ def rearrange_expert_weights_inplace(old_global_expert_indices: Any, new_global_
             the new ranks; ranks that join hold nothing yet.
         ranks_per_node: ranks per node (0: unknown), to prefer senders on the
             receiver's node.
+        allow_dropping_experts: let the new map leave out logical experts that
+            the old map holds (their weights are overwritten everywhere).
+            False (the default) refuses such a map on every rank before any
+            write: a map that loses an expert is almost always a bug.
 
-    Returns the plan executed (for logging). Raises ValueError on every rank,
-    with no weight changed, when any rank finds a bad argument (shape, id,
-    rank_mapping, an expert the new map places that no rank holds now, weights
-    whose first dimension is not slots_per_rank, different maps on different ranks).
+    ``is_profile`` and ``allow_dropping_experts`` must be bools and
+    ``ranks_per_node`` an int (bool excluded): a shifted positional call
+    (vLLM's ``(old, new, weights, ep_group, communicator)``) raises TypeError on
+    every rank instead of silently profiling.
+
+    Returns the plan executed (for logging). Raises, on every rank and with no
+    weight changed, TypeError for an argument of the wrong type and
+    :class:`~moe_ext.errors.ArgumentError` (a ValueError) when any rank finds a
+    bad value (shape, id, rank_mapping, an expert the new map places that no
+    rank holds now, an expert the new map drops, weights whose first dimension
+    is not slots_per_rank, different maps on different ranks).
+
+    Raises :class:`RearrangementError` when moving fails after the checks
+    (a peer died, a transfer failed): on every surviving rank, with each
+    layer's status on that rank (applied / untouched / partial). A rank
+    returns only after the final outcome all-reduce has shown that every rank
+    completed; see the module docstring for the remaining window. A rank that
+    fails locally while its peers are alive leaves them waiting until the
+    process-group timeout, after which they raise the same error.
 
     Peak extra memory: at most one layer of this rank's weights (what
     ``is_profile`` reserves). A buffer holds the largest layer's rows that must
@@ -455,11 +589,25 @@ def rearrange_expert_weights_inplace(old_global_expert_indices: Any, new_global_
     that a layer's copies out of the buffer overlap the next layer's
     transfer; otherwise one (peak = one buffer).
     """
+    what = "rearrange_expert_weights_inplace"
     prepared = _prepare(old_global_expert_indices, new_global_expert_indices, expert_weights, ep_group,
-                        is_profile, rank_mapping, ranks_per_node, write_before_commit=True)
+                        is_profile, rank_mapping, ranks_per_node, write_before_commit=True,
+                        allow_dropping_experts=allow_dropping_experts, what=what)
     if is_profile:
         _reserve_for_profile(prepared)
         return prepared.plan
+    status = [UNTOUCHED] * prepared.plan.num_layers
+    failure: Optional[BaseException] = None
+    try:
+        _run_inplace(prepared, status)
+    except Exception as error:  # noqa: BLE001  reported through RearrangementError below
+        failure = error
+    _finish_with_outcome(prepared, what, status, failure)
+    return prepared.plan
+
+
+def _run_inplace(prepared: _Prepared, status: list) -> None:
+    """The layer loop of rearrange_expert_weights_inplace; keeps ``status`` current."""
     buffers = _allocate_buffers(prepared)
     buffer_rows = prepared.plan.buffer_rows[:, prepared.ep_rank] if prepared.plan.num_layers else []
     # Layer l + 1's exchange is posted before layer l is committed, so layer l's
@@ -467,21 +615,26 @@ def rearrange_expert_weights_inplace(old_global_expert_indices: Any, new_global_
     # (the backend's stream). Layer l + 2 is posted after layer l's commit is
     # enqueued, so a buffer is never written while a commit still reads it.
     pending: Optional[_LayerTransfer] = None
+
+    def complete(transfer: _LayerTransfer) -> None:
+        transfer.wait()
+        status[transfer.plan.layer] = PARTIAL  # the commit writes in place
+        transfer.commit()
+        status[transfer.plan.layer] = APPLIED
+
     for layer in range(prepared.plan.num_layers):
         if (pending is not None and len(buffers) == 1 and buffer_rows[layer] > 0
                 and buffer_rows[layer - 1] > 0):
-            pending.wait()  # one buffer, used by both layers: no overlap
-            pending.commit()
+            complete(pending)  # one buffer, used by both layers: no overlap
             pending = None
+        if _layer_writes_before_commit(prepared, layer):
+            status[layer] = PARTIAL  # straight-into-place copies and receives start now
         transfer = _LayerTransfer(prepared, layer, buffers[layer % len(buffers)])
         if pending is not None:
-            pending.wait()
-            pending.commit()
+            complete(pending)
         pending = transfer
     if pending is not None:
-        pending.wait()
-        pending.commit()
-    return prepared.plan
+        complete(pending)
 
 
 class RearrangementHandle:
@@ -500,15 +653,38 @@ class RearrangementHandle:
       the device). Work enqueued on the current stream before the call sees the
       old weights of layer l, work enqueued after it the new ones: switch the
       layer's placement maps right after the call returns.
+    - Committing the last layer ends with the final outcome all-reduce (one
+      int64, a host synchronisation): it returns only if every rank committed
+      every layer, else raises :class:`RearrangementError`.
     - The caller must not write expert weights of uncommitted layers, nor run
-      another rearrangement on the same group, until :attr:`done`.
+      another rearrangement on the same group, until :attr:`done` or
+      :meth:`close`.
+
+    Ending early: :meth:`close` (or leaving a ``with`` block) waits for the
+    layer in flight, commits nothing more and releases the buffer; every rank
+    must close at the same layer (the wait completes the P2P exchange the ranks
+    posted together). Layers not committed keep their old weights. A handle
+    dropped while a transfer is in flight cannot do that from a finaliser (it
+    would run at different times on different ranks): it warns loudly
+    (RuntimeWarning) and marks the group unusable on this rank, so the next
+    moe_ext collective on the group raises
+    :class:`moe_ext.distributed.health.GroupUnusableError` instead of blocking
+    until the process-group timeout.
+
+    A failure while committing (a peer died, a transfer failed) raises
+    :class:`RearrangementError` with each layer's status on this rank and
+    closes the handle: committed layers are applied, the others untouched
+    (the asynchronous form writes a layer only in its commit), except a layer
+    whose commit itself failed (partial).
     """
 
     def __init__(self, prepared: _Prepared):
         self._prepared = prepared
+        self._closed = False
+        self._in_flight: Optional[_LayerTransfer] = None
+        self._status = [UNTOUCHED] * prepared.plan.num_layers
         self._buffer = _allocate_buffer(prepared, full_layer=False)
         self._next_layer = 0
-        self._in_flight: Optional[_LayerTransfer] = None
         device = prepared.device
         self._module = torch.get_device_module(device.type) if device.type not in ("cpu", "meta") else None
         self._side_stream = self._module.Stream(device=device) if self._module is not None else None
@@ -530,6 +706,16 @@ class RearrangementHandle:
     def done(self) -> bool:
         return self._next_layer >= self.num_layers
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran, the last layer was committed, or a commit failed."""
+        return self._closed
+
+    @property
+    def layer_status(self) -> list:
+        """Per layer on this rank: ``"applied"``, ``"untouched"`` or ``"partial"``."""
+        return list(self._status)
+
     def _start(self, layer: int) -> None:
         if layer >= self.num_layers:
             return
@@ -542,23 +728,46 @@ class RearrangementHandle:
         with self._module.stream(self._side_stream):
             self._in_flight = _LayerTransfer(self._prepared, layer, self._buffer)
 
-    def commit_next_layer(self) -> int:
-        """Complete the layer in flight, put it in place, post the next; returns its index."""
-        if self.done:
-            raise ValueError(f"all {self.num_layers} layers are already committed")
-        transfer = self._in_flight
-        assert transfer is not None
+    def _wait_in_flight(self, transfer: _LayerTransfer) -> None:
         if self._side_stream is None:
             transfer.wait()
         else:
             with self._module.stream(self._side_stream):
                 transfer.wait()  # device-side wait: the side stream waits for the P2P
             self._module.current_stream(self._prepared.device).wait_stream(self._side_stream)
-        transfer.commit()
+
+    def commit_next_layer(self) -> int:
+        """Complete the layer in flight, put it in place, post the next; returns its index.
+
+        Raises ArgumentError when every layer is committed or the handle is
+        closed, :class:`RearrangementError` when the transfer or the final
+        outcome fails.
+        """
+        if self.done:
+            raise ArgumentError(f"all {self.num_layers} layers are already committed")
+        if self._closed:
+            raise ArgumentError(f"this rearrangement handle is closed ({self._next_layer} of "
+                                f"{self.num_layers} layers committed)")
+        what = "rearrange_expert_weights_async: commit_next_layer"
+        transfer = self._in_flight
+        assert transfer is not None
         layer = self._next_layer
-        self._next_layer += 1
-        self._in_flight = None
-        self._start(self._next_layer)
+        try:
+            self._wait_in_flight(transfer)
+            self._in_flight = None
+            self._status[layer] = PARTIAL
+            transfer.commit()
+            self._status[layer] = APPLIED
+            self._next_layer += 1
+            self._start(self._next_layer)
+        except Exception as error:  # noqa: BLE001
+            self._in_flight = None
+            self._release()
+            raise RearrangementError(f"{what} of layer {layer} failed: {type(error).__name__}: {error}",
+                                     self._prepared.ep_rank, self._status) from error
+        if self.done:
+            self._release()
+            _finish_with_outcome(self._prepared, what, self._status, None)
         return layer
 
     def finish(self) -> None:
@@ -566,19 +775,71 @@ class RearrangementHandle:
         while not self.done:
             self.commit_next_layer()
 
+    def _release(self) -> None:
+        self._closed = True
+        self._buffer = None
+
+    def close(self) -> None:
+        """End the rearrangement here: wait for the layer in flight, commit nothing more.
+
+        Collective in effect: every rank must close at the same layer. Layers
+        not committed keep their old weights (see :attr:`layer_status`).
+        Idempotent; a no-op once done.
+        """
+        if self._closed:
+            return
+        transfer, self._in_flight = self._in_flight, None
+        try:
+            if transfer is not None:
+                self._wait_in_flight(transfer)
+        except Exception as error:  # noqa: BLE001  e.g. a peer that is gone
+            raise RearrangementError(
+                f"rearrange_expert_weights_async: close() could not complete the transfer of layer "
+                f"{self._next_layer} in flight: {type(error).__name__}: {error}. Layers not committed keep "
+                "their old weights", self._prepared.ep_rank, self._status) from error
+        finally:
+            self._release()
+
+    def __enter__(self) -> "RearrangementHandle":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # getattr: __init__ may have failed before setting these.
+        if getattr(self, "_closed", True) or getattr(self, "_in_flight", None) is None:
+            return
+        prepared = self._prepared
+        reason = (f"a rearrange_expert_weights_async handle was dropped without close() while layer "
+                  f"{self._next_layer} of {self.num_layers} was in flight; its P2P operations may never "
+                  "complete")
+        try:
+            mark_unusable(prepared.group, reason)
+            warnings.warn(f"moe_ext: {reason}. The expert-parallel group is now marked unusable on rank "
+                          f"{prepared.ep_rank}: the next moe_ext collective on it raises GroupUnusableError. "
+                          "Call handle.close() (or use the handle as a context manager) on every rank.",
+                          RuntimeWarning, stacklevel=2)
+        except Exception:  # noqa: BLE001  never raise from a finaliser (e.g. at interpreter exit)
+            pass
+
 
 def rearrange_expert_weights_async(old_global_expert_indices: Any, new_global_expert_indices: Any,
                                    expert_weights: Sequence[Iterable[torch.Tensor]], ep_group: Any = None,
                                    rank_mapping: Optional[Mapping[int, int]] = None, *,
-                                   ranks_per_node: int = 0) -> RearrangementHandle:
+                                   ranks_per_node: int = 0,
+                                   allow_dropping_experts: bool = False) -> RearrangementHandle:
     """Start a layer-by-layer rearrangement; drive it with the returned handle.
 
     Same arguments, checks and all-or-nothing refusal as
     :func:`rearrange_expert_weights_inplace` (the checks run here, before
     anything is posted). Layer 0's transfer is posted on a side stream (CUDA,
     NPU) or to the backend's threads (gloo) before returning; call
-    :meth:`RearrangementHandle.commit_next_layer` between model steps.
+    :meth:`RearrangementHandle.commit_next_layer` between model steps, and
+    :meth:`RearrangementHandle.close` (or use a ``with`` block) to end early.
     """
     prepared = _prepare(old_global_expert_indices, new_global_expert_indices, expert_weights, ep_group,
-                        False, rank_mapping, ranks_per_node, write_before_commit=False)
+                        False, rank_mapping, ranks_per_node, write_before_commit=False,
+                        allow_dropping_experts=allow_dropping_experts,
+                        what="rearrange_expert_weights_async")
     return RearrangementHandle(prepared)

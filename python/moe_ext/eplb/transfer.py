@@ -36,6 +36,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from moe_ext.errors import check_bool, check_int
+
 __all__ = ["COPY_AFTER_EXCHANGE", "COPY_BEFORE_EXCHANGE", "COPY_THROUGH_BUFFER", "LayerRankPlan",
            "TransferPlan", "plan_expert_transfer"]
 
@@ -189,7 +191,8 @@ def plan_expert_transfer(old_phy2log: Any, new_phy2log: Any, ep_size: int, *,
             keeps every weight row untouched until the exchange is complete.
 
     Raises ValueError (naming layer and slot) for a bad shape or id, or for an
-    expert that the new map places but that no rank holds in the old map.
+    expert that the new map places but that no rank holds in the old map;
+    TypeError for an int or bool argument of another type (bool is not an int).
     """
     from moe_ext import _native
 
@@ -198,8 +201,11 @@ def plan_expert_transfer(old_phy2log: Any, new_phy2log: Any, ep_size: int, *,
     if old.shape != new.shape:
         raise ValueError(f"old_phy2log and new_phy2log must have the same shape, got {old.shape} "
                          f"and {new.shape}")
-    if not isinstance(ep_size, (int, np.integer)) or ep_size < 1:
-        raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
+    ep_size = check_int("ep_size", ep_size, minimum=1)
+    ranks_per_node = check_int("ranks_per_node", ranks_per_node, minimum=0)
+    if num_logical_experts is not None:
+        num_logical_experts = check_int("num_logical_experts", num_logical_experts, minimum=0)
+    write_before_commit = check_bool("write_before_commit", write_before_commit)
     if old.shape[1] == 0 or old.shape[1] % ep_size:
         raise ValueError(f"the number of physical slots ({old.shape[1]}) must be a positive "
                          f"multiple of ep_size ({ep_size})")

@@ -1,42 +1,129 @@
-"""The local experts: a SwiGLU MLP per expert, run as one grouped matmul.
+"""The local experts: a gated MLP per expert, run as one grouped matmul.
 
 Weights are stored input-major, the layout grouped matmuls take:
-``w13`` [L, H, 2I] (gate columns first, then up), ``w2`` [L, I, H].
-Backends: ``npu_grouped_matmul`` + ``npu_swiglu`` on NPU, ``torch._grouped_mm``
-where it applies (CUDA, bf16, 16-byte-aligned strides), a per-expert loop
-otherwise. Rows past the last group are not computed: their content is
-undefined on the grouped-matmul backends and zero on the loop.
+``w13`` [L, H, 2I] (gate and up projections, concatenated ``[gate | up]`` or
+interleaved ``[g0, u0, g1, u1, ...]``), ``w2`` [L, I, H], optional biases
+``w13_bias`` [L, 2I] (same layout) and ``w2_bias`` [L, H]. An expert computes
+``act(x @ w13 + b13) @ w2 + b2`` where ``act`` splits gate and up
+(:class:`ExpertActivation`).
+
+Backends: ``npu_grouped_matmul`` (+ ``npu_swiglu`` for plain SwiGLU) on NPU,
+``torch._grouped_mm`` where it applies (CUDA, bf16, 16-byte-aligned strides), a
+per-expert loop otherwise; every activation and bias runs on every backend (the
+activation between the two grouped matmuls, biases gathered per row). Rows past
+the last group are not computed: their content is undefined on the
+grouped-matmul backends and zero on the loop.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from moe_ext.moe.comm.base import GROUP_LIST_COUNT, PermuteResult
+from moe_ext.errors import ArgumentError, check_choice
+from moe_ext.moe.comm.base import PermuteResult
 
-__all__ = ["gated_mlp_loop", "gated_mlp_grouped_mm", "grouped_mm_applies", "run_local_experts"]
+__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "ExpertActivation", "gated_mlp_loop", "gated_mlp_grouped_mm",
+           "grouped_mm_applies", "run_local_experts"]
+
+#: the gated activations: act(gate) * up, with act silu (SwiGLU), gelu (GeGLU, exact erf), gelu_tanh (GeGLU with
+#: the tanh approximation), relu (ReGLU); "swigluoai" is GPT-OSS's clamped SwiGLU (see ExpertActivation)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swigluoai")
+#: the names Hugging Face configs use (``hidden_act``) for the same functions
+ACTIVATION_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                      "gelu_fast": "gelu_tanh"}
+GATE_UP_LAYOUTS = ("concatenated", "interleaved")
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How the ``[.., 2I]`` gate/up projection becomes the ``[.., I]`` input of the down projection.
+
+    - ``name``: one of :data:`ACTIVATIONS` (or a Hugging Face alias such as
+      "gelu_pytorch_tanh"); gated: ``act(gate) * up``. "swigluoai" is GPT-OSS's
+      ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with
+      ``g = clamp(gate, max=limit)`` (``swiglu_alpha`` 1.702, ``swiglu_limit`` 7.0 in its config);
+    - ``gate_up_layout``: "concatenated" (gate columns, then up) or
+      "interleaved" (gate, up, gate, up, ... as GPT-OSS stores them).
+    """
+
+    name: str = "silu"
+    gate_up_layout: str = "concatenated"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"ExpertActivation: name must be a str, got {type(self.name).__name__}")
+        object.__setattr__(self, "name", ACTIVATION_ALIASES.get(self.name, self.name))
+        check_choice("ExpertActivation: name", self.name, ACTIVATIONS)
+        check_choice("ExpertActivation: gate_up_layout", self.gate_up_layout, GATE_UP_LAYOUTS)
+        for field_name in ("alpha", "limit"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"ExpertActivation: {field_name} must be a float, got {type(value).__name__}")
+            if not math.isfinite(value) or value <= 0:
+                raise ArgumentError(f"ExpertActivation: {field_name} must be a finite float > 0, got {value}")
+
+    @property
+    def is_plain_swiglu(self) -> bool:
+        """SwiGLU over concatenated gate|up: what npu_swiglu computes."""
+        return self.name == "silu" and self.gate_up_layout == "concatenated"
+
+    def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gate_up_layout == "interleaved":
+            return gate_up[..., 0::2], gate_up[..., 1::2]
+        return gate_up.chunk(2, dim=-1)
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = self.split(gate_up)
+        if self.name == "silu":
+            return F.silu(gate) * up
+        if self.name == "gelu":
+            return F.gelu(gate) * up
+        if self.name == "gelu_tanh":
+            return F.gelu(gate, approximate="tanh") * up
+        if self.name == "relu":
+            return F.relu(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
-def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+SWIGLU = ExpertActivation()
+
+
+def _row_experts(counts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The local expert of each of ``num_rows`` grouped rows (rows past the groups: the last expert), no sync."""
+    ends = torch.cumsum(counts.to(torch.int64), 0)
+    rows = torch.arange(num_rows, device=counts.device)
+    return torch.searchsorted(ends, rows, right=True).clamp_max(counts.numel() - 1)
+
+
+def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   activation: ExpertActivation = SWIGLU, w13_bias: Optional[torch.Tensor] = None,
+                   w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One matmul pair per expert (reads the counts on the host).
 
     Every expert runs, on zero rows too, and the blocks are concatenated: the
-    output stays a function of ``rows``, ``w13`` and ``w2`` whatever the counts,
-    so backward reaches them (zero gradients) on a rank whose experts got no
-    rows, as it does on its peers (see ``moe_ext.moe.comm.base``).
+    output stays a function of ``rows``, the weights and the biases whatever the
+    counts, so backward reaches them (zero gradients) on a rank whose experts got
+    no rows, as it does on its peers (see ``moe_ext.moe.comm.base``).
     """
     blocks = []
     start = 0
     for expert, count in enumerate(counts.tolist()):
-        blocks.append(_swiglu(rows[start:start + count] @ w13[expert]) @ w2[expert])
+        gate_up = rows[start:start + count] @ w13[expert]
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[expert]
+        block = activation(gate_up) @ w2[expert]
+        if w2_bias is not None:
+            block = block + w2_bias[expert]
+        blocks.append(block)
         start += count
     blocks.append(rows.new_zeros((rows.shape[0] - start, w2.shape[2])))  # rows past the last group
     return torch.cat(blocks)
@@ -49,19 +136,46 @@ def grouped_mm_applies(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     return all(size % 8 == 0 for size in (rows.shape[1], w13.shape[2], w2.shape[1], w2.shape[2]))
 
 
-def gated_mlp_grouped_mm(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
-                         w2: torch.Tensor) -> torch.Tensor:
+def gated_mlp_grouped_mm(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         activation: ExpertActivation = SWIGLU, w13_bias: Optional[torch.Tensor] = None,
+                         w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     gate_up = torch._grouped_mm(rows, w13, offs=offsets)
-    return torch._grouped_mm(_swiglu(gate_up), w2, offs=offsets)
+    row_expert = _row_experts(counts, rows.shape[0]) if (w13_bias is not None or w2_bias is not None) else None
+    if w13_bias is not None:
+        gate_up = gate_up + w13_bias.index_select(0, row_expert)
+    out = torch._grouped_mm(activation(gate_up), w2, offs=offsets)
+    if w2_bias is not None:
+        out = out + w2_bias.index_select(0, row_expert)
+    return out
+
+
+def _npu_gated_mlp(npu, routed: PermuteResult, w13, w2, activation, w13_bias, w2_bias) -> torch.Tensor:
+    from moe_ext.platform import npu as npu_adapter
+    rows = routed.hidden_states
+    if activation.is_plain_swiglu and w13_bias is None and w2_bias is None:
+        return npu_adapter.grouped_gated_mlp(npu, rows, routed.expert_tokens, routed.group_list_type, w13, w2)
+    gate_up = npu_adapter.grouped_matmul(npu, rows, routed.expert_tokens, routed.group_list_type, w13)
+    row_expert = _row_experts(routed.counts(), rows.shape[0]) if (w13_bias is not None or w2_bias is not None) \
+        else None
+    if w13_bias is not None:
+        gate_up = gate_up + w13_bias.index_select(0, row_expert)
+    out = npu_adapter.grouped_matmul(npu, activation(gate_up), routed.expert_tokens, routed.group_list_type, w2)
+    if w2_bias is not None:
+        out = out + w2_bias.index_select(0, row_expert)
+    return out
 
 
 def run_local_experts(routed: PermuteResult, w13: torch.Tensor, w2: torch.Tensor, *, npu=None,
-                      backend: Optional[str] = None) -> torch.Tensor:
-    """Expert outputs for the rows of ``routed`` (same row order).
+                      backend: Optional[str] = None, activation: ExpertActivation = SWIGLU,
+                      w13_bias: Optional[torch.Tensor] = None,
+                      w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Expert outputs [R, H] for the rows of ``routed`` (same row order).
 
-    ``backend``: "npu", "grouped_mm" or "loop"; by default "npu" when an NPU
-    runtime is given, "grouped_mm" on CUDA where it applies, else "loop".
+    ``w13`` [L, H, 2I], ``w2`` [L, I, H], ``w13_bias`` [L, 2I], ``w2_bias``
+    [L, H] in the rows' dtype. ``backend``: "npu", "grouped_mm" or "loop"; by
+    default "npu" when an NPU runtime is given, "grouped_mm" on CUDA where it
+    applies, else "loop".
     """
     rows = routed.hidden_states
     if backend is None:
@@ -72,11 +186,10 @@ def run_local_experts(routed: PermuteResult, w13: torch.Tensor, w2: torch.Tensor
         else:
             backend = "loop"
     if backend == "npu":
-        from moe_ext.platform import npu as npu_adapter
-        return npu_adapter.grouped_gated_mlp(npu, rows, routed.expert_tokens, routed.group_list_type, w13, w2)
+        return _npu_gated_mlp(npu, routed, w13, w2, activation, w13_bias, w2_bias)
     counts = routed.counts()
     if backend == "grouped_mm":
-        return gated_mlp_grouped_mm(rows, counts, w13, w2)
+        return gated_mlp_grouped_mm(rows, counts, w13, w2, activation, w13_bias, w2_bias)
     if backend == "loop":
-        return gated_mlp_loop(rows, counts, w13, w2)
-    raise ValueError(f"run_local_experts: backend must be 'npu', 'grouped_mm' or 'loop', got {backend!r}")
+        return gated_mlp_loop(rows, counts, w13, w2, activation, w13_bias, w2_bias)
+    raise ArgumentError(f"run_local_experts: backend must be 'npu', 'grouped_mm' or 'loop', got {backend!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ext._loader import native_error
+from moe_ext.ops import _checks
 
 __all__ = ["generate_permute_indices"]
 
@@ -48,9 +48,13 @@ def generate_permute_indices(
         - ``m_offsets``: inclusive prefix sum of ``m_sizes``.
 
     Errors:
-        Wrong dtype or shape, bad sizes, negative counts, or a padded layout
-        longer than ``max_len`` raise ``ValueError``/``TypeError`` on CPU
-        before anything is written. On CUDA the checks that need the counts'
+        A wrong type (a float, str or bool for an int argument, a non-tensor,
+        a wrong dtype) raises ``TypeError``; bad sizes (``experts_per_rank``,
+        ``num_ranks``, ``alignment`` >= 1, ``alignment`` < 2^31,
+        ``0 <= max_len <= 2^31``, ``num_ranks * experts_per_rank`` < 2^31),
+        a wrong length, negative counts or a padded layout longer than
+        ``max_len`` raise :class:`moe_ext.errors.ArgumentError` (a
+        ``ValueError``) on CPU before anything is written. On CUDA the checks that need the counts'
         values run inside the single kernel launch (no host synchronisation,
         so CUDA graphs work): the kernel writes nothing out of bounds and stops
         with a device-side assert naming the problem, surfacing at the next
@@ -59,23 +63,17 @@ def generate_permute_indices(
     Works under ``torch.compile(fullgraph=True)`` and in CUDA graphs: the
     output shapes depend only on the integer arguments.
     """
-    try:
-        return torch.ops.moe_ext.generate_permute_indices(
-            tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
-    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
-        raise native_error(error) from None
+    experts_per_rank, num_ranks, max_len, alignment = _checks.permute_indices_args(
+        tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
+    return _checks.call_op(torch.ops.moe_ext.generate_permute_indices,
+                           tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
 
 
 @torch.library.register_fake(_OP)
 def _generate_permute_indices_fake(tokens_per_expert_group, experts_per_rank, num_ranks, max_len,
                                    alignment):
-    torch._check(tokens_per_expert_group.dim() == 1,
-                 lambda: "generate_permute_indices: tokens_per_expert_group must be 1-D")
-    torch._check(tokens_per_expert_group.dtype in (torch.int32, torch.int64),
-                 lambda: "generate_permute_indices: tokens_per_expert_group must be int32 or int64")
-    torch._check(tokens_per_expert_group.numel() == experts_per_rank * num_ranks,
-                 lambda: "generate_permute_indices: len(tokens_per_expert_group) must be "
-                         "num_ranks * experts_per_rank")
+    experts_per_rank, num_ranks, max_len, alignment = _checks.permute_indices_args(
+        tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
     int32 = dict(dtype=torch.int32, device=tokens_per_expert_group.device)
     return (tokens_per_expert_group.new_empty((max_len,), **int32),
             tokens_per_expert_group.new_empty((experts_per_rank,), **int32),

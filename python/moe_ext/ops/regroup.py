@@ -16,13 +16,12 @@ from typing import NamedTuple
 
 import torch
 
-from moe_ext._loader import native_error
+from moe_ext.errors import ArgumentError
+from moe_ext.ops import _checks
 from moe_ext.ops.permute_indices import generate_permute_indices
 
 __all__ = ["GroupedRows", "gather_rows", "group_by_local_expert", "scatter_rows",
            "ungroup_by_local_expert"]
-
-_INDEX = (torch.int32, torch.int64)
 
 
 class GroupedRows(NamedTuple):
@@ -45,12 +44,12 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     ``[-1, N)`` (``ValueError`` on CPU, device-side assert on CUDA otherwise;
     never read out of bounds). Returns ``[M, H]``; each output row is written
     once. Its gradient is :func:`scatter_rows` of the output gradient, which
-    needs the non-negative indices to be distinct.
+    needs the non-negative indices to be distinct. Both tensors on one device
+    (``ArgumentError`` naming both otherwise); a non-tensor or a wrong index
+    dtype raises ``TypeError``.
     """
-    try:
-        return torch.ops.moe_ext.gather_rows(x, indices)
-    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
-        raise native_error(error) from None
+    _checks.rows_tensors("gather_rows", x, indices)
+    return _checks.call_op(torch.ops.moe_ext.gather_rows, x, indices)
 
 
 def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -58,14 +57,13 @@ def scatter_rows(x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch
 
     ``x`` is ``[M, H]``, ``indices`` int32/int64 ``[M]`` with values in ``[-1,
     num_rows)``, each non-negative value at most once (a row with two writers
-    is refused: ``ValueError`` on CPU, device-side assert on CUDA). Returns
-    ``[num_rows, H]``, each row written exactly once (no atomics). Its
-    gradient is :func:`gather_rows` of the output gradient.
+    is refused: ``ArgumentError`` on CPU, device-side assert on CUDA). Returns
+    ``[num_rows, H]``, each row written exactly once (no atomics);
+    ``num_rows`` is an int in ``[0, 2^31)``. Its gradient is
+    :func:`gather_rows` of the output gradient.
     """
-    try:
-        return torch.ops.moe_ext.scatter_rows(x, indices, int(num_rows))
-    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
-        raise native_error(error) from None
+    num_rows = _checks.scatter_rows_args(x, indices, num_rows)
+    return _checks.call_op(torch.ops.moe_ext.scatter_rows, x, indices, num_rows)
 
 
 def group_by_local_expert(
@@ -89,9 +87,25 @@ def group_by_local_expert(
 
     Returns:
         :class:`GroupedRows` ``(rows [max_len, H], permuted_indices, m_sizes, m_offsets)``.
+
+    Errors: those of :func:`generate_permute_indices`; ``x`` not a 2-D tensor on
+    the counts' device raises ``TypeError`` / ``ArgumentError``; counts summing
+    past the ``N`` rows of ``x`` raise ``ArgumentError`` naming both on CPU (on
+    CUDA, where reading the sum would synchronise, the row gather stops with a
+    device-side assert and reads nothing out of bounds).
     """
+    op = "group_by_local_expert"
+    _checks.tensor(op, "x", x)
+    _checks.tensor(op, "tokens_per_expert_group", tokens_per_expert_group)
+    _checks.same_device(op, [("x", x), ("tokens_per_expert_group", tokens_per_expert_group)])
+    _checks.dim(op, "x", x, 2, " [N, H]")
     permuted_indices, m_sizes, m_offsets = generate_permute_indices(
         tokens_per_expert_group, experts_per_rank, num_ranks, max_len, alignment)
+    if _checks.host_values_readable(tokens_per_expert_group):
+        total = int(tokens_per_expert_group.sum())
+        if total > x.shape[0]:
+            raise ArgumentError(f"{op}: tokens_per_expert_group sums to {total} rows but x has "
+                                f"{x.shape[0]} rows (x must hold every arriving row: N >= the sum)")
     return GroupedRows(gather_rows(x, permuted_indices), permuted_indices, m_sizes, m_offsets)
 
 
@@ -102,8 +116,19 @@ def ungroup_by_local_expert(grouped: torch.Tensor, permuted_indices: torch.Tenso
     ``out[permuted_indices[p]] = grouped[p]`` for every non-padding position;
     ``num_rows`` is the ``N`` of the grouped input (arriving rows that no
     expert block holds come back as zeros). Each row is read once and written
-    once. Differentiable in ``grouped``.
+    once. Differentiable in ``grouped``. A ``num_rows`` smaller than a row that
+    ``permuted_indices`` names raises ``ArgumentError`` naming ``num_rows`` on
+    CPU (a device-side assert on CUDA).
     """
+    op = "ungroup_by_local_expert"
+    _checks.tensor(op, "grouped", grouped)
+    _checks.tensor(op, "permuted_indices", permuted_indices)
+    num_rows = _checks.int_arg(op, "num_rows", num_rows, minimum=0, maximum=_checks.INT32_MAX)
+    if _checks.host_values_readable(permuted_indices) and permuted_indices.numel():
+        largest = int(permuted_indices.max())
+        if largest >= num_rows:
+            raise ArgumentError(f"{op}: num_rows must exceed every arriving row that permuted_indices "
+                                f"names (the N of the grouped input, >= {largest + 1}), got {num_rows}")
     return scatter_rows(grouped, permuted_indices, num_rows)
 
 
@@ -111,19 +136,13 @@ def ungroup_by_local_expert(grouped: torch.Tensor, permuted_indices: torch.Tenso
 
 @torch.library.register_fake("moe_ext::gather_rows")
 def _gather_rows_fake(x, indices):
-    torch._check(x.dim() == 2, lambda: "gather_rows: x must be 2-D")
-    torch._check(indices.dim() == 1 and indices.dtype in _INDEX,
-                 lambda: "gather_rows: indices must be 1-D int32 or int64")
+    _checks.rows_tensors("gather_rows", x, indices)
     return x.new_empty((indices.shape[0], x.shape[1]))
 
 
 @torch.library.register_fake("moe_ext::scatter_rows")
 def _scatter_rows_fake(x, indices, num_rows):
-    torch._check(x.dim() == 2, lambda: "scatter_rows: x must be 2-D")
-    torch._check(indices.dim() == 1 and indices.dtype in _INDEX,
-                 lambda: "scatter_rows: indices must be 1-D int32 or int64")
-    torch._check(indices.shape[0] == x.shape[0], lambda: "scatter_rows: one index per row of x")
-    torch._check(num_rows >= 0, lambda: "scatter_rows: num_rows must be >= 0")
+    num_rows = _checks.scatter_rows_args(x, indices, num_rows)
     return x.new_empty((num_rows, x.shape[1]))
 
 

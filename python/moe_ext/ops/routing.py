@@ -17,12 +17,11 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
-from moe_ext._loader import native_error
+from moe_ext.errors import ArgumentError, check_choice
+from moe_ext.ops import _checks
 
 __all__ = ["PermuteResult", "expert_histogram", "moe_permute", "moe_unpermute"]
 
-_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_INDEX = (torch.int32, torch.int64)
 
 
 class PermuteResult(NamedTuple):
@@ -51,7 +50,10 @@ def moe_permute(
     The layout is the dropless one of ``torch_npu.npu_moe_init_routing_v2``
     (``drop_pad_mode=0``, ``row_idx_type=0``):
 
-    1. ``topk_ids`` is flattened token-major: row ``f = t * K + k``.
+    1. ``topk_ids`` is flattened token-major: row ``f = t * K + k``. An id of
+       ``-1`` means "no expert" (the padding engines put in CUDA-graph and DP
+       padding tokens): the row is dropped exactly like a row that
+       ``expert_map`` sends to ``-1`` (``expanded_row_idx`` -1, not counted).
     2. Each row's key is its expert id, or ``expert_map[id]`` when a map is
        given (global id -> local id, ``-1`` = not on this rank).
     3. Rows whose key lies outside ``active_expert_range = (start, end)``
@@ -65,14 +67,19 @@ def moe_permute(
 
     Args:
         hidden_states: ``[T, H]``, float32 / float16 / bfloat16 / float64.
-        topk_ids: ``[T, K]`` int32 or int64 expert ids, each in ``[0, num_experts)``.
-        num_experts: number of global experts (``>= 1``).
+        topk_ids: ``[T, K]`` int32 or int64 expert ids, each in ``[0, num_experts)``
+            or ``-1`` (no expert: dropped).
+        num_experts: number of global experts, an int in ``[1, 2^31)``.
         active_expert_range: ``(start, end)`` with ``0 <= start <= end <= num_experts``,
             in the key space (after ``expert_map``). With contiguous expert
             parallelism rank ``r`` of ``W`` passes ``(r * L, (r + 1) * L)``.
         expert_map: optional int32/int64 ``[num_experts]`` global -> local id
             map; keys outside the active range (``-1`` included) drop the row.
             With a map, pass ``active_expert_range=(0, num_local_experts)``.
+            Every value a row looks up must be ``-1`` or in ``[0, num_experts)``
+            (the key space of ``active_expert_range``): any other value is a
+            corrupt map and is refused like a bad id (below), never used as an
+            index or an offset.
         counts: ``"count"``: rows per active expert; ``"cumsum"``: their
             inclusive cumulative sum (what grouped GEMMs take as group_list).
 
@@ -83,12 +90,17 @@ def moe_permute(
         synchronisation: CUDA graphs and ``torch.compile(fullgraph=True)`` work).
 
     Errors:
-        Wrong dtypes, shapes, devices or ranges raise ``TypeError`` /
-        ``ValueError`` naming the argument. An id outside ``[0, num_experts)``
-        raises ``ValueError`` on CPU before anything is written; on CUDA it
-        stops the kernel with a device-side assert (surfacing at the next
-        synchronisation, as torch's own index checks do) and the offending
-        row is never used as an index, so nothing is written out of bounds.
+        A wrong type (a non-tensor, a float or str or bool where an int is
+        meant, a wrong dtype) raises ``TypeError``; a bad value (shape, range,
+        tensors on different devices, named both) raises
+        :class:`moe_ext.errors.ArgumentError` (a ``ValueError``), naming the
+        argument, the expected and the received value, before dispatch.
+        An id outside ``[0, num_experts)`` other than -1, or an ``expert_map``
+        value outside ``[-1, num_experts)``, raises ``ArgumentError`` on CPU
+        before anything is written; on CUDA it stops the kernel with a
+        device-side assert (surfacing at the next synchronisation, as torch's
+        own index checks do) and the offending row is never used as an index,
+        so nothing is written out of bounds.
         Non-contiguous inputs are accepted (copied to contiguous first).
         The CUDA kernel supports an active range of at most 8192 experts
         (``ValueError`` beyond).
@@ -97,15 +109,17 @@ def moe_permute(
     ``moe_unpermute(grad_permuted, expanded_row_idx, topk=K)`` (a per-token
     gather of the token's K rows, fp32 sums); dropped rows contribute nothing.
     """
-    if counts not in ("count", "cumsum"):
-        raise ValueError(f"moe_permute: counts must be 'count' or 'cumsum', got {counts!r}")
-    start, end = (0, num_experts) if active_expert_range is None else active_expert_range
     try:
-        permuted, expanded_row_idx, expert_tokens = torch.ops.moe_ext.moe_permute(
-            hidden_states, topk_ids, int(num_experts), int(start), int(end), expert_map,
-            counts == "cumsum")
-    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
-        raise native_error(error) from None
+        check_choice("counts", counts, ("count", "cumsum"))
+    except TypeError as error:
+        raise TypeError(f"moe_permute: {error}") from None
+    except ArgumentError as error:
+        raise ArgumentError(f"moe_permute: {error}") from None
+    num_experts, start, end = _checks.permute_range(num_experts, active_expert_range)
+    _checks.permute_tensors(hidden_states, topk_ids, num_experts, expert_map)
+    permuted, expanded_row_idx, expert_tokens = _checks.call_op(
+        torch.ops.moe_ext.moe_permute, hidden_states, topk_ids, num_experts, start, end, expert_map,
+        counts == "cumsum")
     return PermuteResult(permuted, expanded_row_idx, expert_tokens)
 
 
@@ -138,10 +152,11 @@ def moe_unpermute(
         ``[T, H]`` in ``permuted``'s dtype.
 
     Errors:
-        ``ValueError`` when ``probs`` is not ``[T, K]`` for the ``T * K`` of
-        ``expanded_row_idx`` (K mismatch), ``TypeError`` for a wrong dtype, an
-        index outside ``[-1, R)`` raises ``ValueError`` on CPU and a
-        device-side assert on CUDA (never read out of bounds).
+        ``ArgumentError`` (a ``ValueError``) when ``probs`` is not ``[T, K]``
+        for the ``T * K`` of ``expanded_row_idx`` (K mismatch), for tensors on
+        different devices or a bad ``topk``; ``TypeError`` for a wrong type or
+        dtype; an index outside ``[-1, R)`` raises ``ArgumentError`` on CPU and
+        a device-side assert on CUDA (never read out of bounds).
 
     Autograd: ``grad_permuted[row] = probs[t,k] * grad_out[t]`` for
     ``row = expanded_row_idx[t*K+k]``, zero for rows no entry names;
@@ -151,82 +166,74 @@ def moe_unpermute(
     (``ValueError`` on CPU, device-side assert on CUDA) rather than summed
     with atomics.
     """
+    op = "moe_unpermute"
+    _checks.tensor(op, "expanded_row_idx", expanded_row_idx)
+    _checks.tensor(op, "probs", probs, optional=True)
+    if topk is not None:
+        topk = _checks.int_arg(op, "topk", topk, minimum=1, maximum=_checks.INT32_MAX)
     if expanded_row_idx.dim() == 2:
         if topk is not None and topk != expanded_row_idx.shape[1]:
-            raise ValueError(f"moe_unpermute: topk={topk} but expanded_row_idx has shape "
-                             f"{tuple(expanded_row_idx.shape)}")
+            raise ArgumentError(f"moe_unpermute: topk={topk} but expanded_row_idx has shape "
+                                f"{tuple(expanded_row_idx.shape)}")
         topk = expanded_row_idx.shape[1]
+        if topk < 1:
+            raise ArgumentError(f"moe_unpermute: a 2-D expanded_row_idx must be [T, K] with K >= 1, got "
+                                f"shape {tuple(expanded_row_idx.shape)}")
         expanded_row_idx = expanded_row_idx.reshape(-1)
     if topk is None:
         if probs is None:
-            raise ValueError("moe_unpermute: pass topk= (or probs) so that the K rows of each "
-                             "token can be summed")
-        if probs.dim() != 2:
-            raise ValueError(f"moe_unpermute: probs must be [T, K], got shape {tuple(probs.shape)}")
+            raise ArgumentError("moe_unpermute: pass topk= (or probs) so that the K rows of each "
+                                "token can be summed")
+        if probs.dim() != 2 or probs.shape[1] < 1:
+            raise ArgumentError(f"moe_unpermute: probs must be [T, K] with K >= 1, got shape "
+                                f"{tuple(probs.shape)}")
         topk = probs.shape[1]
-    try:
-        return torch.ops.moe_ext.moe_unpermute(permuted, expanded_row_idx, probs, int(topk))
-    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
-        raise native_error(error) from None
+    _checks.unpermute_tensors(op, permuted, expanded_row_idx, probs, topk)
+    return _checks.call_op(torch.ops.moe_ext.moe_unpermute, permuted, expanded_row_idx, probs, topk)
 
 
 def expert_histogram(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How many entries of ``topk_ids`` route to each expert: int64 ``[num_experts]``.
 
     What expert-load balancing records every step. ``topk_ids`` is int32 or
-    int64 of any shape. Ids outside ``[0, num_experts)`` - the ``-1`` of padded
-    or masked tokens - are not counted (unlike :func:`moe_permute`, which
-    refuses them: a load counter sees padding every step). One pass, no host
+    int64 of any shape; ``num_experts`` an int in ``[1, 2^31)``. The ``-1`` of
+    padded or masked tokens is not counted, exactly as :func:`moe_permute`
+    drops it, so for any ids that :func:`moe_permute` accepts (without a map
+    or range) its counts equal this histogram. Other ids outside
+    ``[0, num_experts)`` are not counted either (a load counter must not stop
+    serving), where :func:`moe_permute` refuses them. One pass, no host
     synchronisation (one launch up to 65536 ids; a memset and one launch above).
     """
-    try:
-        return torch.ops.moe_ext.expert_histogram(topk_ids, int(num_experts))
-    except RuntimeError as error:  # a TypeError from C++ arrives as RuntimeError (stable ABI)
-        raise native_error(error) from None
+    num_experts = _checks.histogram_args(topk_ids, num_experts)
+    return _checks.call_op(torch.ops.moe_ext.expert_histogram, topk_ids, num_experts)
 
 
 # ---------------------------------------------------------------- fake kernels
-
-def _check_floating(op: str, name: str, tensor: torch.Tensor) -> None:
-    torch._check(tensor.dtype in _FLOATING,
-                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
-
+# The same checks as the wrappers (moe_ext.ops._checks), so that meta / fake
+# tensors refuse exactly what the CPU and CUDA kernels refuse.
 
 @torch.library.register_fake("moe_ext::moe_permute")
 def _moe_permute_fake(hidden_states, topk_ids, num_experts, active_start, active_end, expert_map,
                       counts_cumsum):
-    torch._check(hidden_states.dim() == 2, lambda: "moe_permute: hidden_states must be 2-D")
-    torch._check(topk_ids.dim() == 2, lambda: "moe_permute: topk_ids must be 2-D")
-    _check_floating("moe_permute", "hidden_states", hidden_states)
-    torch._check(topk_ids.dtype in _INDEX, lambda: "moe_permute: topk_ids must be int32 or int64")
-    torch._check(topk_ids.shape[0] == hidden_states.shape[0],
-                 lambda: "moe_permute: topk_ids and hidden_states must have the same number of tokens")
-    torch._check(0 <= active_start <= active_end <= num_experts,
-                 lambda: "moe_permute: active_expert_range must satisfy 0 <= start <= end <= num_experts")
+    num_experts, start, end = _checks.permute_range(num_experts, (active_start, active_end))
+    _checks.permute_tensors(hidden_states, topk_ids, num_experts, expert_map)
     rows = topk_ids.shape[0] * topk_ids.shape[1]
     return (hidden_states.new_empty((rows, hidden_states.shape[1])),
             topk_ids.new_empty((rows,), dtype=torch.int32),
-            topk_ids.new_empty((active_end - active_start,), dtype=torch.int64))
+            topk_ids.new_empty((end - start,), dtype=torch.int64))
 
 
 @torch.library.register_fake("moe_ext::moe_unpermute")
 def _moe_unpermute_fake(permuted, expanded_row_idx, probs, topk):
-    torch._check(permuted.dim() == 2, lambda: "moe_unpermute: permuted must be 2-D")
-    _check_floating("moe_unpermute", "permuted", permuted)
-    torch._check(expanded_row_idx.dim() == 1, lambda: "moe_unpermute: expanded_row_idx must be 1-D")
-    torch._check(topk >= 1, lambda: "moe_unpermute: topk must be >= 1")
-    num_tokens = expanded_row_idx.shape[0] // topk
-    if probs is not None:
-        torch._check(probs.dim() == 2 and probs.shape[0] == num_tokens and probs.shape[1] == topk,
-                     lambda: "moe_unpermute: probs must be [T, K]")
+    topk = _checks.int_arg("moe_unpermute", "topk", topk, minimum=1, maximum=_checks.INT32_MAX)
+    num_tokens = _checks.unpermute_tensors("moe_unpermute", permuted, expanded_row_idx, probs, topk)
     return permuted.new_empty((num_tokens, permuted.shape[1]))
 
 
 @torch.library.register_fake("moe_ext::moe_unpermute_backward")
 def _moe_unpermute_backward_fake(grad_output, permuted, expanded_row_idx, probs, topk,
                                  compute_grad_probs):
-    torch._check(topk >= 1, lambda: "moe_unpermute_backward: topk must be >= 1")
-    num_tokens = expanded_row_idx.shape[0] // topk
+    num_tokens = _checks.unpermute_backward_tensors(grad_output, permuted, expanded_row_idx, probs, topk)
     grad_probs = (probs.new_empty((num_tokens, topk)) if probs is not None
                   else permuted.new_empty((0,)))
     return permuted.new_empty(permuted.shape), grad_probs
@@ -234,8 +241,7 @@ def _moe_unpermute_backward_fake(grad_output, permuted, expanded_row_idx, probs,
 
 @torch.library.register_fake("moe_ext::expert_histogram")
 def _expert_histogram_fake(topk_ids, num_experts):
-    torch._check(topk_ids.dtype in _INDEX, lambda: "expert_histogram: topk_ids must be int32 or int64")
-    torch._check(num_experts >= 1, lambda: "expert_histogram: num_experts must be >= 1")
+    num_experts = _checks.histogram_args(topk_ids, num_experts)
     return topk_ids.new_empty((num_experts,), dtype=torch.int64)
 
 

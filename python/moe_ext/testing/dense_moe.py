@@ -16,8 +16,14 @@ __all__ = ["dense_routing", "dense_moe", "dense_moe_batched"]
 
 def dense_routing(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                   num_expert_group: Optional[int] = None, topk_group: Optional[int] = None,
-                  correction_bias: Optional[torch.Tensor] = None, routed_scaling_factor: float = 1.0):
-    """Per-token routing: ``(experts list, weights tensor [top_k])`` for each token."""
+                  group_score: Optional[str] = None, correction_bias: Optional[torch.Tensor] = None, routed_scaling_factor: float = 1.0):
+    """Per-token routing: ``(experts list, weights tensor [top_k])`` for each token.
+
+    ``group_score`` ("max" or "top2_sum") is required with ``num_expert_group``.
+    """
+    if num_expert_group is not None and group_score not in ("max", "top2_sum"):
+        raise ValueError(f"dense_routing: group_score must be 'max' or 'top2_sum' with num_expert_group, "
+                         f"got {group_score!r}")
     routes = []
     for logits in router_logits.float():
         plain = logits.detach()
@@ -27,10 +33,10 @@ def dense_routing(router_logits: torch.Tensor, top_k: int, *, scoring: str = "so
         candidates = list(range(len(scores)))
         if num_expert_group is not None:
             group_size = len(scores) // num_expert_group
-            def group_score(g):
+            def score_of_group(g):
                 members = sorted(choice[g * group_size:(g + 1) * group_size].tolist(), reverse=True)
-                return sum(members[:2]) if correction_bias is not None else members[0]
-            groups = sorted(range(num_expert_group), key=group_score, reverse=True)[:topk_group]
+                return sum(members[:2]) if group_score == "top2_sum" else members[0]
+            groups = sorted(range(num_expert_group), key=score_of_group, reverse=True)[:topk_group]
             candidates = [e for e in candidates if e // group_size in groups]
         chosen = sorted(candidates, key=lambda e: float(choice[e]), reverse=True)[:top_k]
         weights = torch.stack([scores[e] for e in chosen])
@@ -64,7 +70,7 @@ def dense_moe(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
 def dense_moe_batched(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                       num_expert_group: Optional[int] = None, topk_group: Optional[int] = None,
-                      correction_bias: Optional[torch.Tensor] = None,
+                      group_score: Optional[str] = None, correction_bias: Optional[torch.Tensor] = None,
                       routed_scaling_factor: float = 1.0) -> torch.Tensor:
     """:func:`dense_moe` computed with whole-batch tensor ops: one loop over experts, none over tokens.
 
@@ -80,14 +86,17 @@ def dense_moe_batched(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w1
     choice = scores + (correction_bias.float() if correction_bias is not None else 0)
     tokens, experts = choice.shape
     if num_expert_group is not None:
+        if group_score not in ("max", "top2_sum"):
+            raise ValueError(f"dense_moe_batched: group_score must be 'max' or 'top2_sum' with num_expert_group, "
+                             f"got {group_score!r}")
         group_size = experts // num_expert_group
         grouped = choice.view(tokens, num_expert_group, group_size)
-        if correction_bias is not None:
-            group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
+        if group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
         else:
-            group_score = grouped.max(-1).values
+            group_scores = grouped.max(-1).values
         keep = torch.zeros(tokens, num_expert_group, dtype=torch.bool, device=choice.device)
-        keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
         choice = choice.masked_fill(~keep.repeat_interleave(group_size, dim=1), float("-inf"))
     chosen = choice.topk(top_k, dim=-1).indices  # [T, K]
     weights = scores.gather(1, chosen)

@@ -88,10 +88,14 @@ def moe_permute_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, n
     num_tokens, topk = topk_ids.shape
     start, end = (0, num_experts) if active_expert_range is None else active_expert_range
     ids = topk_ids.reshape(-1).to(torch.int64)                     # row f = t * K + k
-    if ids.numel() and not bool(((ids >= 0) & (ids < num_experts)).all()):
-        raise ValueError(f"topk_ids must be in [0, {num_experts})")
-    keys = expert_map.to(torch.int64)[ids] if expert_map is not None else ids
-    valid = (keys >= start) & (keys < end)
+    if ids.numel() and not bool(((ids >= -1) & (ids < num_experts)).all()):
+        raise ValueError(f"topk_ids must be in [0, {num_experts}) or -1")
+    present = ids >= 0                                              # -1: no expert, dropped
+    keys = expert_map.to(torch.int64)[ids.clamp_min(0)] if expert_map is not None else ids
+    if expert_map is not None and keys[present].numel() and not bool(
+            ((keys[present] >= -1) & (keys[present] < num_experts)).all()):
+        raise ValueError(f"expert_map values must be in [0, {num_experts}) or -1")
+    valid = present & (keys >= start) & (keys < end)
     sort_key = torch.where(valid, keys, torch.full_like(keys, end))  # dropped rows sort last
     order = torch.sort(sort_key, stable=True).indices
     num_valid = int(valid.sum())
@@ -117,7 +121,10 @@ def moe_unpermute_reference(permuted: torch.Tensor, expanded_row_idx: torch.Tens
     for k in range(topk):
         row = rows[:, k]
         taken = row >= 0
-        gathered = permuted[row.clamp_min(0)].to(acc_dtype)
+        if permuted.shape[0]:
+            gathered = permuted[row.clamp_min(0)].to(acc_dtype)
+        else:  # nothing to gather: every entry is -1
+            gathered = torch.zeros((row.shape[0], permuted.shape[1]), dtype=acc_dtype, device=permuted.device)
         weight = probs[:, k].to(acc_dtype) if probs is not None else torch.ones_like(row, dtype=acc_dtype)
         out += torch.where(taken[:, None], gathered * weight[:, None], torch.zeros_like(gathered))
     return out.to(permuted.dtype)
