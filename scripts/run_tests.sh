@@ -20,17 +20,24 @@ say() { echo "run_tests: $*"; }
 if ! missing=$("$python" scripts/test_requirements.py); then
   say "could not read the test requirements from pyproject.toml"; exit 1
 fi
-if [ -n "$missing" ]; then
-  # shellcheck disable=SC2086  # one requirement per line, none with spaces
-  say "installing the test requirements: $(echo $missing)"
-  # shellcheck disable=SC2086
-  if ! "$python" -m pip install -q $missing; then
-    say "FAILED to install the test requirements; install them into this Python and re-run:"
-    # shellcheck disable=SC2086
-    echo "    $python -m pip install $(echo $missing)"
-    exit 1
+# install_lines FLAGS... <<< "one requirement per line" (a line may hold an environment marker with spaces)
+install_lines() {
+  local -a lines=()
+  mapfile -t lines
+  [ "${#lines[@]}" -gt 0 ] && [ -n "${lines[0]}" ] || return 0
+  say "installing${1:+ ($*)}: ${lines[*]}"
+  if ! "$python" -m pip install -q "$@" "${lines[@]}"; then
+    say "FAILED to install them; install into this Python and re-run:"
+    printf '    %s -m pip install %s' "$python" "$*"; printf " '%s'" "${lines[@]}"; echo
+    return 1
   fi
+}
+install_lines <<< "$missing" || exit 1
+# torchtitan and its spmd_types pin, without their training-stack dependencies (pyproject's [tool.moe_ext])
+if ! no_deps=$("$python" scripts/test_requirements.py --without-deps); then
+  say "could not read [tool.moe_ext] test-without-deps from pyproject.toml"; exit 1
 fi
+install_lines --no-deps <<< "$no_deps" || exit 1
 if ! (cd /tmp && "$python" -c "import moe_ext") >/dev/null 2>&1; then
   say "moe_ext does not import in $python from outside the source tree: install it first (README, 'Install')"
   (cd /tmp && "$python" -c "import moe_ext") 2>&1 | tail -n 3

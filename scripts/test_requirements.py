@@ -4,8 +4,10 @@ Used by scripts/run_tests.sh so that the README's test command installs what the
 tests need -- and only that: moe_ext itself is never named, so the build that
 the README's install command made is not replaced. One requirement per line.
 
-    python3 scripts/test_requirements.py            # the missing ones
-    python3 scripts/test_requirements.py --all      # every one
+    python3 scripts/test_requirements.py                     # the missing ones
+    python3 scripts/test_requirements.py --all               # every one
+    python3 scripts/test_requirements.py --without-deps      # the missing ones of [tool.moe_ext]
+                                                             # test-without-deps (pip install --no-deps)
 """
 
 from __future__ import annotations
@@ -47,8 +49,20 @@ def _satisfied(requirement: str) -> bool:
     return Requirement(requirement).specifier.contains(installed, prereleases=True)
 
 
+def _read_without_deps(text: str) -> list[str]:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:
+        tomllib = None
+    if tomllib is not None:
+        return list(tomllib.loads(text).get("tool", {}).get("moe_ext", {}).get("test-without-deps", []))
+    match = re.search(r"^test-without-deps\s*=\s*\[(.*?)\]", text, re.M | re.S)
+    return re.findall(r'"([^"]+)"', match.group(1)) if match else []
+
+
 def main(argv: list[str]) -> int:
-    requirements = _read_extra(PYPROJECT.read_text(), EXTRA)
+    text = PYPROJECT.read_text()
+    requirements = _read_without_deps(text) if "--without-deps" in argv else _read_extra(text, EXTRA)
     # Never moe_ext itself: re-installing it would replace what the install step built.
     requirements = [r for r in requirements if not re.match(r"moe[-_]ext\b", r, re.I)]
     wanted = requirements if "--all" in argv else [r for r in requirements if not _satisfied(r)]
