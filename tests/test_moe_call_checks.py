@@ -117,4 +117,5 @@ def _registry_timeout(rank, world_size):
 
 
 def test_groups_inherit_the_world_timeout():
-    assert run_distributed(_registry_timeout, 2, timeout=37) == [(37.0, 12.0)] * 2
+    # a distinctive world timeout that is also long enough for a busy 2-core machine to spawn two ranks
+    assert run_distributed(_registry_timeout, 2, timeout=173) == [(173.0, 12.0)] * 2
