@@ -65,11 +65,12 @@ def _reference(seed, inputs, grads):
 
 
 def _compare(module, reference, x, x_ref, out, out_ref, what):
+    out, x_grad = out.cpu(), x.grad.cpu()
     torch.testing.assert_close(out, out_ref.detach(), atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} output: {m}")
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} input grad: {m}")
+    torch.testing.assert_close(x_grad, x_ref.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} input grad: {m}")
     for name in ("w1", "w2", "w3"):
         grad = getattr(module, name).grad
-        full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        full = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).cpu()
         torch.testing.assert_close(full, getattr(reference, name).grad, atol=ATOL, rtol=RTOL,
                                    msg=lambda m, n=name: f"{what} {n} grad: {m}")
 
@@ -77,13 +78,14 @@ def _compare(module, reference, x, x_ref, out, out_ref, what):
 def _run_style(style, mesh, group_index, groups, tokens, seed, what):
     from torch.distributed.tensor.parallel import parallelize_module
 
+    device = mesh.device_type
     inputs, grads = _case_inputs(seed + 1, groups, tokens)
     reference, xs_ref, outs_ref = _reference(seed, inputs, grads)
-    module = parallelize_module(_weights(seed), mesh, style)
+    module = parallelize_module(_weights(seed).to(device), mesh, style)
     rows, counts = inputs[group_index]
-    x = rows.clone().requires_grad_(True)
-    out = module(x, counts)
-    (out * grads[group_index]).sum().backward()
+    x = rows.to(device).requires_grad_(True)
+    out = module(x, counts.to(device))
+    (out * grads[group_index].to(device)).sum().backward()
     _compare(module, reference, x, xs_ref[group_index], out, outs_ref[group_index], what)
 
 
@@ -116,19 +118,21 @@ def _block_case(mesh, world_size, rank, seed, num_tokens):
     out_ref = reference(x_ref, s_ref, ids)
     (out_ref * grad).sum().backward()
 
-    block = parallelize_module(Block(), mesh, {"reorderer": ReordererSequenceParallel(),
-                                               "experts": ExpertParallel(alignment=4)})
-    x, s = x_full.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+    device = mesh.device_type
+    block = parallelize_module(Block().to(device), mesh, {"reorderer": ReordererSequenceParallel(),
+                                                          "experts": ExpertParallel(alignment=4)})
+    x, s = x_full.to(device).requires_grad_(True), scores.to(device).requires_grad_(True)
     # x and the scores are replicated: each rank uses its share, so their gradients are summed
-    partial = block(dfn.copy_to_group(x, mesh.get_group()), dfn.copy_to_group(s, mesh.get_group()), ids)
+    partial = block(dfn.copy_to_group(x, mesh.get_group()), dfn.copy_to_group(s, mesh.get_group()), ids.to(device))
     out = dfn.all_reduce(partial, mesh.get_group())
-    (out * grad).sum().backward()
+    (out * grad.to(device)).sum().backward()
+    out, x, s = out.cpu(), x.grad.cpu(), s.grad.cpu()
     what = f"reorderer SP + EP, {num_tokens} tokens over {world_size}"
     torch.testing.assert_close(out, out_ref.detach(), atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} output: {m}")
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} x grad: {m}")
-    torch.testing.assert_close(s.grad, s_ref.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} score grad: {m}")
+    torch.testing.assert_close(x, x_ref.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} x grad: {m}")
+    torch.testing.assert_close(s, s_ref.grad, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what} score grad: {m}")
     for name in ("w1", "w2", "w3"):
-        full = getattr(block.experts, name).grad.full_tensor()
+        full = getattr(block.experts, name).grad.full_tensor().cpu()
         torch.testing.assert_close(full, getattr(reference.experts, name).grad, atol=ATOL, rtol=RTOL,
                                    msg=lambda m, n=name: f"{what} {n} grad: {m}")
 

@@ -69,6 +69,10 @@ class LinearBackend:
 
 def cuda_fused_ops_available() -> bool:
     """Whether the installed torch has the symmetric-memory fused matmul operators."""
+    try:  # the operators are registered when torch's symmetric-memory module is imported
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError:
+        return False
     symm = getattr(torch.ops, "symm_mem", None)
     try:
         return (symm is not None and hasattr(symm, "fused_all_gather_matmul")
