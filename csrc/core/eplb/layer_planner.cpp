@@ -698,12 +698,15 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
     return candidate.duplicates == 0 || candidate.duplicates <= kept.duplicates;
   };
   bool have_plan = acceptable(plan);
+  const LayerPlan repair = plan;
+  std::vector<LayerPlan> candidates{repair};
   const bool repair_within = have_plan && plan.imbalance <= limit * (1.0 + 1e-9);
   if (!repair_within || plan.moves > 0) {
     std::vector<int32_t> relabelled_map = relabel_onto_current(geometry, scratch.slot_expert, current);
     revert_toward_current(geometry, load, relabelled_map, current, limit,
                           geometry.hierarchical && geometry.num_nodes > 1 && !options.allow_cross_node);
     LayerPlan relabelled = finish(geometry, load, relabelled_map, current);
+    candidates.push_back(relabelled);
     if (acceptable(relabelled)) {
       const bool relabelled_within = relabelled.imbalance <= limit * (1.0 + 1e-9);
       const bool take = !have_plan ||
@@ -717,7 +720,19 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   }
   // Never worse than keeping the placement in force (0 moves is always a
   // candidate): on a tie, nothing moves.
-  if (!have_plan || kept.imbalance <= plan.imbalance) plan = kept;
+  if (!have_plan || kept.imbalance <= plan.imbalance) {
+    plan = kept;
+    // Under a move budget every twin-free candidate may be no better than not
+    // moving while one that adds a twin is (a second replica on a GPU still
+    // halves that expert's load per replica). Refusing it would freeze the
+    // placement at a budget where a rebalance pays off, so take the best such
+    // candidate within the budget and the node rule; its twins are reported.
+    for (const LayerPlan& candidate : candidates) {
+      if (candidate.moves > budget) continue;
+      if (!options.allow_cross_node && candidate.cross_node > kept.cross_node) continue;
+      if (candidate.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = candidate;
+    }
+  }
   plan.lower_bound = scratch.lower_bound;
   plan.global_lower_bound = scratch.global_lower_bound;
   plan.relaxed_imbalance = std::min(plan.imbalance, scratch.relaxed_imbalance);
