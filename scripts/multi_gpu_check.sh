@@ -5,7 +5,7 @@
 #
 #   scripts/multi_gpu_check.sh tests     NCCL pytest suites (+ the demo if present)
 #   scripts/multi_gpu_check.sh bench     rearrangement, MoE-layer and parallel-linear benchmarks
-#   scripts/multi_gpu_check.sh all       both (mind the 10-minute limit per call)
+#   scripts/multi_gpu_check.sh all       both (more than one 10-minute device call now: run tests and bench apart)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-all}
@@ -33,7 +33,7 @@ if [ "$mode" = tests ] || [ "$mode" = all ]; then
   shopt -s nullglob
   step pytest_nccl 420 env MOE_EXT_TEST_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider -rs \
     tests/test_parallel_state.py tests/test_rearrange.py tests/test_moe_layer.py tests/test_eplb_load_recorder.py \
-    tests/test_parallel_linear.py
+    tests/test_parallel_linear.py tests/test_expert_parallel.py
   # MoE backward on NCCL (issue 12): the 2-rank cases (EP 2 with experts that get no rows and a
   # rank without tokens, DP 1 x TP 2) and the 2-rank matrix; the 4-rank cases are gloo-only.
   step moe_backward_nccl 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_moe_backward.py
@@ -54,10 +54,11 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     step "moe_layer_ep$ws" 300 python3 bench/bench_moe_layer.py --backend nccl --world-size "$ws"
   done
   step linear_tp2 300 python3 bench/bench_linear.py --backend nccl --world-size 2
+  step expert_parallel_2 300 python3 bench/bench_expert_parallel.py --backend nccl --world-size 2
 fi
 
 echo; cat "$out/gpu.txt" | head -n 12
-for log in "$out"/rearrange_*.log "$out"/moe_layer_*.log "$out"/linear_*.log "$out"/demo_*.log; do
+for log in "$out"/rearrange_*.log "$out"/moe_layer_*.log "$out"/linear_*.log "$out"/expert_parallel_*.log "$out"/demo_*.log; do
   [ -f "$log" ] && { echo; echo "== $(basename "$log")"; tail -n 25 "$log"; }
 done
 [ -f "$out/pytest_nccl.log" ] && { echo; grep -E "passed|failed|SKIPPED|Error" "$out/pytest_nccl.log" | tail -n 15; }
