@@ -34,11 +34,29 @@ struct BlockRange {
   int64_t end;
 };
 
-__aicore__ inline BlockRange block_range(const AscendC::GlobalTensor<int64_t>& tiling) {
+// The argument block read once at a kernel's Init, and this block's share of the work items.
+struct KernelTiling {
+  int64_t blocks = 1, base = 0, remainder = 0, items_per_tile = 0, row_elements = 0, row_stride = 0,
+          source_rows = 0, extra = 0;
+  BlockRange range{0, 0};
+};
+
+__aicore__ inline KernelTiling load_tiling(GM_ADDR tiling) {
+  AscendC::GlobalTensor<int64_t> words;
+  words.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
+  KernelTiling t;
+  t.blocks = words.GetValue(kBlocks);
+  t.base = words.GetValue(kBase);
+  t.remainder = words.GetValue(kRemainder);
+  t.items_per_tile = words.GetValue(kItemsPerTile);
+  t.row_elements = words.GetValue(kRowElements);
+  t.row_stride = words.GetValue(kRowStride);
+  t.source_rows = words.GetValue(kSourceRows);
+  t.extra = words.GetValue(kExtra);
   const int64_t block = AscendC::GetBlockIdx();
-  const int64_t base = tiling.GetValue(kBase), remainder = tiling.GetValue(kRemainder);
-  const int64_t start = block * base + (block < remainder ? block : remainder);
-  return {start, start + base + (block < remainder ? 1 : 0)};
+  t.range.start = block * t.base + (block < t.remainder ? block : t.remainder);
+  t.range.end = t.range.start + t.base + (block < t.remainder ? 1 : 0);
+  return t;
 }
 
 __aicore__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -16,14 +16,14 @@ template <typename IdT>
 class ExpertHistogramPartial {
  public:
   __aicore__ inline void Init(GM_ADDR ids, GM_ADDR workspace, GM_ADDR tiling) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    range_ = block_range(tiling_);
-    experts_ = tiling_.GetValue(kExtra);
-    per_tile_ = tiling_.GetValue(kItemsPerTile);
-    const int64_t count = tiling_.GetValue(kRowElements);
+    tiling_ = load_tiling(tiling);
+    range_ = tiling_.range;
+    experts_ = tiling_.extra;
+    per_tile_ = tiling_.items_per_tile;
+    const int64_t count = tiling_.row_elements;
     ids_.SetGlobalBuffer(reinterpret_cast<__gm__ IdT*>(ids), static_cast<uint64_t>(count));
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace),
-                               static_cast<uint64_t>(tiling_.GetValue(kBlocks) * experts_));
+                               static_cast<uint64_t>(tiling_.blocks * experts_));
     pipe_.InitBuffer(queue_, 2, per_tile_ * static_cast<int64_t>(sizeof(IdT)));
     pipe_.InitBuffer(counts_buffer_, experts_ * static_cast<int64_t>(sizeof(int64_t)));
   }
@@ -53,7 +53,8 @@ class ExpertHistogramPartial {
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECIN, 2> queue_;
   AscendC::TBuf<AscendC::TPosition::VECCALC> counts_buffer_;
-  AscendC::GlobalTensor<int64_t> tiling_, workspace_;
+  KernelTiling tiling_;
+  AscendC::GlobalTensor<int64_t> workspace_;
   AscendC::GlobalTensor<IdT> ids_;
   BlockRange range_{0, 0};
   int64_t experts_ = 0, per_tile_ = 0;
@@ -63,10 +64,10 @@ class ExpertHistogramReduce {
  public:
   // tiling: kBlocks/kBase/kRemainder split the experts; kSourceRows = partial rows; kExtra = num_experts.
   __aicore__ inline void Init(GM_ADDR workspace, GM_ADDR counts, GM_ADDR tiling) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    range_ = block_range(tiling_);
-    experts_ = tiling_.GetValue(kExtra);
-    partial_rows_ = tiling_.GetValue(kSourceRows);
+    tiling_ = load_tiling(tiling);
+    range_ = tiling_.range;
+    experts_ = tiling_.extra;
+    partial_rows_ = tiling_.source_rows;
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace),
                                static_cast<uint64_t>(partial_rows_ * experts_));
     counts_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(counts), static_cast<uint64_t>(experts_));
@@ -99,7 +100,8 @@ class ExpertHistogramReduce {
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECIN, 2> queue_;
   AscendC::TBuf<AscendC::TPosition::VECCALC> sum_buffer_;
-  AscendC::GlobalTensor<int64_t> tiling_, workspace_, counts_;
+  KernelTiling tiling_;
+  AscendC::GlobalTensor<int64_t> workspace_, counts_;
   BlockRange range_{0, 0};
   int64_t experts_ = 0, partial_rows_ = 0;
 };

@@ -17,8 +17,8 @@ class GatherRowsKernel {
   // moe_permute, whose valid-row count only exists on the device, passes it.
   __aicore__ inline void Init(GM_ADDR x, GM_ADDR indices, GM_ADDR out, GM_ADDR tiling, int64_t num_out_rows,
                               GM_ADDR row_limit = nullptr) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    range_ = block_range(tiling_);
+    tiling_ = load_tiling(tiling);
+    range_ = tiling_.range;
     if (row_limit != nullptr) {
       AscendC::GlobalTensor<int64_t> limit;
       limit.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(row_limit), 1);
@@ -26,10 +26,10 @@ class GatherRowsKernel {
       MOE_ASCEND_CHECK(valid >= 0 && valid <= num_out_rows, "gather_rows: row limit out of [0, rows]");
       range_.end = min64(range_.end, valid);
     }
-    row_elements_ = tiling_.GetValue(kRowElements);
-    row_stride_ = tiling_.GetValue(kRowStride);
-    rows_per_tile_ = tiling_.GetValue(kItemsPerTile);
-    source_rows_ = tiling_.GetValue(kSourceRows);
+    row_elements_ = tiling_.row_elements;
+    row_stride_ = tiling_.row_stride;
+    rows_per_tile_ = tiling_.items_per_tile;
+    source_rows_ = tiling_.source_rows;
     x_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(x), static_cast<uint64_t>(source_rows_ * row_elements_));
     indices_.SetGlobalBuffer(reinterpret_cast<__gm__ IndexT*>(indices), static_cast<uint64_t>(num_out_rows));
     out_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out), static_cast<uint64_t>(num_out_rows * row_elements_));
@@ -77,7 +77,7 @@ class GatherRowsKernel {
 
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECIN, 2> queue_;
-  AscendC::GlobalTensor<int64_t> tiling_;
+  KernelTiling tiling_;
   AscendC::GlobalTensor<T> x_, out_;
   AscendC::GlobalTensor<IndexT> indices_;
   BlockRange range_{0, 0};

@@ -20,13 +20,13 @@ class PermuteIndicesKernel {
   // kRowStride = alignment; kSourceRows = num_ranks; kExtra = experts_per_rank.
   __aicore__ inline void Init(GM_ADDR counts, GM_ADDR permuted_indices, GM_ADDR m_sizes, GM_ADDR m_offsets,
                               GM_ADDR tiling) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    range_ = block_range(tiling_);
-    per_tile_ = tiling_.GetValue(kItemsPerTile);
-    max_len_ = tiling_.GetValue(kRowElements);
-    alignment_ = tiling_.GetValue(kRowStride);
-    ranks_ = tiling_.GetValue(kSourceRows);
-    experts_ = tiling_.GetValue(kExtra);
+    tiling_ = load_tiling(tiling);
+    range_ = tiling_.range;
+    per_tile_ = tiling_.items_per_tile;
+    max_len_ = tiling_.row_elements;
+    alignment_ = tiling_.row_stride;
+    ranks_ = tiling_.source_rows;
+    experts_ = tiling_.extra;
     counts_.SetGlobalBuffer(reinterpret_cast<__gm__ CountT*>(counts), static_cast<uint64_t>(ranks_ * experts_));
     indices_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(permuted_indices), static_cast<uint64_t>(max_len_));
     sizes_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(m_sizes), static_cast<uint64_t>(experts_));
@@ -94,7 +94,7 @@ class PermuteIndicesKernel {
 
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECOUT, 2> queue_;
-  AscendC::GlobalTensor<int64_t> tiling_;
+  KernelTiling tiling_;
   AscendC::GlobalTensor<CountT> counts_;
   AscendC::GlobalTensor<int32_t> indices_, sizes_, offsets_;
   BlockRange range_{0, 0};

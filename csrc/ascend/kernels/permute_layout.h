@@ -29,13 +29,13 @@ template <typename IdT, typename MapT>
 class PermuteKeys {
  public:
   __aicore__ inline void InitKeys(GM_ADDR ids, GM_ADDR expert_map, GM_ADDR tiling) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    range_ = block_range(tiling_);
-    per_tile_ = tiling_.GetValue(kItemsPerTile);
-    rows_ = tiling_.GetValue(kRowElements);
-    active_start_ = tiling_.GetValue(kRowStride);
-    active_end_ = tiling_.GetValue(kSourceRows);
-    experts_ = tiling_.GetValue(kExtra);
+    tiling_ = load_tiling(tiling);
+    range_ = tiling_.range;
+    per_tile_ = tiling_.items_per_tile;
+    rows_ = tiling_.row_elements;
+    active_start_ = tiling_.row_stride;
+    active_end_ = tiling_.source_rows;
+    experts_ = tiling_.extra;
     ids_.SetGlobalBuffer(reinterpret_cast<__gm__ IdT*>(ids), static_cast<uint64_t>(rows_));
     has_map_ = expert_map != nullptr;
     if (has_map_) map_.SetGlobalBuffer(reinterpret_cast<__gm__ MapT*>(expert_map), static_cast<uint64_t>(experts_));
@@ -72,7 +72,7 @@ class PermuteKeys {
  protected:
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECIN, 2> id_queue_;
-  AscendC::GlobalTensor<int64_t> tiling_;
+  KernelTiling tiling_;
   AscendC::GlobalTensor<IdT> ids_;
   AscendC::GlobalTensor<MapT> map_;
   BlockRange range_{0, 0};
@@ -87,7 +87,7 @@ class PermuteKeyCount : public PermuteKeys<IdT, MapT> {
     this->InitKeys(ids, expert_map, tiling);
     keys_ = this->active_end_ - this->active_start_;
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace),
-                               static_cast<uint64_t>(this->tiling_.GetValue(kBlocks) * keys_));
+                               static_cast<uint64_t>(this->tiling_.blocks * keys_));
     if (keys_ > 0) this->pipe_.InitBuffer(counts_buffer_, keys_ * static_cast<int64_t>(sizeof(int64_t)));
   }
 
@@ -114,9 +114,9 @@ class PermuteScan {
  public:
   __aicore__ inline void Init(GM_ADDR workspace, GM_ADDR expert_tokens, GM_ADDR valid_rows, GM_ADDR tiling,
                               int64_t cumulative) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    blocks_ = tiling_.GetValue(kBlocks);
-    keys_ = tiling_.GetValue(kSourceRows) - tiling_.GetValue(kRowStride);
+    tiling_ = load_tiling(tiling);
+    blocks_ = tiling_.blocks;
+    keys_ = tiling_.source_rows - tiling_.row_stride;
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace), static_cast<uint64_t>(blocks_ * keys_));
     tokens_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(expert_tokens), static_cast<uint64_t>(keys_));
     valid_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(valid_rows), 1);
@@ -139,7 +139,8 @@ class PermuteScan {
   }
 
  private:
-  AscendC::GlobalTensor<int64_t> tiling_, workspace_, tokens_, valid_;
+  KernelTiling tiling_;
+  AscendC::GlobalTensor<int64_t> workspace_, tokens_, valid_;
   int64_t blocks_ = 1, keys_ = 0;
   bool cumulative_ = false;
 };
@@ -153,7 +154,7 @@ class PermutePlace : public PermuteKeys<IdT, MapT> {
     keys_ = this->active_end_ - this->active_start_;
     topk_ = topk;
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace),
-                               static_cast<uint64_t>(this->tiling_.GetValue(kBlocks) * keys_));
+                               static_cast<uint64_t>(this->tiling_.blocks * keys_));
     row_idx_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(expanded_row_idx), static_cast<uint64_t>(this->rows_));
     sorted_token_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(sorted_token), static_cast<uint64_t>(this->rows_));
     this->pipe_.InitBuffer(out_queue_, 1, this->per_tile_ * static_cast<int64_t>(sizeof(int32_t)));

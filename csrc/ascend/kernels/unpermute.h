@@ -16,12 +16,12 @@ class UnpermuteKernel {
  public:
   __aicore__ inline void Init(GM_ADDR permuted, GM_ADDR row_idx, GM_ADDR probs, GM_ADDR out, GM_ADDR tiling,
                               int64_t num_tokens) {
-    tiling_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(tiling), kTilingWords);
-    range_ = block_range(tiling_);
-    row_elements_ = tiling_.GetValue(kRowElements);
-    row_stride_ = tiling_.GetValue(kRowStride);
-    source_rows_ = tiling_.GetValue(kSourceRows);
-    topk_ = tiling_.GetValue(kExtra);
+    tiling_ = load_tiling(tiling);
+    range_ = tiling_.range;
+    row_elements_ = tiling_.row_elements;
+    row_stride_ = tiling_.row_stride;
+    source_rows_ = tiling_.source_rows;
+    topk_ = tiling_.extra;
     permuted_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(permuted),
                               static_cast<uint64_t>(source_rows_ * row_elements_));
     row_idx_.SetGlobalBuffer(reinterpret_cast<__gm__ IndexT*>(row_idx), static_cast<uint64_t>(num_tokens * topk_));
@@ -84,7 +84,7 @@ class UnpermuteKernel {
   AscendC::TQue<AscendC::TPosition::VECIN, 2> in_queue_;
   AscendC::TQue<AscendC::TPosition::VECOUT, 1> out_queue_;
   AscendC::TBuf<AscendC::TPosition::VECCALC> scaled_buffer_;
-  AscendC::GlobalTensor<int64_t> tiling_;
+  KernelTiling tiling_;
   AscendC::GlobalTensor<float> permuted_, probs_, out_;
   AscendC::GlobalTensor<IndexT> row_idx_;
   BlockRange range_{0, 0};
