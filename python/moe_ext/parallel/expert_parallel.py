@@ -76,9 +76,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CUDA (sm90+) in bf16; anywhere else the per-expert loop is used."""
+    """torch._grouped_mm runs on CUDA (sm90+) in bf16 with 16-byte-aligned row strides (the rule of
+    moe_ext.moe.experts.grouped_mm_applies: dim and the local hidden size multiples of 8); anywhere
+    else the per-expert loop is used."""
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and weight.dtype == torch.bfloat16 and weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 class GroupedExperts(nn.Module):
