@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from moe_ext.errors import ArgumentError, check_choice
 from moe_ext.moe.comm.base import PermuteResult
 
-__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "ExpertActivation", "FirstProjection", "gated_mlp_loop", "gated_mlp_grouped_mm",
-           "grouped_mm_applies", "run_local_experts"]
+__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "ExpertActivation", "FirstProjection", "gated_mlp_loop",
+           "gated_mlp_grouped_mm", "grouped_mm_applies", "run_local_experts"]
 
 #: the gated activations: act(gate) * up, with act silu (SwiGLU), gelu (GeGLU, exact erf), gelu_tanh (GeGLU with
 #: the tanh approximation), relu (ReGLU); "swigluoai" is GPT-OSS's clamped SwiGLU (see ExpertActivation)
