@@ -101,6 +101,14 @@ class AllGatherCommImpl(MoECommMethod):
         # unused rows [valid, T*K) one each (a permutation), weight 0, and those rows are
         # zeroed before the combine (where, not multiply: 0 * NaN is NaN).
         num_valid_rows = expert_tokens.sum()
+        if torch.is_grad_enabled():
+            # Training: init_routing leaves the rows past the valid count unwritten, and the grouped
+            # matmul's last group covers them (platform.npu.grouped_gated_mlp), so their content
+            # would reach the last expert's weight gradient (0 * NaN = NaN): zero them. Inference
+            # (no_grad / inference_mode) skips this pass over the rows.
+            valid = torch.arange(permuted.shape[0], device=permuted.device) < num_valid_rows
+            permuted = torch.where(valid.unsqueeze(1), permuted, torch.zeros((), dtype=permuted.dtype,
+                                                                             device=permuted.device))
         dropped = expanded_row_idx < 0
         spare_row = num_valid_rows + torch.cumsum(dropped.to(torch.int64), 0) - 1
         route = AllGatherRoute(
