@@ -13,8 +13,6 @@
 #include "kernels/row_inverse.h"
 #include "kernels/unpermute.h"
 
-using AscendC::bfloat16_t;
-using AscendC::half;
 using moe_ext::ascend::ExpertHistogramPartial;
 using moe_ext::ascend::FillKernel;
 using moe_ext::ascend::InverseVerify;

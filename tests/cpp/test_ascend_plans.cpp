@@ -577,7 +577,7 @@ TEST(AscendTwin, CastRoundsHalfToEvenAndRefusesUnmodelledModes) {
     pipe.InitBuffer(wbuf, 4 * n);
     auto f = fbuf.Get<float>();
     for (int64_t i = 0; i < n; ++i) f.SetValue(i, values[i]);
-    auto bf = hbuf.Get<AscendC::bfloat16_t>();
+    auto bf = hbuf.Get<bfloat16_t>();
     AscendC::Cast(bf, f, AscendC::RoundMode::CAST_RINT, n);
     auto wide = wbuf.Get<float>();
     AscendC::Cast(wide, bf, AscendC::RoundMode::CAST_NONE, n);
@@ -585,7 +585,7 @@ TEST(AscendTwin, CastRoundsHalfToEvenAndRefusesUnmodelledModes) {
       ASSERT_EQ(bf.GetValue(i).bits, ref_bf16(values[i])) << values[i];
       ASSERT_EQ(wide.GetValue(i), bf16_value(ref_bf16(values[i])));
     }
-    auto h = hbuf.Get<AscendC::half>();
+    auto h = hbuf.Get<half>();
     AscendC::Cast(h, f, AscendC::RoundMode::CAST_RINT, n);
     AscendC::Cast(wide, h, AscendC::RoundMode::CAST_NONE, n);
     for (int64_t i = 0; i < n; ++i) {

@@ -74,15 +74,15 @@
 #define __gm__
 #define GM_ADDR uint8_t*
 
-namespace AscendC {
-
-// 16-bit floating types as the kernels see them: storage only (R7).
+// 16-bit floating types as the kernels see them (global names, as on device): storage only (R7).
 struct half {
   uint16_t bits = 0;
 };
 struct bfloat16_t {
   uint16_t bits = 0;
 };
+
+namespace AscendC {
 
 enum class RoundMode { CAST_NONE = 0, CAST_RINT, CAST_FLOOR, CAST_CEIL, CAST_ROUND, CAST_TRUNC, CAST_ODD };
 
