@@ -90,7 +90,7 @@ def test_hf_loader_reports_what_it_did_not_load():
     sizes, options = moe_layer_arguments(cfg)
     layer = MoELayer(MoEConfig(**sizes), **options)
     state = {f"model.layers.0.mlp.{name}": value for name, value in block.state_dict().items()}
-    with pytest.warns(UserWarning, match="not loaded"):
+    with pytest.warns(UserWarning, match="no qwen3_moe MoE block tensor under prefix"):
         report = load_hf_moe_weights(layer, "qwen3_moe", state, prefix="model.layers.0.moe.", strict=False)
     assert not report.loaded and len(report.ignored) == len(state) and report.missing
     with pytest.raises(ArgumentError, match="never loaded"):  # a wrong prefix no longer gives silent zeros

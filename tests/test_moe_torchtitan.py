@@ -15,8 +15,6 @@ the unmodified (bf16 experts) module is compared at bf16 tolerance.
 from __future__ import annotations
 
 import itertools
-import os
-import random
 
 import pytest
 import torch
@@ -28,7 +26,6 @@ from torchtitan_moe_cases import (CONFIGS, HIDDEN, TOLERANCE, expert_grads, make
                                   module_forward, replicated_grads, run_ep_cases)
 from moe_ext.testing.distributed import run_distributed  # noqa: E402
 
-FULL_MATRIX = os.environ.get("MOE_EXT_FULL_MATRIX") == "1"
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # torchtitan's fp32 autocast on CPU
 
 
@@ -83,19 +80,14 @@ def test_unmodified_bf16_module_matches_at_bf16_tolerance():
 
 
 def _ep_cases():
+    """Every config with every backward-capable method (9 small cases: the whole matrix runs in CI)."""
     methods = ("allgather", "native_allgather", "alltoall")
     splits = ([5, 0], [0, 4], [3, 6])
     cases = []
     for index, (name, method) in enumerate(itertools.product(sorted(CONFIGS), methods)):
         cases.append((name, method, list(splits[index % len(splits)]), 2 * (index % 2), 300 + index))
-    if FULL_MATRIX:
-        return cases
-    # CI: every config and every method at least once, zero-token ranks and replicas included.
-    rng = random.Random(16)
-    order = rng.sample(range(len(methods)), len(methods))
-    sample = [cases[i * len(methods) + order[i]] for i in range(len(CONFIGS))]
-    assert {case[1] for case in sample} == set(methods) and any(0 in case[2] for case in sample)
-    return sample
+    assert sum(0 in case[2] for case in cases) >= 6 and any(case[3] for case in cases)
+    return cases
 
 
 def test_expert_parallel_2_matches_torchtitan_on_gloo():

@@ -159,8 +159,9 @@ def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterabl
     With ``strict`` a name under the prefix that the family does not know, a
     quantized tensor (GPT-OSS's MXFP4 ``*_blocks`` / ``*_scales``: dequantize
     first) or a part left unloaded afterwards raises ArgumentError. Without
-    it, the returned report's ``missing`` lists the parts still unloaded and a
-    ``UserWarning`` says so (e.g. a wrong ``prefix`` loads nothing); the layer
+    it, the returned report's ``missing`` lists the parts still unloaded
+    (check it after the last file), and a call that matched no tensor of the
+    family at all (a wrong ``prefix``) warns (``UserWarning``); the layer
     itself refuses a forward while an expert or the router was never written.
     """
     family = family_of(family)
@@ -189,14 +190,15 @@ def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterabl
                                     f"(known: {[rule.pattern for _, rule in rules]})")
             report.ignored.append(full_name)
     report.missing = layer.missing_weights()
-    if report.missing:
-        if strict:
-            raise ArgumentError(f"load_hf_moe_weights: after loading, this rank still misses {report.missing[:8]}")
-        # Not an error (the rest may come from another file), but never silent: a wrong prefix loads nothing.
-        warnings.warn(f"load_hf_moe_weights(strict=False): {len(report.missing)} parts not loaded on this rank "
-                      f"({report.missing[:4]}; {len(report.loaded)} names loaded, {len(report.ignored)} ignored with "
-                      f"prefix {prefix!r}); the layer refuses to run until its experts and router are loaded",
-                      UserWarning, stacklevel=2)
+    if report.missing and strict:
+        raise ArgumentError(f"load_hf_moe_weights: after loading, this rank still misses {report.missing[:8]}")
+    if report.missing and not report.loaded and not report.not_local:
+        # A partial load is normal without strict (the rest comes from another file); a call that matched no
+        # name at all is a wrong prefix or family: say so instead of leaving the layer silently unloaded.
+        warnings.warn(f"load_hf_moe_weights(strict=False): no {family} MoE block tensor under prefix {prefix!r} "
+                      f"({len(report.ignored)} names ignored, e.g. {report.ignored[:3]}); this rank's layer is "
+                      f"still missing {len(report.missing)} parts ({report.missing[:3]}) and refuses to run until "
+                      f"they are loaded", UserWarning, stacklevel=2)
     return report
 
 
