@@ -6,7 +6,9 @@ family, forward and backward, from the module's state_dict and from a real
 ``save_pretrained`` checkpoint read lazily with safetensors. Multi-process
 (gloo, EP 2 and EP 4): a seeded sample of family x comm method x layout x
 token split (always including a rank with zero tokens) x replicas in CI;
-``MOE_EXT_HF_FULL_MATRIX=1`` runs the whole matrix.
+``MOE_EXT_HF_FULL_MATRIX=1`` runs the whole matrix. MC2 (forward-only, torch_npu
+emulated, bf16): every family at EP 2 (a seeded DP 2 / TP 2 layout each) against
+the block at bf16 tolerance; an fp32 layer with ``comm_method="mc2"`` is refused.
 """
 
 from __future__ import annotations
