@@ -542,7 +542,7 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
       }
     }
     if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) {
-      if (options.allow_cross_node && relaxed.imbalance < plan.imbalance / (1.0 + options.relax_threshold)) {
+      if (options.allow_cross_node && relaxed.imbalance < plan.imbalance * (1.0 - options.relax_threshold)) {
         relaxed.lower_bound = relaxed.global_lower_bound = global_bound;
         relaxed.relaxed_imbalance = relaxed.imbalance;
         return relaxed;
