@@ -165,6 +165,39 @@ def test_never_worse_than_current_for_any_budget(case, max_moves, cross, toleran
     assert torch.allclose(plan.imbalance, placement_imbalance(weight, plan.phy2log, gpus), rtol=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.booleans(), st.sampled_from([0.0, 0.02, 0.1]))
+def test_more_moves_allowed_is_never_worse(case, cross, tolerance):
+    # A plan allowed more moves is never worse than one allowed fewer (same inputs), up to the
+    # tolerance the planner stops at: once within (1 + tolerance) of the from-scratch plan it
+    # prefers fewer moves. So for B1 < B2: imbalance(B2) <= max(imbalance(B1), limit).
+    layers, experts, replicas, groups, nodes, gpus, kind, seed = case
+    if groups % nodes == 0 and gpus % nodes:
+        return
+    weight = loads_of(layers, experts, kind, seed)
+    current = random_placement(layers, experts, replicas, seed + 1)
+    scratch = plan_placement(weight, replicas, groups, nodes, gpus, allow_cross_node=cross)
+    limit = scratch.imbalance * (1 + tolerance)
+    budgets = [*range(0, min(replicas, 10) + 1), None]
+    results = [plan_placement(weight, replicas, groups, nodes, gpus, current=current, max_moves=budget,
+                              allow_cross_node=cross, tolerance=tolerance).imbalance for budget in budgets]
+    for i in range(len(budgets)):
+        for j in range(i + 1, len(budgets)):
+            assert (results[j] <= torch.maximum(results[i], limit) * (1 + 1e-9)).all(), (budgets[i], budgets[j])
+
+
+def test_the_demos_window_is_monotone_in_max_moves():
+    # Last round: 2 moves -> 1.24, 3 moves -> 1.30 (the repair spent the third move on a replica
+    # grant that needed swaps it could no longer pay for, and fell back to not moving).
+    load = torch.tensor([[184., 525., 135., 3041., 1394., 803., 622., 629., 346., 316., 344., 289., 466.,
+                          316., 346., 484.]])
+    current = (torch.arange(20) % 16).unsqueeze(0)
+    found = [float(plan_placement(load, 20, 1, 1, 4, current=current, max_moves=m).imbalance[0])
+             for m in range(0, 13)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(found, found[1:])), found
+    assert found[2] < 1.25 and found[3] <= found[2] and found[5] < 1.1 and found[8] < 1.02
+
+
 @pytest.mark.parametrize("experts,replicas,groups,nodes,gpus", [
     (64, 80, 8, 4, 16),    # the hierarchical case
     (64, 80, 3, 4, 16),    # global

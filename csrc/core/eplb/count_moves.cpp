@@ -27,7 +27,8 @@ class CountMover {
 
   // One best move (fewest changed slots against current, then lowest peak);
   // false when none lowers the hottest GPU.
-  bool move_once(const int64_t* current, int64_t move_budget, int64_t* moves, double eps) {
+  bool move_once(const int64_t* current, int64_t move_budget, int64_t* moves, double eps,
+                 int64_t* peak_moves) {
     rebuild_index();  // swaps in between moved replicas around
     const int64_t per_gpu = state_.slots_per_gpu;
     const int64_t hot = state_.hottest_gpu();
@@ -104,6 +105,7 @@ class CountMover {
     }
     state_.recompute_gpu_loads();
     *moves += best_cost;
+    if (peak_moves != nullptr) *peak_moves = std::max(*peak_moves, *moves);
     return true;
   }
 
@@ -182,7 +184,7 @@ class CountMover {
 int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64_t num_experts,
                               const int32_t* confine_to_node, double stop_load,
                               const int64_t* current, int64_t move_budget, int64_t* moves,
-                              int64_t max_count_moves) {
+                              int64_t max_count_moves, int64_t* peak_moves) {
   if (state.num_gpus < 2) return 0;
   double scale = 0.0;
   for (double load : state.gpu_load) scale = std::max(scale, load);
@@ -190,7 +192,7 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
   CountMover mover(state, expert_load, num_experts, confine_to_node);
   int64_t made = 0;
   while (made < max_count_moves && state.gpu_load[state.hottest_gpu()] > stop_load &&
-         mover.move_once(current, move_budget, moves, eps)) {
+         mover.move_once(current, move_budget, moves, eps, peak_moves)) {
     ++made;
   }
   return made;
@@ -199,18 +201,20 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
 void refine_placement(SlotState& state, const double* expert_load, int64_t num_experts,
                       const int32_t* confine_to_node, double stop_load, const int64_t* current,
                       int64_t move_budget, int64_t* moves, int64_t max_iterations,
-                      int64_t max_count_moves) {
-  refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations);
+                      int64_t max_count_moves, int64_t* peak_moves) {
+  refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations, peak_moves);
   // Count moves until none helps, then swaps until none helps, again while
   // either side changed something (swaps are the expensive scan).
   int64_t count_moves_left = max_count_moves;
   while (count_moves_left > 0) {
     const int64_t made = refine_by_count_moves(state, expert_load, num_experts, confine_to_node,
                                                stop_load, current, move_budget, moves,
-                                               count_moves_left);
+                                               count_moves_left, peak_moves);
     count_moves_left -= made;
     if (made == 0) return;
-    if (refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations) == 0) return;
+    if (refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations, peak_moves) == 0) {
+      return;
+    }
   }
 }
 

@@ -26,6 +26,10 @@ int64_t iteration_cap(const LayerGeometry& geometry) { return 4 * geometry.num_r
 // much swap search as all the rest; measured on the benchmark traces).
 constexpr double kReportTolerance = 1e-3;
 
+// Most repair runs per layer when planning from a current map under a move
+// budget (see plan_layer_from_current).
+constexpr int64_t kMaxRepairRuns = 24;
+
 // Largest load one GPU must carry for expert e with c replicas spread over at
 // most cap GPUs (ceil(c / cap) copies on some GPU; cap <= 0: no limit).
 double per_gpu_share(double load, int32_t count, int64_t cap) {
@@ -579,8 +583,8 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
 
   // Replica counts: keep the current ones unless an expert's load per replica
   // would exceed the optimum by more than the tolerance.
-  std::vector<int32_t> counts(static_cast<size_t>(num_experts), 0);
-  for (int64_t p = 0; p < num_slots; ++p) counts[current[p]] += 1;
+  std::vector<int32_t> current_counts(static_cast<size_t>(num_experts), 0);
+  for (int64_t p = 0; p < num_slots; ++p) current_counts[current[p]] += 1;
   std::vector<int32_t> optimal(static_cast<size_t>(num_experts));
   greedy_replica_counts(load, num_experts, num_slots, optimal.data(),
                         home.empty() ? geometry.num_gpus : geometry.gpus_per_node);
@@ -596,6 +600,13 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
     }
   }
 
+  auto node_of_slot = [&](int64_t p) { return p / geometry.slots_per_gpu / geometry.gpus_per_node; };
+  // The repair under a budget: keep every slot that can stay, grant slots to
+  // experts short of replicas, then swaps and count moves charged by the
+  // slots they change. *peak is raised to the most moves it ever held: the
+  // same run results under any budget from that peak up.
+  auto repair = [&](int64_t budget, int64_t* peak) -> LayerPlan {
+  std::vector<int32_t> counts = current_counts;
   SlotState state;
   state.num_gpus = geometry.num_gpus;
   state.slots_per_gpu = geometry.slots_per_gpu;
@@ -605,7 +616,6 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   state.home_node.assign(static_cast<size_t>(num_slots), -1);
   for (int64_t p = 0; p < num_slots; ++p) state.slot_load[p] = load[current[p]] / counts[current[p]];
   state.recompute_gpu_loads();
-  auto node_of_slot = [&](int64_t p) { return p / geometry.slots_per_gpu / geometry.gpus_per_node; };
   if (!home.empty()) {  // pin replicas at home: all of them (strict) or the first one
     std::vector<char> has_primary(static_cast<size_t>(num_experts), 0);
     for (int64_t p = 0; p < num_slots; ++p) {
@@ -695,63 +705,118 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
     }
   }
   int64_t moves = count_moves(state, current);
+  *peak = std::max(*peak, moves);
   // Swaps and count moves, both charged by the slots they change; a confined
   // expert's new replicas stay in its node.
   const int32_t* confine = !home.empty() && !options.allow_cross_node ? home.data() : nullptr;
   refine_placement(state, load, num_experts, confine, target_load, current, budget, &moves,
-                   iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0);
-  LayerPlan plan = finish(geometry, load, state.expert, current);
+                   iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0, peak);
+  return finish(geometry, load, state.expert, current);
+  };
 
-  // Second candidate: the from-scratch plan relabelled onto the current GPUs
-  // and walked back toward current while within tolerance. It wins when the
-  // repair fell short, or when both are within tolerance and it moves fewer
-  // slots (ties: the repair).
+  // Candidates: current itself (0 moves); the from-scratch plan relabelled
+  // onto the current GPUs and walked back toward current while within
+  // tolerance (if within the budget); and repairs. The result is chosen from
+  // them by one rule: the fewest moves among those within tolerance of the
+  // from-scratch imbalance (ties: the better balanced), else the best
+  // balanced (ties: fewer moves, current first). A candidate must add no
+  // replica outside its node (strict) and, to be preferred, no avoidable
+  // twin beyond current's; one with twins wins only by being strictly
+  // better than every twin-free one (its twins are reported).
+  //
+  // More moves allowed is never worse: the repair under budget B depends on B
+  // only through the moves it refuses, so it equals the repair under any
+  // budget from its peak up to B. Repairs are run for B, then for peak - 1 of
+  // the last run, ... (each covers a range of budgets), until one lands
+  // within tolerance (the result is then within tolerance, as under any
+  // larger budget) or every budget down to the fewest possible is covered.
+  // Then the candidates under B include those under any smaller budget, and
+  // the rule picks one no worse. At most kMaxRepairRuns runs: beyond them
+  // (large binding budgets) smaller budgets are not all covered.
   const double limit = scratch.imbalance * (1.0 + tolerance);
   const LayerPlan kept = finish(geometry, load,
                                 std::vector<int32_t>(current, current + num_slots), current);
-  // A candidate must stay within the budget, add no replica outside its node
-  // in strict mode and no avoidable twin beyond what current has.
-  auto acceptable = [&](const LayerPlan& candidate) {
-    if (candidate.moves > budget) return false;
-    if (!options.allow_cross_node && candidate.cross_node > kept.cross_node) return false;
+  auto within = [&](const LayerPlan& candidate) { return candidate.imbalance <= limit * (1.0 + 1e-9); };
+  auto node_rule = [&](const LayerPlan& candidate) {
+    return candidate.moves <= budget &&
+           (options.allow_cross_node || candidate.cross_node <= kept.cross_node);
+  };
+  auto twin_free = [&](const LayerPlan& candidate) {
     return candidate.duplicates == 0 || candidate.duplicates <= kept.duplicates;
   };
-  bool have_plan = acceptable(plan);
-  const LayerPlan repair = plan;
-  std::vector<LayerPlan> candidates{repair};
-  const bool repair_within = have_plan && plan.imbalance <= limit * (1.0 + 1e-9);
-  if (!repair_within || plan.moves > 0) {
+  std::vector<LayerPlan> candidates;
+  auto offer = [&](LayerPlan&& candidate) {
+    if (node_rule(candidate)) candidates.push_back(std::move(candidate));
+  };
+  {
     std::vector<int32_t> relabelled_map = relabel_onto_current(geometry, scratch.slot_expert, current);
     revert_toward_current(geometry, load, relabelled_map, current, limit,
                           geometry.hierarchical && geometry.num_nodes > 1 && !options.allow_cross_node);
-    LayerPlan relabelled = finish(geometry, load, relabelled_map, current);
-    candidates.push_back(relabelled);
-    if (acceptable(relabelled)) {
-      const bool relabelled_within = relabelled.imbalance <= limit * (1.0 + 1e-9);
-      const bool take = !have_plan ||
-                        (repair_within ? relabelled_within && relabelled.moves < plan.moves
-                                       : relabelled.imbalance < plan.imbalance);
-      if (take) {
-        plan = std::move(relabelled);
+    offer(finish(geometry, load, relabelled_map, current));
+  }
+  int64_t fewest = 0;  // every expert needs a replica: budgets below this are refused
+  {
+    std::vector<char> seen(static_cast<size_t>(num_experts), 0);
+    for (int64_t p = 0; p < num_slots; ++p) seen[current[p]] = 1;
+    for (char held : seen) fewest += held ? 0 : 1;
+  }
+  const bool relabelled_within = !candidates.empty() && within(candidates.back()) &&
+                                 twin_free(candidates.back());
+  for (int64_t run_budget = budget, runs = 0; run_budget >= std::max<int64_t>(fewest, 1) && runs < kMaxRepairRuns;
+       ++runs) {
+    int64_t peak = 0;
+    LayerPlan repaired = repair(run_budget, &peak);
+    const bool done = within(repaired) && twin_free(repaired) && node_rule(repaired);
+    offer(std::move(repaired));
+    // Within tolerance (here or by the relabelled plan): smaller budgets
+    // cannot change the choice's standing (it is within tolerance already).
+    if (done || relabelled_within || peak == 0) break;
+    run_budget = std::min(peak, run_budget) - 1;
+  }
+  // current itself is a candidate when it holds every expert (else the
+  // budget covers the missing ones and some repair holds them all).
+  LayerPlan plan = kept;
+  bool have_plan = fewest == 0;
+  bool plan_within = have_plan && within(kept);
+  for (const LayerPlan& candidate : candidates) {
+    if (!twin_free(candidate)) continue;
+    if (!have_plan) {
+      plan = candidate;
+      plan_within = within(candidate);
+      have_plan = true;
+      continue;
+    }
+    const bool candidate_within = within(candidate);
+    bool better;
+    if (candidate_within != plan_within) {
+      better = candidate_within;
+    } else if (candidate_within) {
+      better = candidate.moves < plan.moves ||
+               (candidate.moves == plan.moves && candidate.imbalance < plan.imbalance * (1.0 - 1e-12));
+    } else {
+      better = candidate.imbalance < plan.imbalance * (1.0 - 1e-12) ||
+               (!(plan.imbalance < candidate.imbalance * (1.0 - 1e-12)) && candidate.moves < plan.moves);
+    }
+    if (better) {
+      plan = candidate;
+      plan_within = candidate_within;
+    }
+  }
+  // Under a move budget every twin-free candidate may be no better than one
+  // that adds a twin (a second replica on a GPU still halves that expert's
+  // load per replica). Refusing it would freeze the placement at a budget
+  // where a rebalance pays off, so the best such candidate is taken when it
+  // is strictly better than the twin-free choice outside tolerance.
+  if (!plan_within) {
+    for (const LayerPlan& candidate : candidates) {
+      if (twin_free(candidate)) continue;
+      if (!have_plan || candidate.imbalance < plan.imbalance * (1.0 - 1e-9)) {
+        plan = candidate;
         have_plan = true;
       }
     }
   }
-  // Never worse than keeping the placement in force (0 moves is always a
-  // candidate): on a tie, nothing moves.
-  if (!have_plan || kept.imbalance <= plan.imbalance) {
-    plan = kept;
-    // Under a move budget every twin-free candidate may be no better than not
-    // moving while one that adds a twin is (a second replica on a GPU still
-    // halves that expert's load per replica). Refusing it would freeze the
-    // placement at a budget where a rebalance pays off, so take the best such
-    // candidate within the budget and the node rule; its twins are reported.
-    for (const LayerPlan& candidate : candidates) {
-      if (candidate.moves > budget) continue;
-      if (!options.allow_cross_node && candidate.cross_node > kept.cross_node) continue;
-      if (candidate.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = candidate;
-    }
-  }
+  MOE_INTERNAL_ASSERT(have_plan, "no candidate placement in layer ", layer_index);
   plan.lower_bound = scratch.lower_bound;
   plan.global_lower_bound = scratch.global_lower_bound;
   plan.relaxed_imbalance = std::min(plan.imbalance, scratch.relaxed_imbalance);

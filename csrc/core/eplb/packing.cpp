@@ -399,7 +399,8 @@ int64_t count_same_gpu_duplicates(const SlotState& state) {
 }
 
 int64_t refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
-                        int64_t move_budget, int64_t* moves, int64_t max_iterations) {
+                        int64_t move_budget, int64_t* moves, int64_t max_iterations,
+                        int64_t* peak_moves) {
   const int64_t num_gpus = state.num_gpus;
   const int64_t per_gpu = state.slots_per_gpu;
   if (num_gpus < 2) return 0;
@@ -524,6 +525,7 @@ int64_t refine_by_swaps(SlotState& state, double stop_load, const int64_t* curre
     state.gpu_load[hot] -= delta;
     state.gpu_load[partner] += delta;
     *moves += best_cost;
+    if (peak_moves != nullptr) *peak_moves = std::max(*peak_moves, *moves);
     ++swaps;
     update_lightest(hot);
     update_lightest(partner);
