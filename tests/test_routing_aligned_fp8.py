@@ -183,6 +183,15 @@ def test_unpermute_and_backward_accept_the_padded_layout(device, dtype):
         return out.detach().cpu(), x.grad.cpu(), p.grad.cpu()
 
     plain, padded = run(1), run(16)
+    # The gradient of the padded rows themselves: pad rows (inside the groups) get zeros.
+    result = moe_permute(hidden.to(device), ids.to(device), num_experts=8, expert_map=expert_map.to(device),
+                         active_expert_range=(0, 4), alignment=16)
+    rows = result.permuted.detach().clone().requires_grad_()
+    moe_unpermute(rows, result.expanded_row_idx, probs.to(device)).float().sum().backward()
+    total = int(result.expert_tokens.sum())
+    named = torch.zeros(rows.shape[0], dtype=torch.bool)
+    named[result.expanded_row_idx[result.expanded_row_idx >= 0].long().cpu()] = True
+    assert bool((rows.grad[:total].cpu()[~named[:total]] == 0).all()) and total > int(named.sum())
     for a, b in zip(plain, padded):
         assert torch.equal(a, b)  # the same sums in the same order: bit for bit
     # And against the reference combine on the padded layout.

@@ -236,6 +236,10 @@ def moe_unpermute(
 
     Autograd: ``grad_permuted[row] = probs[t,k] * grad_out[t]`` for
     ``row = expanded_row_idx[t*K+k]``, zero for rows no entry names;
+    for the padded layout of an aligned :func:`moe_permute` (more rows than
+    entries) the unnamed rows of ``grad_permuted`` are zero on every backend,
+    because its pad rows sit inside the grouped GEMM's groups (their weight
+    gradient reads them);
     ``grad_probs[t,k] = dot(grad_out[t], permuted[row])`` in fp32 (0 for
     dropped entries). The backward requires each row to be named at most once
     (true of :func:`moe_permute`'s output); a repeated row is refused
@@ -402,6 +406,15 @@ def _unpermute_backward(ctx, grad_output):
         return None, None, None, None
     grad_permuted, grad_probs = torch.ops.moe_ext.moe_unpermute_backward(
         grad_output.to(permuted.dtype), permuted, expanded_row_idx, probs, ctx.topk, want_probs)
+    if want_permuted and permuted.shape[0] > expanded_row_idx.shape[0] and permuted.device.type != "cpu":
+        # More rows than entries: the padded layout of an aligned moe_permute. Its pad rows sit inside the
+        # experts' groups, so a grouped GEMM's weight gradient reads them (0 * garbage can be NaN): they must
+        # be zero, while the kernel may leave unnamed rows unwritten. One masked pass, no host sync.
+        named = torch.zeros(permuted.shape[0] + 1, dtype=torch.bool, device=permuted.device)
+        rows = torch.where(expanded_row_idx >= 0, expanded_row_idx.to(torch.int64),
+                           torch.full_like(expanded_row_idx, permuted.shape[0], dtype=torch.int64))
+        named.index_fill_(0, rows, True)
+        grad_permuted = torch.where(named[:-1, None], grad_permuted, torch.zeros_like(grad_permuted))
     return (grad_permuted if want_permuted else None, None, grad_probs if want_probs else None, None)
 
 
