@@ -367,3 +367,66 @@ def test_cuda_graph_capture_and_replay():
     assert torch.equal(result.expanded_row_idx.cpu(), want[2]) and torch.equal(result.expert_tokens.cpu(), want[3])
     assert torch.equal(bits(result.permuted[:total].cpu()), bits(want[0][:total]))
     assert torch.equal(result.permuted_scales[:total].cpu(), want[1][:total])
+
+
+# ---------------------------------------------------------------- fuzz: the new arguments
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from test_ops_reliability import FUZZ, int_like, permute_args, run_both  # noqa: E402
+
+
+@st.composite
+def valid_permute_args(draw):
+    """Mostly valid calls (the generic permute_args is mostly refused), so that results get compared."""
+    num_tokens, topk = draw(st.integers(0, 6)), draw(st.integers(1, 3))
+    hidden_size, num_experts = draw(st.sampled_from([0, 1, 3, 130])), draw(st.integers(1, 6))
+    ids = torch.tensor(draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_tokens * topk,
+                                     max_size=num_tokens * topk)), dtype=torch.int64).reshape(num_tokens, topk)
+    start = draw(st.integers(0, num_experts))
+    args = dict(hidden_states=torch.randn(num_tokens, hidden_size).to(draw(st.sampled_from([torch.float32,
+                                                                                           torch.bfloat16]))),
+                topk_ids=ids.to(draw(st.sampled_from([torch.int32, torch.int64]))), num_experts=num_experts,
+                active_expert_range=(start, draw(st.integers(start, num_experts))), expert_map=None,
+                counts=draw(st.sampled_from(["count", "cumsum"])))
+    if draw(st.booleans()):
+        args["expert_map"] = torch.tensor(draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_experts,
+                                                        max_size=num_experts)), dtype=torch.int32)
+    return args
+
+
+@st.composite
+def padded_permute_args(draw):
+    args = draw(st.one_of(valid_permute_args(), valid_permute_args(), permute_args()))
+    args["alignment"] = draw(st.one_of(st.integers(1, 9), st.integers(1, 9), int_like(-1, 9),
+                                       st.sampled_from([128, 2**31 - 1, 2**31])))
+    hidden = args["hidden_states"]
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and draw(st.booleans()):
+        args["hidden_states"] = hidden.float().to(FP8)
+    kind = draw(st.sampled_from([None, None, "token1d", "token2d", "block", "block", "wide", "fp16", "list"]))
+    if kind is not None and isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
+        num_tokens, hidden_size = hidden.shape
+        shape = {"token1d": (num_tokens,), "token2d": (num_tokens, 1), "fp16": (num_tokens,),
+                 "block": (num_tokens, -(-hidden_size // 128)), "wide": (num_tokens, 3),
+                 "list": (num_tokens,)}[kind]
+        scales = torch.rand(shape, dtype=torch.float16 if kind == "fp16" else torch.float32)
+        args["scales"] = scales.tolist() if kind == "list" else scales
+    return args
+
+
+@FUZZ
+@given(padded_permute_args())
+def test_fuzz_moe_permute_alignment_and_scales(args):
+    """Either the reference result or TypeError / ArgumentError, the same on meta (run_both)."""
+    cpu = run_both(moe_permute, args, ["hidden_states", "topk_ids", "expert_map", "scales"])
+    if isinstance(cpu, Exception):
+        return
+    start, end = args["active_expert_range"] or (0, int(args["num_experts"]))
+    want = moe_permute_padded_reference(args["hidden_states"], args["topk_ids"], int(args["num_experts"]),
+                                        (int(start), int(end)), args["expert_map"], args["counts"],
+                                        int(args["alignment"]), args.get("scales"))
+    assert torch.equal(cpu.expanded_row_idx, want[2]) and torch.equal(cpu.expert_tokens, want[3])
+    total = int(want[3][-1] if args["counts"] == "cumsum" else want[3].sum()) if want[3].numel() else 0
+    assert torch.equal(bits(cpu.permuted[:total]), bits(want[0][:total]))
+    if want[1] is not None:
+        assert torch.equal(cpu.permuted_scales[:total], want[1][:total])
