@@ -511,13 +511,12 @@ class MoELayer(nn.Module):
             weights = torch.ones_like(weights)
         comm = self.comm_method_for(context.max_tokens_across_dp)
         self.last_comm_method = comm.name
-        tokens, slots, weights = comm.prepare(expert_input, slots, weights, context)
-        routed = comm.permute(tokens, slots, weights)
+        routed, dispatched = comm.dispatch(expert_input, slots, weights, context)
         # The shared experts run while the dispatched rows are in flight where the comm method is asynchronous.
         shared = self._shared_experts(x)
         expert_output = run_local_experts(routed, self.w13, self.w2, npu=self.npu, backend=self.expert_backend,
                                           activation=self.activation, w13_bias=self.w13_bias, w2_bias=self.w2_bias)
-        output = comm.finalize(comm.unpermute(expert_output), self.reduce_results)
+        output = comm.combine(expert_output, dispatched, self.reduce_results)
         if shared is not None and (self.reduce_results or self.config.tp_size == 1 or self.config.tp_rank == 0):
             # Without the TP all-reduce the output is a partial sum over TP: add the shared part once.
             output = output + shared
