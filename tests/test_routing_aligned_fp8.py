@@ -197,7 +197,8 @@ def test_unpermute_and_backward_accept_the_padded_layout(device, dtype):
     # And against the reference combine on the padded layout.
     reference = moe_permute_padded_reference(hidden, ids, 8, (0, 4), expert_map, alignment=16)
     want = moe_unpermute_reference(reference[0] * 3, reference[2], probs)
-    torch.testing.assert_close(padded[0], want, rtol=0, atol=0)
+    # CPU sums exactly as the reference does; the CUDA kernel may contract to FMA (1 ulp in fp32, seen on an H200).
+    torch.testing.assert_close(padded[0], want, **({} if device == "cuda" else dict(rtol=0, atol=0)))
 
 
 def test_gradcheck_aligned_fp64_and_scales():
