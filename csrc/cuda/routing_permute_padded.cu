@@ -9,12 +9,13 @@
 //      writes both count outputs (count or inclusive-cumsum form);
 //   3. every position moves to its padded block: p -> p - start[e] +
 //      padded_start[e], e found by binary search of p in the unpadded starts
-//      (only values the index build wrote are read: -1 or a valid position);
+//      (only values the index build wrote are read: -1 or a valid position),
+//      and its token's scale row (if any) is copied there; up to
+//      kFusedPlaceRows rows this runs in step 2's block (decode: one launch);
 //   4. the row copy of moe_permute, straight to the padded positions (one
-//      pass over the rows: no copy of the unpadded layout), for the hidden
-//      rows and, with scales, for the scale rows;
-//   5. the pad rows of each block are zeroed (hidden and scales); rows past
-//      the padded total are not written.
+//      pass over the rows: no copy of the unpadded layout);
+//   5. one launch zeroes the pad rows of each block (hidden and scales); rows
+//      past the padded total are not written.
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -28,13 +29,57 @@ namespace {
 using namespace routing;
 
 constexpr int kPadScanThreads = 1024;
+// Up to this many routed rows, the single block that scans the block starts
+// also moves the positions and the scale rows (one launch fewer; decode sizes).
+constexpr int64_t kFusedPlaceRows = 8192;
 
-// Step 2. counts: [range] counts in (rewritten to inclusive cumsum when
-// cumulative); starts / padded_starts: [range + 1] exclusive starts.
+// The scale rows that follow their token rows (cols fp32 values a row; null
+// source: no scales). vec4: cols % 4 == 0 and both pointers 16-byte aligned.
+struct ScaleRows {
+  const float* source = nullptr;
+  float* out = nullptr;
+  int64_t cols = 0;
+  bool vec4 = false;
+};
+
+// Routed row f: its position moves to its padded block (when remap), and the
+// scale row of its token goes there. Plain loads only: in the fused kernel the
+// starts were written by this very block (no __ldg on them).
+__device__ __forceinline__ void place_row(int64_t f, int32_t* __restrict__ expanded_row_idx,
+                                          const int64_t* starts, const int64_t* padded_starts,
+                                          int64_t range, bool remap, int64_t topk, const ScaleRows& scales) {
+  int64_t position = expanded_row_idx[f];  // written by the index build: -1 or a valid row
+  if (position < 0) return;
+  if (remap) {
+    // Last e with starts[e] <= position: its block holds the position (an
+    // empty block has starts[e] == starts[e + 1], so it is never the last).
+    int64_t low = 0, high = range;  // answer in [low, high)
+    while (high - low > 1) {
+      const int64_t middle = (low + high) / 2;
+      if (starts[middle] <= position) low = middle; else high = middle;
+    }
+    position = position - starts[low] + padded_starts[low];
+    expanded_row_idx[f] = static_cast<int32_t>(position);
+  }
+  if (scales.source == nullptr) return;
+  const int64_t token = f / topk;
+  if (scales.vec4) {
+    const auto* in = reinterpret_cast<const float4*>(scales.source + token * scales.cols);
+    auto* out = reinterpret_cast<float4*>(scales.out + position * scales.cols);
+    for (int64_t c = 0; c < scales.cols / 4; ++c) out[c] = in[c];
+  } else {
+    for (int64_t c = 0; c < scales.cols; ++c)
+      scales.out[position * scales.cols + c] = scales.source[token * scales.cols + c];
+  }
+}
+
+// Step 2 (one block). counts: [range] counts in (rewritten to inclusive cumsum
+// when cumulative); starts / padded_starts: [range + 1] exclusive starts. With
+// fused_rows > 0 (<= kFusedPlaceRows) the block then places those rows (step 3).
 __global__ void __launch_bounds__(kPadScanThreads)
 pad_layout_kernel(int64_t* __restrict__ counts, int64_t range, int64_t alignment, bool cumulative,
-                  int64_t* __restrict__ padded_counts, int64_t* __restrict__ starts,
-                  int64_t* __restrict__ padded_starts) {
+                  int64_t* __restrict__ padded_counts, int64_t* starts, int64_t* padded_starts,
+                  int32_t* __restrict__ expanded_row_idx, int64_t fused_rows, int64_t topk, ScaleRows scales) {
   using BlockScan = cub::BlockScan<long long, kPadScanThreads>;
   __shared__ typename BlockScan::TempStorage temp;
   const int64_t per_thread = ceil_div(range, kPadScanThreads);
@@ -64,51 +109,52 @@ pad_layout_kernel(int64_t* __restrict__ counts, int64_t range, int64_t alignment
     starts[range] = count_total;
     padded_starts[range] = padded_total;
   }
+  if (fused_rows == 0) return;
+  __syncthreads();  // the block's global writes of the starts are visible to the whole block
+  for (int64_t f = threadIdx.x; f < fused_rows; f += blockDim.x)
+    place_row(f, expanded_row_idx, starts, padded_starts, range, alignment > 1, topk, scales);
 }
 
-// Step 3: expanded_row_idx from unpadded to padded positions.
+// Step 3 for larger inputs: every routed row, many blocks.
 __global__ void __launch_bounds__(kBlockThreads)
-remap_positions_kernel(int32_t* __restrict__ expanded_row_idx, int64_t rows,
-                       const int64_t* __restrict__ starts, const int64_t* __restrict__ padded_starts,
-                       int64_t range) {
+place_rows_kernel(int32_t* __restrict__ expanded_row_idx, int64_t rows, const int64_t* __restrict__ starts,
+                  const int64_t* __restrict__ padded_starts, int64_t range, bool remap, int64_t topk,
+                  ScaleRows scales) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < rows; f += step) {
-    const int64_t position = expanded_row_idx[f];
-    if (position < 0) continue;
-    // Last e with starts[e] <= position: its block holds the position (an
-    // empty block has starts[e] == starts[e + 1], so it is never the last).
-    int64_t low = 0, high = range;  // answer in [low, high)
-    while (high - low > 1) {
-      const int64_t middle = (low + high) / 2;
-      if (__ldg(starts + middle) <= position) low = middle; else high = middle;
-    }
-    expanded_row_idx[f] = static_cast<int32_t>(position - __ldg(starts + low) + __ldg(padded_starts + low));
-  }
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < rows; f += step)
+    place_row(f, expanded_row_idx, starts, padded_starts, range, remap, topk, scales);
 }
 
-// Step 5: one block per expert zeroes rows [padded_starts[e] + count, padded_starts[e + 1]).
+// Step 5: one block per expert zeroes its pad rows [padded_starts[e] + count,
+// padded_starts[e + 1]) of permuted and, with scales, of permuted_scales.
 template <int kBytes>
 __global__ void __launch_bounds__(kBlockThreads)
-zero_pad_rows_kernel(uint8_t* __restrict__ data, int64_t units_per_row,
-                     const int64_t* __restrict__ starts, const int64_t* __restrict__ padded_starts) {
+zero_pad_rows_kernel(uint8_t* __restrict__ data, int64_t units_per_row, float* __restrict__ scale_rows,
+                     int64_t scale_cols, const int64_t* __restrict__ starts,
+                     const int64_t* __restrict__ padded_starts) {
   using V = typename Unit<kBytes>::type;
   const int64_t e = blockIdx.x;
   const int64_t count = starts[e + 1] - starts[e];
   const int64_t first_row = padded_starts[e] + count;
-  const int64_t units = (padded_starts[e + 1] - first_row) * units_per_row;
+  const int64_t pad_rows = padded_starts[e + 1] - first_row;
+  const int64_t units = pad_rows * units_per_row;
   V* __restrict__ out = reinterpret_cast<V*>(data) + first_row * units_per_row;
   const V zero{};
   for (int64_t i = threadIdx.x; i < units; i += blockDim.x) out[i] = zero;
+  if (scale_rows == nullptr) return;
+  float* __restrict__ scale_out = scale_rows + first_row * scale_cols;
+  for (int64_t i = threadIdx.x; i < pad_rows * scale_cols; i += blockDim.x) scale_out[i] = 0.0f;
 }
 
-cudaError_t launch_zero_pad_rows(void* data, int64_t row_bytes, const int64_t* starts,
-                                 const int64_t* padded_starts, int64_t range, cudaStream_t stream) {
-  if (row_bytes == 0 || range == 0) return cudaSuccess;
-  const int unit = copy_unit_bytes(row_bytes, {data});
+cudaError_t launch_zero_pad_rows(void* data, int64_t row_bytes, float* scale_rows, int64_t scale_cols,
+                                 const int64_t* starts, const int64_t* padded_starts, int64_t range,
+                                 cudaStream_t stream) {
+  if (range == 0) return cudaSuccess;
+  const int unit = row_bytes > 0 ? copy_unit_bytes(row_bytes, {data}) : 1;
   return dispatch_unit(unit, [&](auto unit_tag) {
     constexpr int kBytes = decltype(unit_tag)::value;
     zero_pad_rows_kernel<kBytes><<<static_cast<unsigned>(range), kBlockThreads, 0, stream>>>(
-        static_cast<uint8_t*>(data), row_bytes / kBytes, starts, padded_starts);
+        static_cast<uint8_t*>(data), row_bytes / kBytes, scale_rows, scale_cols, starts, padded_starts);
     return cudaGetLastError();
   });
 }
@@ -146,27 +192,32 @@ cudaError_t launch_moe_permute_padded(const void* hidden, int64_t row_bytes, con
                                             /*counts_cumsum=*/false, expanded_row_idx,
                                             expert_tokens_unpadded, base, stream);
   if (status != cudaSuccess || range == 0) return status;
+  ScaleRows scale_rows;
+  if (scales != nullptr) {
+    scale_rows.source = static_cast<const float*>(scales);
+    scale_rows.out = static_cast<float*>(permuted_scales);
+    scale_rows.cols = scale_row_bytes / static_cast<int64_t>(sizeof(float));
+    scale_rows.vec4 = scale_rows.cols % 4 == 0 && reinterpret_cast<uintptr_t>(scales) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(permuted_scales) % 16 == 0;
+  }
+  // Positions move (alignment > 1) and scale rows follow (scales) in step 3.
+  const bool place = rows > 0 && (alignment > 1 || scales != nullptr);
+  const bool fused = place && rows <= kFusedPlaceRows;
   pad_layout_kernel<<<1, kPadScanThreads, 0, stream>>>(expert_tokens_unpadded, range, alignment,
-                                                        counts_cumsum, expert_tokens, starts,
-                                                        padded_starts);
+                                                        counts_cumsum, expert_tokens, starts, padded_starts,
+                                                        expanded_row_idx, fused ? rows : 0, topk, scale_rows);
   if ((status = cudaGetLastError()) != cudaSuccess) return status;
-  if (rows > 0 && alignment > 1) {
+  if (place && !fused) {
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, kBlockThreads), 1024));
-    remap_positions_kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
-        expanded_row_idx, rows, starts, padded_starts, range);
+    place_rows_kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
+        expanded_row_idx, rows, starts, padded_starts, range, alignment > 1, topk, scale_rows);
     if ((status = cudaGetLastError()) != cudaSuccess) return status;
   }
+  // Step 4: the hidden rows, straight to their (padded) positions.
   status = launch_permute_copy_rows(hidden, row_bytes, num_tokens, topk, expanded_row_idx, permuted, stream);
-  if (status != cudaSuccess) return status;
-  if (scales != nullptr) {
-    status = launch_permute_copy_rows(scales, scale_row_bytes, num_tokens, topk, expanded_row_idx,
-                                      permuted_scales, stream);
-    if (status != cudaSuccess) return status;
-  }
-  if (alignment == 1) return cudaSuccess;  // no pad rows
-  status = launch_zero_pad_rows(permuted, row_bytes, starts, padded_starts, range, stream);
-  if (status != cudaSuccess || scales == nullptr) return status;
-  return launch_zero_pad_rows(permuted_scales, scale_row_bytes, starts, padded_starts, range, stream);
+  if (status != cudaSuccess || alignment == 1) return status;  // alignment 1: no pad rows
+  return launch_zero_pad_rows(permuted, row_bytes, scale_rows.out, scale_rows.cols, starts, padded_starts,
+                              range, stream);
 }
 
 }  // namespace moe_ext::cuda
