@@ -431,3 +431,13 @@ def test_fuzz_moe_permute_alignment_and_scales(args):
     assert torch.equal(bits(cpu.permuted[:total]), bits(want[0][:total]))
     if want[1] is not None:
         assert torch.equal(cpu.permuted_scales[:total], want[1][:total])
+
+
+def test_huge_alignment_zeroes_every_pad_row(device):
+    # More pad rows per expert than the CUDA zeroing grid covers in one sweep (65535 chunks of 4 rows).
+    generator = torch.Generator().manual_seed(12)
+    ids = torch.tensor([[0], [1], [1], [-1]], dtype=torch.int32)
+    hidden = torch.randn(4, 8, generator=generator)
+    scales = torch.rand(4, 1, generator=generator)
+    got, total = check_against_reference(device, hidden, ids, 2, alignment=300_001, scales=scales)
+    assert total == 600_002 and got.permuted.shape == (4 + 2 * 300_000, 8)

@@ -10,10 +10,11 @@
 //   3. every position moves to its padded block: p -> p - start[e] +
 //      padded_start[e], e found by binary search of p in the unpadded starts
 //      (only values the index build wrote are read: -1 or a valid position),
-//      and its token's scale row (if any) is copied there; up to
-//      kFusedPlaceRows rows this runs in step 2's block (decode: one launch);
+//      up to kFusedPlaceRows rows this runs in step 2's block, together with
+//      the copy of each row's scale row (decode: one launch);
 //   4. the row copy of moe_permute, straight to the padded positions (one
-//      pass over the rows: no copy of the unpadded layout);
+//      pass over the rows: no copy of the unpadded layout); larger inputs
+//      copy the scale rows the same way;
 //   5. one launch zeroes the pad rows of each block (hidden and scales); rows
 //      past the padded total are not written.
 #include <cub/block/block_scan.cuh>
@@ -125,8 +126,13 @@ place_rows_kernel(int32_t* __restrict__ expanded_row_idx, int64_t rows, const in
     place_row(f, expanded_row_idx, starts, padded_starts, range, remap, topk, scales);
 }
 
-// Step 5: one block per expert zeroes its pad rows [padded_starts[e] + count,
-// padded_starts[e + 1]) of permuted and, with scales, of permuted_scales.
+// Step 5: zeroes the pad rows [padded_starts[e] + count, padded_starts[e + 1])
+// of permuted and, with scales, of permuted_scales. Grid (expert, chunk): a
+// block zeroes up to kPadRowsPerBlock of one expert's pad rows, so the < A pad
+// rows of each expert are spread over many blocks (one block per expert left
+// ~27 MB of zeros to 32 blocks at T=256 EP 8 A=128).
+constexpr int64_t kPadRowsPerBlock = 4;
+
 template <int kBytes>
 __global__ void __launch_bounds__(kBlockThreads)
 zero_pad_rows_kernel(uint8_t* __restrict__ data, int64_t units_per_row, float* __restrict__ scale_rows,
@@ -135,25 +141,32 @@ zero_pad_rows_kernel(uint8_t* __restrict__ data, int64_t units_per_row, float* _
   using V = typename Unit<kBytes>::type;
   const int64_t e = blockIdx.x;
   const int64_t count = starts[e + 1] - starts[e];
-  const int64_t first_row = padded_starts[e] + count;
-  const int64_t pad_rows = padded_starts[e + 1] - first_row;
-  const int64_t units = pad_rows * units_per_row;
-  V* __restrict__ out = reinterpret_cast<V*>(data) + first_row * units_per_row;
+  const int64_t pad_end = padded_starts[e + 1];
   const V zero{};
-  for (int64_t i = threadIdx.x; i < units; i += blockDim.x) out[i] = zero;
-  if (scale_rows == nullptr) return;
-  float* __restrict__ scale_out = scale_rows + first_row * scale_cols;
-  for (int64_t i = threadIdx.x; i < pad_rows * scale_cols; i += blockDim.x) scale_out[i] = 0.0f;
+  // Chunks of kPadRowsPerBlock rows, strided by the grid's y extent (capped, so huge alignments loop).
+  for (int64_t first_row = padded_starts[e] + count + static_cast<int64_t>(blockIdx.y) * kPadRowsPerBlock;
+       first_row < pad_end; first_row += static_cast<int64_t>(gridDim.y) * kPadRowsPerBlock) {
+    const int64_t end_row = std::min<int64_t>(pad_end, first_row + kPadRowsPerBlock);
+    const int64_t units = (end_row - first_row) * units_per_row;
+    V* __restrict__ out = reinterpret_cast<V*>(data) + first_row * units_per_row;
+    for (int64_t i = threadIdx.x; i < units; i += blockDim.x) out[i] = zero;
+    if (scale_rows == nullptr) continue;
+    float* __restrict__ scale_out = scale_rows + first_row * scale_cols;
+    for (int64_t i = threadIdx.x; i < (end_row - first_row) * scale_cols; i += blockDim.x) scale_out[i] = 0.0f;
+  }
 }
 
+// A pad holds at most alignment - 1 rows per expert.
 cudaError_t launch_zero_pad_rows(void* data, int64_t row_bytes, float* scale_rows, int64_t scale_cols,
                                  const int64_t* starts, const int64_t* padded_starts, int64_t range,
-                                 cudaStream_t stream) {
-  if (range == 0) return cudaSuccess;
+                                 int64_t alignment, cudaStream_t stream) {
+  if (range == 0 || alignment <= 1) return cudaSuccess;
   const int unit = row_bytes > 0 ? copy_unit_bytes(row_bytes, {data}) : 1;
+  const dim3 grid(static_cast<unsigned>(range),
+                  static_cast<unsigned>(std::min<int64_t>(ceil_div(alignment - 1, kPadRowsPerBlock), 65535)));
   return dispatch_unit(unit, [&](auto unit_tag) {
     constexpr int kBytes = decltype(unit_tag)::value;
-    zero_pad_rows_kernel<kBytes><<<static_cast<unsigned>(range), kBlockThreads, 0, stream>>>(
+    zero_pad_rows_kernel<kBytes><<<grid, kBlockThreads, 0, stream>>>(
         static_cast<uint8_t*>(data), row_bytes / kBytes, scale_rows, scale_cols, starts, padded_starts);
     return cudaGetLastError();
   });
@@ -200,24 +213,33 @@ cudaError_t launch_moe_permute_padded(const void* hidden, int64_t row_bytes, con
     scale_rows.vec4 = scale_rows.cols % 4 == 0 && reinterpret_cast<uintptr_t>(scales) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(permuted_scales) % 16 == 0;
   }
-  // Positions move (alignment > 1) and scale rows follow (scales) in step 3.
-  const bool place = rows > 0 && (alignment > 1 || scales != nullptr);
-  const bool fused = place && rows <= kFusedPlaceRows;
+  // Step 3: positions move (alignment > 1); up to kFusedPlaceRows rows this
+  // runs in the scan block and the scale rows follow there too (one thread per
+  // row: cheap at decode). Larger inputs move the scale rows with the
+  // vectorised row copy of step 4 instead (measured on an H200: a thread per
+  // 224-byte scale row cost ~15 us more at T=8192 K=8 than the copy kernel).
+  const bool fused = rows > 0 && rows <= kFusedPlaceRows && (alignment > 1 || scales != nullptr);
+  const bool remap_apart = rows > kFusedPlaceRows && alignment > 1;
   pad_layout_kernel<<<1, kPadScanThreads, 0, stream>>>(expert_tokens_unpadded, range, alignment,
                                                         counts_cumsum, expert_tokens, starts, padded_starts,
                                                         expanded_row_idx, fused ? rows : 0, topk, scale_rows);
   if ((status = cudaGetLastError()) != cudaSuccess) return status;
-  if (place && !fused) {
+  if (remap_apart) {
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, kBlockThreads), 1024));
     place_rows_kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
-        expanded_row_idx, rows, starts, padded_starts, range, alignment > 1, topk, scale_rows);
+        expanded_row_idx, rows, starts, padded_starts, range, true, topk, ScaleRows{});
     if ((status = cudaGetLastError()) != cudaSuccess) return status;
   }
-  // Step 4: the hidden rows, straight to their (padded) positions.
+  // Step 4: the hidden rows (and, past the fused size, the scale rows) straight to their positions.
   status = launch_permute_copy_rows(hidden, row_bytes, num_tokens, topk, expanded_row_idx, permuted, stream);
-  if (status != cudaSuccess || alignment == 1) return status;  // alignment 1: no pad rows
+  if (status != cudaSuccess) return status;
+  if (scales != nullptr && !fused) {
+    status = launch_permute_copy_rows(scales, scale_row_bytes, num_tokens, topk, expanded_row_idx,
+                                      permuted_scales, stream);
+    if (status != cudaSuccess) return status;
+  }
   return launch_zero_pad_rows(permuted, row_bytes, scale_rows.out, scale_rows.cols, starts, padded_starts,
-                              range, stream);
+                              range, alignment, stream);
 }
 
 }  // namespace moe_ext::cuda
