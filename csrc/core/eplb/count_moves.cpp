@@ -27,11 +27,10 @@ class CountMover {
 
   // One best move (fewest changed slots against current, then lowest peak);
   // false when none lowers the hottest GPU.
-  bool move_once(const int64_t* current, int64_t move_budget, int64_t* moves, double eps,
+  bool move_once(int64_t hot, const int64_t* current, int64_t move_budget, int64_t* moves, double eps,
                  int64_t* peak_moves) {
     rebuild_index();  // swaps in between moved replicas around
     const int64_t per_gpu = state_.slots_per_gpu;
-    const int64_t hot = state_.hottest_gpu();
     const double hot_load = state_.gpu_load[hot];
     int64_t best_cost = std::numeric_limits<int64_t>::max();
     double best_peak = hot_load - eps;
@@ -191,8 +190,11 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
   const double eps = 1e-12 * std::max(scale, 1e-300);
   CountMover mover(state, expert_load, num_experts, confine_to_node);
   int64_t made = 0;
-  while (made < max_count_moves && state.gpu_load[state.hottest_gpu()] > stop_load &&
-         mover.move_once(current, move_budget, moves, eps, peak_moves)) {
+  while (made < max_count_moves) {
+    const int64_t hot = state.hottest_gpu();
+    if (!(state.gpu_load[hot] > stop_load) || !mover.move_once(hot, current, move_budget, moves, eps, peak_moves)) {
+      break;
+    }
     ++made;
   }
   return made;
