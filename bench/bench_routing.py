@@ -339,10 +339,113 @@ def cases(device: str, small: bool, dtype: torch.dtype):
     yield histogram_case("expert_histogram T=8192 K=8 E=256", 8192, 8, 256, device)
 
 
+# ---------------------------------------------------------------- kernel variants (--variants)
+#
+# While kernel variants are compared, the CUDA launchers read MOE_EXT_UNPERMUTE_FWD /
+# MOE_EXT_UNPERMUTE_BWD (0 = the previous kernel); each variant is captured in its own graph,
+# so one run times all of them on the same inputs, and checks each against variant 0.
+
+VARIANTS = {"MOE_EXT_UNPERMUTE_FWD": range(0, 6), "MOE_EXT_UNPERMUTE_BWD": range(0, 5),
+            "MOE_EXT_PERMUTE_COPY": range(0, 4)}
+
+
+def with_variant(name: str, value: int, fn):
+    import os
+    previous = os.environ.get(name)
+    os.environ[name] = str(value)
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def permute_variant_rows(device: str, dtype: torch.dtype, specs):
+    """Permute: every copy variant, and the index alone (H=0: the index kernels, no row copied)."""
+    env = "MOE_EXT_PERMUTE_COPY"
+    for label, tokens, hidden_size, topk, experts, ep in specs:
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype).to(device)
+        ids = routing(generator, tokens, topk, experts, device)
+        active = rank0_range(experts, ep)
+        fn = lambda h, i: moe_permute(h, i, num_experts=experts, active_expert_range=active)  # noqa: E731
+        reference = with_variant(env, 0, lambda: fn(hidden, ids))
+        valid = int((reference.expanded_row_idx >= 0).sum())
+        needed = int((reference.expanded_row_idx.view(tokens, topk) >= 0).any(1).sum())
+        row_bytes = hidden_size * hidden.element_size()
+        moved = needed * row_bytes + valid * row_bytes + ids.numel() * ids.element_size()
+        sets = input_sets((hidden, ids), max(hidden.numel() * hidden.element_size(), moved), device)
+        memcpy, kernel = floors_us(moved, device)
+        for value in VARIANTS[env]:
+            got = with_variant(env, value, lambda: fn(hidden, ids))
+            same = (torch.equal(got.permuted[:valid], reference.permuted[:valid])
+                    and torch.equal(got.expanded_row_idx, reference.expanded_row_idx))
+            ours, graph = with_variant(env, value, lambda: time_us(fn, sets, device))
+            yield Row(f"permute {label} [copy v{value}]", moved, memcpy, kernel, ours, None, graph, False), same
+        index_sets = [(h[:, :0], i) for h, i in sets]
+        ours, graph = time_us(fn, index_sets, device)
+        yield Row(f"permute {label} [index only, H=0]", moved, memcpy, kernel, ours, None, graph, False), True
+        del sets, index_sets
+        torch.cuda.empty_cache() if device == "cuda" else None
+
+
+def variant_rows(device: str, dtype: torch.dtype, specs=None, decode=None):
+    """Unpermute forward and backward at EP 1..32 (and T=4096 K=2), every variant, seed path left out;
+    then permute's copy variants and its index alone, at the same sizes and decode."""
+    if specs is None:
+        specs = [(f"T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep) for ep in EP_SIZES]
+        specs.append(("T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1))
+    if decode is None:
+        decode = [(f"T={t} H=7168 K=8 E=256 EP{ep}", t, 7168, 8, 256, ep) for t in (16, 256) for ep in (1, 8)]
+    yield from permute_variant_rows(device, dtype, specs + decode)
+    for label, tokens, hidden_size, topk, experts, ep in specs:
+        generator = torch.Generator().manual_seed(1)
+        hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype).to(device)
+        ids = routing(generator, tokens, topk, experts, device)
+        probs = torch.rand(tokens, topk, generator=generator).to(device)
+        grad = torch.randn(tokens, hidden_size, generator=generator).to(dtype).to(device)
+        permuted, row_idx, _ = moe_permute(hidden, ids, num_experts=experts,
+                                           active_expert_range=rank0_range(experts, ep))
+        valid = int((row_idx >= 0).sum())
+        needed = int((row_idx.view(tokens, topk) >= 0).any(1).sum())
+        row_bytes = hidden_size * hidden.element_size()
+        forward_bytes = valid * row_bytes + tokens * row_bytes + tokens * topk * 8
+        backward_bytes = needed * row_bytes + 2 * valid * row_bytes + tokens * topk * 12
+        for env, kind, moved in (("MOE_EXT_UNPERMUTE_FWD", "unpermute", forward_bytes),
+                                 ("MOE_EXT_UNPERMUTE_BWD", "unpermute bwd", backward_bytes)):
+            if kind == "unpermute":
+                inputs = (permuted, row_idx, probs)
+                fn = lambda p, r, w: moe_unpermute(p, r, w)  # noqa: E731
+            else:
+                inputs = (grad, permuted, row_idx, probs)
+                fn = lambda g, p, r, w: torch.ops.moe_ext.moe_unpermute_backward(g, p, r, w, topk, True)  # noqa: E731
+            footprint = sum(v.numel() * v.element_size() for v in inputs)
+            sets = input_sets(inputs, max(footprint, moved), device)
+            memcpy, kernel = floors_us(moved, device)
+            reference = with_variant(env, 0, lambda: fn(*inputs))
+            for value in VARIANTS[env]:
+                got = with_variant(env, value, lambda: fn(*inputs))
+                if kind == "unpermute":
+                    same = torch.equal(got, reference)
+                else:  # rows no entry names are unwritten by the new kernels: compare the named rows
+                    named = row_idx[row_idx >= 0].long()
+                    same = torch.equal(got[0][named], reference[0][named]) and torch.equal(got[1], reference[1])
+                ours, graph = with_variant(env, value, lambda: time_us(fn, sets, device))
+                yield (Row(f"{kind} {label} [{env[-3:].lower()} v{value}]", moved, memcpy, kernel, ours, None,
+                           graph, False), same)
+            del sets
+            torch.cuda.empty_cache() if device == "cuda" else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="small sizes (the default without a GPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--variants", action="store_true",
+                        help="time every unpermute kernel variant (MOE_EXT_UNPERMUTE_FWD/BWD) and check it "
+                             "against variant 0")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.small or device == "cpu"
@@ -356,6 +459,14 @@ def main() -> None:
               f"| {'ours/floor':>10} | {'seed/ours':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
+    if args.variants:
+        if device != "cuda":
+            parser.error("--variants times CUDA kernel variants: it needs a GPU")
+        for row, same in variant_rows(device, dtype):
+            print(f"| {row.case:<60} | {row.bytes_moved / 1e6:8.2f} | {row.memcpy:8.1f} | {row.kernel:8.1f} | "
+                  f"{row.ours:8.1f}{'' if row.ours_graph else '*'} | {row.ours / row.floor:6.2f} | "
+                  f"{'equal' if same else 'DIFFERS'} |", flush=True)
+        return
     for row in cases(device, small, dtype):
         mark = lambda graph: "" if graph or device == "cpu" else "*"  # noqa: E731
         seed = f"{row.seed:8.1f}{mark(row.seed_graph)}" if row.seed is not None else "n/a"

@@ -18,6 +18,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
@@ -309,6 +310,57 @@ scatter_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int6
   }
 }
 
+// Scatter-form copy, tiled: kTile tokens per block, the whole block on one
+// token at a time. Warp w loads token w's K (<= 32) destinations in one step
+// (not K dependent loads) and compacts the valid ones into shared memory; a
+// token with none is not read. The token row is read kUnroll vectors a thread
+// (all in flight) and written to each destination.
+constexpr int kMaxTileTopk = 32;
+
+template <int kBytes, int kTile>
+__global__ void __launch_bounds__(kBlockThreads)
+scatter_copy_tile_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int64_t topk,
+                         int64_t vectors_per_row, const int32_t* __restrict__ expanded_row_idx,
+                         uint8_t* __restrict__ permuted) {
+  using V = typename Unit<kBytes>::type;
+  __shared__ int32_t tile_destination[kTile][kMaxTileTopk];
+  __shared__ int tile_count[kTile];
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (warp < tokens) {
+    // written by the index kernels: -1 or a valid row
+    const int32_t position = lane < topk ? expanded_row_idx[(first_token + warp) * topk + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
+    if (position >= 0) tile_destination[warp][__popc(present & ((1u << lane) - 1u))] = position;
+    if (lane == 0) tile_count[warp] = __popc(present);
+  }
+  __syncthreads();
+  for (int t = 0; t < tokens; ++t) {
+    const int n = tile_count[t];
+    if (n == 0) continue;
+    const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + (first_token + t) * vectors_per_row;
+    for (int64_t first = threadIdx.x; first < vectors_per_row;
+         first += static_cast<int64_t>(kBlockThreads) * kUnroll) {
+      V values[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
+        if (v < vectors_per_row) values[u] = source[v];
+      }
+      for (int j = 0; j < n; ++j) {
+        V* __restrict__ row = reinterpret_cast<V*>(permuted) + static_cast<int64_t>(tile_destination[t][j]) * vectors_per_row;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
+          if (v < vectors_per_row) row[v] = values[u];
+        }
+      }
+    }
+  }
+}
+
 // Row-form copy (small inputs): a group of threads_per_row threads per routed
 // row f copies token f / K to its position, if it has one.
 template <int kBytes>
@@ -507,6 +559,21 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
           static_cast<const uint8_t*>(hidden), rows, topk, vectors, threads, expanded_row_idx,
           static_cast<uint8_t*>(permuted));
       return cudaGetLastError();
+    }
+    // Benchmark switch while the copy variants are compared on the GPU (removed once chosen).
+    const char* env = std::getenv("MOE_EXT_PERMUTE_COPY");
+    const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 2;
+    if (variant > 0 && topk <= kMaxTileTopk && vectors >= kBlockThreads) {
+      const int tile = variant == 1 ? 1 : variant == 2 ? 4 : 8;
+      const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
+      auto go = [&](auto kernel) {
+        kernel<<<grid, kBlockThreads, 0, stream>>>(static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors,
+                                                   expanded_row_idx, static_cast<uint8_t*>(permuted));
+        return cudaGetLastError();
+      };
+      if (tile == 1) return go(scatter_copy_tile_kernel<kBytes, 1>);
+      if (tile == 4) return go(scatter_copy_tile_kernel<kBytes, 4>);
+      return go(scatter_copy_tile_kernel<kBytes, 8>);
     }
     scatter_copy_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(
         static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors, threads, expanded_row_idx,

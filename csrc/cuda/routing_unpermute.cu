@@ -12,11 +12,13 @@
 // dot(grad_out[t], permuted[row]) in a fixed order; (3) rows no entry names
 // are zeroed. Every output element is written exactly once.
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
 #include "cuda/routing_common.cuh"
+#include "cuda/routing_geometry.h"
 
 namespace moe_ext::cuda {
 namespace {
@@ -136,6 +138,103 @@ unpermute_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidde
   }
 }
 
+// Forward, large rows: kTile tokens per block, the whole block on one token at
+// a time. Warp w reads token w's K (<= 32) indices and weights in one
+// coalesced step (one memory latency for the tile instead of one per token)
+// and compacts the present rows in k order into shared memory; then each
+// token's row is summed with kPacks packs a thread and kRowsInFlight rows'
+// loads in flight together (kPacks * kRowsInFlight independent 16-byte
+// loads), in order k = 0..K-1. A token with no row here only writes zeros:
+// under expert parallelism most tokens are such, and they now cost a
+// memset-speed write instead of a latency-bound block.
+constexpr int kMaxTileTopk = 32;
+
+template <typename T, typename P, typename IndexT, int kVec, int kTile, int kPacks, int kRowsInFlight,
+          int kMinBlocks>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocks)
+unpermute_tile_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidden_size,
+                      const IndexT* __restrict__ row_idx, const P* __restrict__ probs, int64_t num_tokens,
+                      int64_t topk, T* __restrict__ out) {
+  static_assert(kTile <= kBlockThreads / 32, "one warp per token of the tile");
+  using A = typename Acc<T>::type;
+  using PackT = Pack<T, kVec>;
+  __shared__ int64_t tile_row[kTile][kMaxTileTopk];
+  __shared__ A tile_weight[kTile][kMaxTileTopk];
+  __shared__ int tile_rows[kTile];
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (warp < tokens) {
+    const int64_t entry = (first_token + warp) * topk + lane;
+    int64_t row = -1;
+    A weight = A(0);
+    if (lane < topk) {
+      const int64_t r = static_cast<int64_t>(row_idx[entry]);
+      // The weight is loaded together with the index (not after it): one latency, not two.
+      const A w = probs != nullptr ? static_cast<A>(to_acc(probs[entry])) : A(1);
+      const bool in_range = r >= -1 && r < num_rows;
+      MOE_DEVICE_CHECK(in_range, "moe_unpermute: expanded_row_idx out of range [-1, rows of permuted)");
+      if (in_range && r >= 0) {
+        row = r;
+        weight = w;
+      }
+    }
+    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+    if (row >= 0) {
+      const int j = __popc(present & ((1u << lane) - 1u));
+      tile_row[warp][j] = row;
+      tile_weight[warp][j] = weight;
+    }
+    if (lane == 0) tile_rows[warp] = __popc(present);
+  }
+  __syncthreads();
+  const int64_t packs = hidden_size / kVec;
+  const PackT* __restrict__ source = reinterpret_cast<const PackT*>(permuted);
+  for (int t = 0; t < tokens; ++t) {
+    const int n = tile_rows[t];
+    PackT* __restrict__ destination = reinterpret_cast<PackT*>(out) + (first_token + t) * packs;
+    for (int64_t base = threadIdx.x; base < packs; base += static_cast<int64_t>(kBlockThreads) * kPacks) {
+      A sum[kPacks][kVec];
+#pragma unroll
+      for (int u = 0; u < kPacks; ++u)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) sum[u][i] = A(0);
+      for (int j0 = 0; j0 < n; j0 += kRowsInFlight) {
+        PackT x[kRowsInFlight][kPacks];
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          if (j0 + r >= n) continue;
+          const PackT* __restrict__ row = source + tile_row[t][j0 + r] * packs;
+#pragma unroll
+          for (int u = 0; u < kPacks; ++u) {
+            const int64_t v = base + static_cast<int64_t>(u) * kBlockThreads;
+            if (v < packs) x[r][u] = row[v];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          if (j0 + r >= n) continue;
+          const A w = tile_weight[t][j0 + r];
+#pragma unroll
+          for (int u = 0; u < kPacks; ++u)
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) sum[u][i] += w * static_cast<A>(to_acc(x[r][u].value[i]));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kPacks; ++u) {
+        const int64_t v = base + static_cast<int64_t>(u) * kBlockThreads;
+        if (v >= packs) continue;
+        PackT y;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) y.value[i] = store_acc<T>(sum[u][i]);
+        destination[v] = y;
+      }
+    }
+  }
+}
+
 // Backward, one block per token. The grad_out row is held in registers
 // (kCachedPacks packs a thread per pass over the row) and reused for all K
 // rows; per (pass, k) each warp reduces its dot with shuffles and adds it to
@@ -229,6 +328,141 @@ unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ 
   }
 }
 
+// Backward that scales with the useful bytes. One block per token; warp 0
+// reads the token's K indices (a window of kProbWindow at a time), checks the
+// range, marks each named row in a bitmask (a row named twice fires the device
+// assert and its second naming is not written through) and compacts the
+// present rows in k order into shared memory. A token with no row here writes
+// its grad_probs zeros and never reads its grad_out row. Otherwise the
+// grad_out row is held in registers (kCachedPacks packs a thread a pass) and
+// each present row gets grad_permuted[row] = w * grad_out[t]; with grad_probs,
+// kRowsInFlight permuted rows are loaded together for the dots, each warp's
+// partial in its own shared slot, summed over warps in a fixed order:
+// deterministic. Rows no entry names are NOT written (see launch_backward).
+template <typename T, typename P, typename IndexT, int kVec, int kRowsInFlight, int kMinBlocks, int kCached>
+__global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
+unpermute_backward_sparse_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
+                                 int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
+                                 const P* __restrict__ probs, int64_t topk, T* __restrict__ grad_permuted,
+                                 P* __restrict__ grad_probs, uint32_t* __restrict__ named) {
+  using A = typename Acc<T>::type;
+  using PackT = Pack<T, kVec>;
+  __shared__ A partial[kBackwardWarps][kProbWindow];
+  __shared__ int64_t window_row[kProbWindow];  // present rows of the window, in k order
+  __shared__ A window_weight[kProbWindow];
+  __shared__ int window_slot[kProbWindow];     // k - window -> index into window_row, or -1
+  __shared__ int window_rows;
+  const int64_t token = blockIdx.x;
+  const int64_t packs = hidden_size / kVec;
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + token * packs;
+  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCached;
+  for (int64_t window = 0; window < topk; window += kProbWindow) {
+    const int width = static_cast<int>(window + kProbWindow < topk ? kProbWindow : topk - window);
+    __syncthreads();  // the previous window's shared state has been consumed
+    if (warp == 0) {
+      int count = 0;
+      for (int c = 0; c < width; c += 32) {
+        const int kk = c + lane;
+        int64_t row = -1;
+        A weight = A(1);
+        if (kk < width) {
+          const int64_t entry = token * topk + window + kk;
+          const int64_t r = static_cast<int64_t>(row_idx[entry]);
+          if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));
+          const bool in_range = r >= -1 && r < num_rows;
+          MOE_DEVICE_CHECK(in_range,
+                           "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
+          if (in_range && r >= 0) {
+            const uint32_t bit = 1u << static_cast<uint32_t>(r & 31);
+            const uint32_t before = atomicOr(named + (r >> 5), bit);
+            MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
+            if ((before & bit) == 0) row = r;
+          }
+        }
+        const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+        const int j = count + __popc(present & ((1u << lane) - 1u));
+        if (kk < width) window_slot[kk] = row >= 0 ? j : -1;
+        if (row >= 0) {
+          window_row[j] = row;
+          window_weight[j] = weight;
+        }
+        count += __popc(present);
+      }
+      if (lane == 0) window_rows = count;
+    }
+    __syncthreads();
+    const int n = window_rows;
+    for (int64_t base = 0; n > 0 && base < packs; base += pass_packs) {
+      PackT g[kCached];
+#pragma unroll
+      for (int u = 0; u < kCached; ++u) {
+        const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+        if (v < packs) g[u] = gradient[v];
+      }
+      for (int j0 = 0; j0 < n; j0 += kRowsInFlight) {
+        PackT xv[kRowsInFlight][kCached];
+        if (grad_probs != nullptr) {
+#pragma unroll
+          for (int r = 0; r < kRowsInFlight; ++r) {
+            if (j0 + r >= n) continue;
+            const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + window_row[j0 + r] * packs;
+#pragma unroll
+            for (int u = 0; u < kCached; ++u) {
+              const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+              if (v < packs) xv[r][u] = x[v];
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          if (j0 + r >= n) continue;  // uniform over the block
+          const A weight = window_weight[j0 + r];
+          PackT* __restrict__ destination = reinterpret_cast<PackT*>(grad_permuted) + window_row[j0 + r] * packs;
+          A dot = A(0);
+#pragma unroll
+          for (int u = 0; u < kCached; ++u) {
+            const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+            if (v >= packs) continue;
+            PackT o;
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
+            destination[v] = o;
+            if (grad_probs != nullptr) {
+#pragma unroll
+              for (int i = 0; i < kVec; ++i)
+                dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[r][u].value[i]));
+            }
+          }
+          if (grad_probs != nullptr) {
+            dot = warp_sum(dot);
+            if (lane == 0) {
+              A& slot = partial[warp][j0 + r];
+              slot = base == 0 ? dot : slot + dot;
+            }
+          }
+        }
+      }
+    }
+    if (grad_probs == nullptr) continue;
+    __syncthreads();
+    for (int kk = static_cast<int>(threadIdx.x); kk < width; kk += kBackwardThreads) {
+      const int j = window_slot[kk];
+      A total = A(0);
+      if (j >= 0)
+        for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][j];
+      grad_probs[token * topk + window + kk] = to_prob<P>(total);
+    }
+  }
+}
+
+// Benchmark switch while variants are compared on the GPU (removed once chosen).
+inline int routing_variant(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
+}
+
 template <typename T>
 bool use_vectors(int64_t hidden_size, std::initializer_list<const void*> pointers) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -239,6 +473,27 @@ template <typename T, typename P, typename IndexT>
 cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_size, const IndexT* row_idx,
                            const P* probs, int64_t num_tokens, int64_t topk, T* out, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  {
+    const int variant = routing_variant("MOE_EXT_UNPERMUTE_FWD", 2);
+    const int64_t row_packs = hidden_size / kVec;
+    const int tile = variant == 3 ? 4 : 8;
+    if (variant > 0 && tile_applies(use_vectors<T>(hidden_size, {permuted, out}), row_packs, topk,
+                                    num_tokens, tile)) {
+      const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
+      auto go = [&](auto kernel) {
+        kernel<<<grid, kBlockThreads, 0, stream>>>(permuted, num_rows, hidden_size, row_idx, probs, num_tokens,
+                                                   topk, out);
+        return cudaGetLastError();
+      };
+      switch (variant) {
+        case 1: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 4, 1, 1>);
+        case 3: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 4, 4, 1, 3>);
+        case 4: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 2, 4>);
+        case 5: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 1, 4>);
+        default: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 4, 2, 2>);
+      }
+    }
+  }
   const bool vectors = use_vectors<T>(hidden_size, {permuted, out});
   const int64_t packs = vectors ? hidden_size / kVec : hidden_size;
   // A thread sums one pack at a time, with up to 4 of its K row loads in flight.
@@ -274,10 +529,26 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
 template <typename T, typename P, typename IndexT>
 cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_rows, int64_t hidden_size,
                             const IndexT* row_idx, const P* probs, int64_t num_tokens, int64_t topk,
-                            T* grad_permuted, P* grad_probs, cudaStream_t stream) {
+                            T* grad_permuted, P* grad_probs, uint32_t* named, int variant, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vectors = use_vectors<T>(hidden_size, {grad_out, permuted, grad_permuted});
   const auto blocks = static_cast<unsigned>(num_tokens);
+  if (variant > 0) {
+    auto go = [&](auto kernel) {
+      kernel<<<blocks, kBackwardThreads, 0, stream>>>(grad_out, permuted, num_rows, hidden_size, row_idx, probs,
+                                                      topk, grad_permuted, grad_probs, named);
+      return cudaGetLastError();
+    };
+    if (vectors) {
+      switch (variant) {
+        case 1: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 1, 1, 4>);
+        case 3: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 1, 4, 2>);
+        case 4: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 2, 3, 2>);
+        default: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 2, 2, 4>);
+      }
+    }
+    return go(unpermute_backward_sparse_kernel<T, P, IndexT, 1, 1, 1, 4>);
+  }
   if (vectors) {
     unpermute_backward_kernel<T, P, IndexT, kVec><<<blocks, kBackwardThreads, 0, stream>>>(
         grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs);
@@ -322,9 +593,19 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
                                           bool probs_are_float32, int64_t num_tokens, int64_t topk,
                                           void* grad_permuted, void* grad_probs, int32_t* inverse,
                                           cudaStream_t stream) {
-  cudaError_t status = launch_build_inverse(row_idx, row_idx_is_int64, num_tokens * topk, num_rows, inverse,
-                                            InverseUser::kUnpermuteBackward, stream);
-  if (status != cudaSuccess) return status;
+  const int variant = routing_variant("MOE_EXT_UNPERMUTE_BWD", 2);
+  cudaError_t status = cudaSuccess;
+  if (variant > 0) {
+    // `inverse` (int32 [num_rows]) serves as the bitmask of named rows: ceil(num_rows / 32) words.
+    if (num_rows > 0) {
+      status = cudaMemsetAsync(inverse, 0, static_cast<size_t>(named_words(num_rows)) * sizeof(uint32_t), stream);
+      if (status != cudaSuccess) return status;
+    }
+  } else {
+    status = launch_build_inverse(row_idx, row_idx_is_int64, num_tokens * topk, num_rows, inverse,
+                                  InverseUser::kUnpermuteBackward, stream);
+    if (status != cudaSuccess) return status;
+  }
   if (num_tokens > 0) {
     status = dispatch_float(type, [&](auto type_tag) {
       using T = typename decltype(type_tag)::type;
@@ -334,11 +615,12 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
         return launch_backward(static_cast<const T*>(grad_out), static_cast<const T*>(permuted), num_rows,
                                hidden_size, static_cast<const IndexT*>(row_idx), static_cast<const P*>(probs),
                                num_tokens, topk, static_cast<T*>(grad_permuted), static_cast<P*>(grad_probs),
-                               stream);
+                               reinterpret_cast<uint32_t*>(inverse), variant, stream);
       });
     });
     if (status != cudaSuccess) return status;
   }
+  if (variant > 0) return cudaSuccess;  // rows no entry names are left unwritten (see launch_backward)
   const int64_t element_bytes = type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
   return launch_zero_unnamed_rows(grad_permuted, num_rows, hidden_size * element_bytes, inverse, stream);
 }
