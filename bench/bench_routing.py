@@ -346,7 +346,7 @@ def cases(device: str, small: bool, dtype: torch.dtype):
 # so one run times all of them on the same inputs, and checks each against variant 0.
 
 VARIANTS = {"MOE_EXT_UNPERMUTE_FWD": range(0, 6), "MOE_EXT_UNPERMUTE_BWD": range(0, 5),
-            "MOE_EXT_PERMUTE_COPY": range(0, 4)}
+            "MOE_EXT_PERMUTE_COPY": range(0, 4), "MOE_EXT_PERMUTE_INDEX": range(0, 3)}
 
 
 def with_variant(name: str, value: int, fn):
@@ -385,8 +385,13 @@ def permute_variant_rows(device: str, dtype: torch.dtype, specs):
             ours, graph = with_variant(env, value, lambda: time_us(fn, sets, device))
             yield Row(f"permute {label} [copy v{value}]", moved, memcpy, kernel, ours, None, graph, False), same
         index_sets = [(h[:, :0], i) for h, i in sets]
-        ours, graph = time_us(fn, index_sets, device)
-        yield Row(f"permute {label} [index only, H=0]", moved, memcpy, kernel, ours, None, graph, False), True
+        for value in VARIANTS["MOE_EXT_PERMUTE_INDEX"]:
+            got = with_variant("MOE_EXT_PERMUTE_INDEX", value, lambda: fn(hidden, ids))
+            same = (torch.equal(got.expanded_row_idx, reference.expanded_row_idx)
+                    and torch.equal(got.expert_tokens, reference.expert_tokens))
+            ours, graph = with_variant("MOE_EXT_PERMUTE_INDEX", value, lambda: time_us(fn, index_sets, device))
+            yield (Row(f"permute {label} [index only, H=0, index v{value}]", moved, memcpy, kernel, ours, None,
+                       graph, False), same)
         del sets, index_sets
         torch.cuda.empty_cache() if device == "cuda" else None
 

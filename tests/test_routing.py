@@ -102,6 +102,9 @@ def test_permute_large_cases(device, num_tokens, topk, num_experts, active, hidd
                       active_expert_range=active,
                       expert_map=None if expert_map is None else expert_map.to(device))
     assert_permute_matches(got, want)
+    cumulative = moe_permute(hidden.to(device), ids.to(device), num_experts=num_experts, active_expert_range=active,
+                             expert_map=None if expert_map is None else expert_map.to(device), counts="cumsum")
+    assert torch.equal(cumulative.expert_tokens.cpu(), torch.cumsum(want[2], 0))
 
 
 def test_permute_is_stable_and_matches_the_npu_example():

@@ -272,6 +272,62 @@ place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
                    counters, expanded_row_idx);
 }
 
+// Steps 2 + 3 in one launch, for small tables (range * blocks <= kFusedScanEntries):
+// every block sums the whole count table itself - each expert's total and its
+// count in the blocks before this one - scans the totals over the experts, and
+// places. One launch and one dependent round trip fewer than scan + place.
+constexpr int64_t kFusedScanEntries = 8192;
+constexpr int64_t kFusedScanExperts = 1024;
+
+template <typename IdT, typename MapT>
+__global__ void __launch_bounds__(kIndexThreads)
+scan_place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
+                  int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
+                  bool cumulative, const int32_t* __restrict__ block_counts, int64_t* __restrict__ expert_tokens,
+                  int32_t* __restrict__ expanded_row_idx) {
+  using BlockScan = cub::BlockScan<int32_t, kIndexThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  __shared__ int32_t total[kFusedScanExperts];
+  __shared__ int32_t before[kFusedScanExperts];
+  extern __shared__ int32_t counters[];
+  const int64_t blocks = gridDim.x;
+  const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t block_end = std::min(rows, block_begin + rows_per_block);
+  const int64_t warp_rows = rows_per_warp(rows_per_block, warps);
+  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) total[e] = before[e] = 0;
+  __syncthreads();
+  // Coalesced sweep of the [range][blocks] table (it was just written: L2 hits).
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(range) * blocks; i += blockDim.x) {
+    const int32_t count = block_counts[i];
+    if (count == 0) continue;
+    const int64_t e = i / blocks;
+    atomicAdd(&total[e], count);
+    if (i - e * blocks < blockIdx.x) atomicAdd(&before[e], count);
+  }
+  count_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range, counters);
+  // Exclusive scan of the totals over the experts (rows < 2^31: int32 is exact), thread-contiguous.
+  const int64_t per_thread = ceil_div(range, kIndexThreads);
+  const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(range, first + per_thread);
+  int32_t local_sum = 0;
+  for (int64_t e = first; e < last; ++e) local_sum += total[e];
+  int32_t prefix = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix);
+  for (int64_t e = first; e < last; ++e) {
+    if (blockIdx.x == 0) write_expert_tokens(expert_tokens, e, prefix, total[e], cumulative);
+    int32_t run = prefix + before[e];
+    prefix += total[e];
+    for (int w = 0; w < warps; ++w) {
+      const int32_t count = counters[w * range + e];
+      counters[w * range + e] = run;
+      run += count;
+    }
+  }
+  __syncthreads();
+  place_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
+                   counters, expanded_row_idx);
+}
+
 // Scatter-form copy: a group of threads_per_row threads per source token.
 template <int kBytes>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -412,6 +468,15 @@ cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t 
                                                           num_experts, start, range, workspace);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
+  const char* env = std::getenv("MOE_EXT_PERMUTE_INDEX");  // benchmark switch while variants are compared
+  const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 1;
+  const int64_t fused_entries = variant == 2 ? 4 * kFusedScanEntries : kFusedScanEntries;
+  if (variant > 0 && range <= kFusedScanExperts && range * grid.blocks <= fused_entries) {
+    scan_place_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
+                                                                 num_experts, start, range, cumulative, workspace,
+                                                                 expert_tokens, expanded_row_idx);
+    return cudaGetLastError();
+  }
   scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
