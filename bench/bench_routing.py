@@ -345,8 +345,8 @@ def cases(device: str, small: bool, dtype: torch.dtype):
 # MOE_EXT_UNPERMUTE_BWD (0 = the previous kernel); each variant is captured in its own graph,
 # so one run times all of them on the same inputs, and checks each against variant 0.
 
-VARIANTS = {"MOE_EXT_UNPERMUTE_FWD": range(0, 6), "MOE_EXT_UNPERMUTE_BWD": range(0, 5),
-            "MOE_EXT_PERMUTE_COPY": range(0, 4), "MOE_EXT_PERMUTE_INDEX": range(0, 3)}
+VARIANTS = {"MOE_EXT_UNPERMUTE_FWD": (0, 3, 5, 6), "MOE_EXT_UNPERMUTE_BWD": (0, 3, 5, 6, 7),
+            "MOE_EXT_PERMUTE_COPY": (0, 1), "MOE_EXT_PERMUTE_INDEX": (0, 1)}
 
 
 def with_variant(name: str, value: int, fn):
@@ -435,8 +435,10 @@ def variant_rows(device: str, dtype: torch.dtype, specs=None, decode=None):
                 if kind == "unpermute":
                     same = torch.equal(got, reference)
                 else:  # rows no entry names are unwritten by the new kernels: compare the named rows
+                    # grad_probs: fp32 dots summed in another fixed order than variant 0's may round differently
                     named = row_idx[row_idx >= 0].long()
-                    same = torch.equal(got[0][named], reference[0][named]) and torch.equal(got[1], reference[1])
+                    same = torch.equal(got[0][named], reference[0][named]) and torch.allclose(
+                        got[1], reference[1], rtol=1e-4, atol=1e-3)
                 ours, graph = with_variant(env, value, lambda: time_us(fn, sets, device))
                 yield (Row(f"{kind} {label} [{env[-3:].lower()} v{value}]", moved, memcpy, kernel, ours, None,
                            graph, False), same)

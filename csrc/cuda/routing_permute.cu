@@ -252,7 +252,8 @@ template <typename IdT, typename MapT>
 __global__ void __launch_bounds__(kIndexThreads)
 place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
              int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
-             const int32_t* __restrict__ block_offsets, int32_t* __restrict__ expanded_row_idx) {
+             const int32_t* __restrict__ block_offsets, const int32_t* __restrict__ expert_base,
+             int32_t* __restrict__ expanded_row_idx) {
   extern __shared__ int32_t counters[];
   const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t block_end = std::min(rows, block_begin + rows_per_block);
@@ -260,7 +261,7 @@ place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
   count_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
                    counters);
   for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
-    int32_t run = block_offsets[e * gridDim.x + blockIdx.x];
+    int32_t run = block_offsets[e * gridDim.x + blockIdx.x] + (expert_base != nullptr ? expert_base[e] : 0);
     for (int w = 0; w < warps; ++w) {
       const int32_t count = counters[w * range + e];
       counters[w * range + e] = run;
@@ -272,60 +273,83 @@ place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
                    counters, expanded_row_idx);
 }
 
-// Steps 2 + 3 in one launch, for small tables (range * blocks <= kFusedScanEntries):
-// every block sums the whole count table itself - each expert's total and its
-// count in the blocks before this one - scans the totals over the experts, and
-// places. One launch and one dependent round trip fewer than scan + place.
-constexpr int64_t kFusedScanEntries = 8192;
-constexpr int64_t kFusedScanExperts = 1024;
+// Step 2, coalesced (replaces scan_kernel): warp w scans the rows e = w, w + 32,
+// ... of the [range][blocks] table in place (each row's blocks in order,
+// kScanRows rows' loads in flight together, 4 contiguous entries a lane), then
+// one block-wide scan of the row totals gives each expert's first position,
+// written to expert_base (added by place_kernel) and expert_tokens. The old
+// kernel walked thread-contiguous runs of the table (every warp load touching
+// 32 lines): at EP 1 (32k entries) it alone cost ~60 µs on an H200.
+constexpr int kScanRows = 4;
 
-template <typename IdT, typename MapT>
-__global__ void __launch_bounds__(kIndexThreads)
-scan_place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
-                  int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
-                  bool cumulative, const int32_t* __restrict__ block_counts, int64_t* __restrict__ expert_tokens,
-                  int32_t* __restrict__ expanded_row_idx) {
-  using BlockScan = cub::BlockScan<int32_t, kIndexThreads>;
+__global__ void __launch_bounds__(kScanThreads)
+scan_rows_kernel(int32_t* __restrict__ block_counts, int64_t blocks, int32_t range, bool cumulative,
+                 int64_t* __restrict__ expert_tokens, int32_t* __restrict__ expert_base) {
+  using BlockScan = cub::BlockScan<int32_t, kScanThreads>;
   __shared__ typename BlockScan::TempStorage temp;
-  __shared__ int32_t total[kFusedScanExperts];
-  __shared__ int32_t before[kFusedScanExperts];
-  extern __shared__ int32_t counters[];
-  const int64_t blocks = gridDim.x;
-  const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  const int64_t block_end = std::min(rows, block_begin + rows_per_block);
-  const int64_t warp_rows = rows_per_warp(rows_per_block, warps);
-  for (int64_t e = threadIdx.x; e < range; e += blockDim.x) total[e] = before[e] = 0;
-  __syncthreads();
-  // Coalesced sweep of the [range][blocks] table (it was just written: L2 hits).
-  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(range) * blocks; i += blockDim.x) {
-    const int32_t count = block_counts[i];
-    if (count == 0) continue;
-    const int64_t e = i / blocks;
-    atomicAdd(&total[e], count);
-    if (i - e * blocks < blockIdx.x) atomicAdd(&before[e], count);
+  __shared__ int32_t totals[kMaxActiveExperts];
+  constexpr int kWarps = kScanThreads / 32;
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const unsigned lanes_before = (1u << lane) - 1u;
+  for (int64_t e0 = warp; e0 < range; e0 += static_cast<int64_t>(kWarps) * kScanRows) {
+    int32_t running[kScanRows];
+#pragma unroll
+    for (int r = 0; r < kScanRows; ++r) running[r] = 0;
+    for (int64_t c = 0; c < blocks; c += 32 * 4) {
+      int32_t v[kScanRows][4];
+#pragma unroll
+      for (int r = 0; r < kScanRows; ++r) {
+        const int64_t e = e0 + static_cast<int64_t>(r) * kWarps;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t b = c + lane * 4 + i;
+          v[r][i] = e < range && b < blocks ? block_counts[e * blocks + b] : 0;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kScanRows; ++r) {
+        const int64_t e = e0 + static_cast<int64_t>(r) * kWarps;
+        const int32_t local = v[r][0] + v[r][1] + v[r][2] + v[r][3];
+        int32_t inclusive = local;
+#pragma unroll
+        for (int offset = 1; offset < 32; offset *= 2) {
+          const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+          if (lane >= offset) inclusive += other;
+        }
+        int32_t run = running[r] + inclusive - local;
+        if (e < range) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t b = c + lane * 4 + i;
+            if (b < blocks) block_counts[e * blocks + b] = run;
+            run += v[r][i];
+          }
+        }
+        running[r] += __shfl_sync(0xffffffffu, inclusive, 31);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kScanRows; ++r) {
+      const int64_t e = e0 + static_cast<int64_t>(r) * kWarps;
+      if (lane == 0 && e < range) totals[e] = running[r];
+    }
   }
-  count_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range, counters);
-  // Exclusive scan of the totals over the experts (rows < 2^31: int32 is exact), thread-contiguous.
-  const int64_t per_thread = ceil_div(range, kIndexThreads);
+  (void)lanes_before;
+  __syncthreads();
+  // Exclusive scan of the totals over the experts (rows < 2^31: int32 is exact).
+  const int64_t per_thread = ceil_div(range, kScanThreads);
   const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
   const int64_t last = std::min<int64_t>(range, first + per_thread);
   int32_t local_sum = 0;
-  for (int64_t e = first; e < last; ++e) local_sum += total[e];
+  for (int64_t e = first; e < last; ++e) local_sum += totals[e];
   int32_t prefix = 0;
   BlockScan(temp).ExclusiveSum(local_sum, prefix);
   for (int64_t e = first; e < last; ++e) {
-    if (blockIdx.x == 0) write_expert_tokens(expert_tokens, e, prefix, total[e], cumulative);
-    int32_t run = prefix + before[e];
-    prefix += total[e];
-    for (int w = 0; w < warps; ++w) {
-      const int32_t count = counters[w * range + e];
-      counters[w * range + e] = run;
-      run += count;
-    }
+    expert_base[e] = prefix;
+    write_expert_tokens(expert_tokens, e, prefix, totals[e], cumulative);
+    prefix += totals[e];
   }
-  __syncthreads();
-  place_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
-                   counters, expanded_row_idx);
 }
 
 // Scatter-form copy: a group of threads_per_row threads per source token.
@@ -470,18 +494,18 @@ cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t 
   if (status != cudaSuccess) return status;
   const char* env = std::getenv("MOE_EXT_PERMUTE_INDEX");  // benchmark switch while variants are compared
   const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 1;
-  const int64_t fused_entries = variant == 2 ? 4 * kFusedScanEntries : kFusedScanEntries;
-  if (variant > 0 && range <= kFusedScanExperts && range * grid.blocks <= fused_entries) {
-    scan_place_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
-                                                                 num_experts, start, range, cumulative, workspace,
-                                                                 expert_tokens, expanded_row_idx);
-    return cudaGetLastError();
+  int32_t* expert_base = nullptr;
+  if (variant == 1) {
+    expert_base = workspace + grid.blocks * range;
+    scan_rows_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens,
+                                                     expert_base);
+  } else {
+    scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
   }
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   place_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
-                                                          num_experts, start, range, workspace,
+                                                          num_experts, start, range, workspace, expert_base,
                                                           expanded_row_idx);
   return cudaGetLastError();
 }
@@ -583,7 +607,9 @@ int64_t permute_max_active_experts() { return kMaxActiveExperts; }
 
 size_t permute_workspace_bytes(int64_t num_rows, int64_t active_experts) {
   if (num_rows <= kSingleBlockRows) return 16;
-  const int64_t entries = index_grid(num_rows, active_experts).blocks * std::max<int64_t>(active_experts, 1);
+  // The [experts][blocks] count table, then each expert's first position.
+  const int64_t entries =
+      (index_grid(num_rows, active_experts).blocks + 1) * std::max<int64_t>(active_experts, 1);
   return static_cast<size_t>(ceil_div(entries * 4, 16) * 16);
 }
 
@@ -627,7 +653,7 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
     }
     // Benchmark switch while the copy variants are compared on the GPU (removed once chosen).
     const char* env = std::getenv("MOE_EXT_PERMUTE_COPY");
-    const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 2;
+    const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 1;
     if (variant > 0 && topk <= kMaxTileTopk && vectors >= kBlockThreads) {
       const int tile = variant == 1 ? 1 : variant == 2 ? 4 : 8;
       const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));

@@ -457,6 +457,119 @@ unpermute_backward_sparse_kernel(const T* __restrict__ grad_out, const T* __rest
   }
 }
 
+// Backward, large rows: kTile tokens per block (as the tiled forward). Warp w
+// reads token w's K (<= 32) indices and weights in one step, marks the named
+// rows in the bitmask and compacts the present ones into shared memory; then
+// the block walks its tokens: a token with no row here only writes its
+// grad_probs zeros (its grad_out row is never read); otherwise the grad_out
+// row is held in registers, kCached packs a thread a pass, and each present
+// row gets grad_permuted[row] = w * grad_out[t] and, with grad_probs, its dot
+// with permuted[row] (per-warp partials summed over the warps in a fixed
+// order: deterministic). Rows no entry names are not written.
+template <typename T, typename P, typename IndexT, int kVec, int kTile, int kCached, int kMinBlocks>
+__global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
+unpermute_backward_tile_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
+                               int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
+                               const P* __restrict__ probs, int64_t num_tokens, int64_t topk,
+                               T* __restrict__ grad_permuted, P* __restrict__ grad_probs,
+                               uint32_t* __restrict__ named) {
+  static_assert(kTile <= kBackwardWarps, "one warp per token of the tile");
+  using A = typename Acc<T>::type;
+  using PackT = Pack<T, kVec>;
+  __shared__ A partial[kBackwardWarps][kMaxTileTopk];
+  __shared__ int64_t tile_row[kTile][kMaxTileTopk];
+  __shared__ A tile_weight[kTile][kMaxTileTopk];
+  __shared__ int tile_slot[kTile][kMaxTileTopk];
+  __shared__ int tile_rows[kTile];
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (warp < tokens) {
+    const int64_t entry = (first_token + warp) * topk + lane;
+    int64_t row = -1;
+    A weight = A(1);
+    if (lane < topk) {
+      const int64_t r = static_cast<int64_t>(row_idx[entry]);
+      if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));
+      const bool in_range = r >= -1 && r < num_rows;
+      MOE_DEVICE_CHECK(in_range, "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
+      if (in_range && r >= 0) {
+        const uint32_t bit = 1u << static_cast<uint32_t>(r & 31);
+        const uint32_t before = atomicOr(named + (r >> 5), bit);
+        MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
+        if ((before & bit) == 0) row = r;
+      }
+    }
+    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+    const int j = __popc(present & ((1u << lane) - 1u));
+    tile_slot[warp][lane] = row >= 0 ? j : -1;
+    if (row >= 0) {
+      tile_row[warp][j] = row;
+      tile_weight[warp][j] = weight;
+    }
+    if (lane == 0) tile_rows[warp] = __popc(present);
+  }
+  __syncthreads();
+  const int64_t packs = hidden_size / kVec;
+  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCached;
+  for (int t = 0; t < tokens; ++t) {
+    const int n = tile_rows[t];
+    const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + (first_token + t) * packs;
+    for (int64_t base = 0; n > 0 && base < packs; base += pass_packs) {
+      PackT g[kCached];
+#pragma unroll
+      for (int u = 0; u < kCached; ++u) {
+        const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+        if (v < packs) g[u] = gradient[v];
+      }
+      for (int j = 0; j < n; ++j) {
+        const int64_t row = tile_row[t][j];
+        const A weight = tile_weight[t][j];
+        PackT xv[kCached];
+        if (grad_probs != nullptr) {
+          const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
+#pragma unroll
+          for (int u = 0; u < kCached; ++u) {
+            const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+            if (v < packs) xv[u] = x[v];
+          }
+        }
+        PackT* __restrict__ destination = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
+        A dot = A(0);
+#pragma unroll
+        for (int u = 0; u < kCached; ++u) {
+          const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+          if (v >= packs) continue;
+          PackT o;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
+          destination[v] = o;
+          if (grad_probs != nullptr) {
+#pragma unroll
+            for (int i = 0; i < kVec; ++i)
+              dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[u].value[i]));
+          }
+        }
+        if (grad_probs != nullptr) {
+          dot = warp_sum(dot);
+          if (lane == 0) partial[warp][j] = base == 0 ? dot : partial[warp][j] + dot;
+        }
+      }
+    }
+    if (grad_probs == nullptr) continue;
+    __syncthreads();  // every warp's partials of token t are in
+    if (threadIdx.x < topk) {
+      const int j = tile_slot[t][threadIdx.x];
+      A total = A(0);
+      if (j >= 0)
+        for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][j];
+      grad_probs[(first_token + t) * topk + threadIdx.x] = to_prob<P>(total);
+    }
+    __syncthreads();  // partial is reused by the next token
+  }
+}
+
 // Benchmark switch while variants are compared on the GPU (removed once chosen).
 inline int routing_variant(const char* name, int fallback) {
   const char* value = std::getenv(name);
@@ -474,8 +587,9 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
                            const P* probs, int64_t num_tokens, int64_t topk, T* out, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   {
-    const int variant = routing_variant("MOE_EXT_UNPERMUTE_FWD", 2);
+    int variant = routing_variant("MOE_EXT_UNPERMUTE_FWD", 6);
     const int64_t row_packs = hidden_size / kVec;
+    if (variant == 6) variant = row_packs > 2 * kBlockThreads ? 3 : 5;
     const int tile = variant == 3 ? 4 : 8;
     if (variant > 0 && tile_applies(use_vectors<T>(hidden_size, {permuted, out}), row_packs, topk,
                                     num_tokens, tile)) {
@@ -533,6 +647,21 @@ cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_ro
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vectors = use_vectors<T>(hidden_size, {grad_out, permuted, grad_permuted});
   const auto blocks = static_cast<unsigned>(num_tokens);
+  if (variant >= 5 && tile_applies(vectors, hidden_size / kVec, topk, num_tokens, variant == 5 ? 4 : 8)) {
+    const int tile = variant == 5 ? 4 : 8;
+    const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
+    auto go = [&](auto kernel) {
+      kernel<<<grid, kBackwardThreads, 0, stream>>>(grad_out, permuted, num_rows, hidden_size, row_idx, probs,
+                                                    num_tokens, topk, grad_permuted, grad_probs, named);
+      return cudaGetLastError();
+    };
+    switch (variant) {
+      case 5: return go(unpermute_backward_tile_kernel<T, P, IndexT, kVec, 4, 2, 4>);
+      case 6: return go(unpermute_backward_tile_kernel<T, P, IndexT, kVec, 8, 2, 4>);
+      default: return go(unpermute_backward_tile_kernel<T, P, IndexT, kVec, 8, 4, 2>);
+    }
+  }
+  if (variant >= 5) variant = 3;
   if (variant > 0) {
     auto go = [&](auto kernel) {
       kernel<<<blocks, kBackwardThreads, 0, stream>>>(grad_out, permuted, num_rows, hidden_size, row_idx, probs,
@@ -593,7 +722,7 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
                                           bool probs_are_float32, int64_t num_tokens, int64_t topk,
                                           void* grad_permuted, void* grad_probs, int32_t* inverse,
                                           cudaStream_t stream) {
-  const int variant = routing_variant("MOE_EXT_UNPERMUTE_BWD", 2);
+  const int variant = routing_variant("MOE_EXT_UNPERMUTE_BWD", 6);
   cudaError_t status = cudaSuccess;
   if (variant > 0) {
     // `inverse` (int32 [num_rows]) serves as the bitmask of named rows: ceil(num_rows / 32) words.
