@@ -346,7 +346,7 @@ def cases(device: str, small: bool, dtype: torch.dtype):
 # so one run times all of them on the same inputs, and checks each against variant 0.
 
 VARIANTS = {"MOE_EXT_UNPERMUTE_FWD": (0, 3, 5, 6), "MOE_EXT_UNPERMUTE_BWD": (0, 3, 5, 6, 7),
-            "MOE_EXT_PERMUTE_COPY": (0, 1), "MOE_EXT_PERMUTE_INDEX": (0, 1)}
+            "MOE_EXT_PERMUTE_COPY": (0, 1), "MOE_EXT_PERMUTE_INDEX": (0, 1), "MOE_EXT_PERMUTE_DECODE": (0, 1)}
 
 
 def with_variant(name: str, value: int, fn):
@@ -378,12 +378,17 @@ def permute_variant_rows(device: str, dtype: torch.dtype, specs):
         moved = needed * row_bytes + valid * row_bytes + ids.numel() * ids.element_size()
         sets = input_sets((hidden, ids), max(hidden.numel() * hidden.element_size(), moved), device)
         memcpy, kernel = floors_us(moved, device)
-        for value in VARIANTS[env]:
-            got = with_variant(env, value, lambda: fn(hidden, ids))
+        switches = [(env, value) for value in VARIANTS[env]]
+        if tokens * topk <= 2048:  # decode: index and copy fused into one launch, or not
+            switches += [("MOE_EXT_PERMUTE_DECODE", value) for value in VARIANTS["MOE_EXT_PERMUTE_DECODE"]]
+        for name, value in switches:
+            got = with_variant(name, value, lambda: fn(hidden, ids))
             same = (torch.equal(got.permuted[:valid], reference.permuted[:valid])
-                    and torch.equal(got.expanded_row_idx, reference.expanded_row_idx))
-            ours, graph = with_variant(env, value, lambda: time_us(fn, sets, device))
-            yield Row(f"permute {label} [copy v{value}]", moved, memcpy, kernel, ours, None, graph, False), same
+                    and torch.equal(got.expanded_row_idx, reference.expanded_row_idx)
+                    and torch.equal(got.expert_tokens, reference.expert_tokens))
+            ours, graph = with_variant(name, value, lambda: time_us(fn, sets, device))
+            yield (Row(f"permute {label} [{name.split('_')[-1].lower()} v{value}]", moved, memcpy, kernel, ours,
+                       None, graph, False), same)
         index_sets = [(h[:, :0], i) for h, i in sets]
         for value in VARIANTS["MOE_EXT_PERMUTE_INDEX"]:
             got = with_variant("MOE_EXT_PERMUTE_INDEX", value, lambda: fn(hidden, ids))

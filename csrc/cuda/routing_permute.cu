@@ -473,6 +473,122 @@ row_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_rows, int64_t to
   }
 }
 
+// Decode sizes (<= kFusedDecodeRows routed rows): index and copy in ONE launch.
+// Every block builds the whole stable index itself (the single-block kernel's
+// count / scan / place, into shared memory: a few KB of ids, L2 hits after the
+// first block), block 0 writes expanded_row_idx and expert_tokens, and each
+// block copies its share of the valid destination rows. Two dependent launches
+// (index, then copy) cost more than the redundant index work at these sizes.
+constexpr int64_t kFusedDecodeRows = 2048;
+constexpr int kFusedCounterBudgetBytes = 16 * 1024;  // + ~24 KiB static: under the 48 KiB default
+constexpr int64_t kFusedDecodeMaxBlocks = 128;
+
+int fused_decode_warps(int64_t range) {
+  const int64_t fit = kFusedCounterBudgetBytes / (std::max<int64_t>(range, 1) * 4);
+  return static_cast<int>(std::min<int64_t>(kSingleBlockThreads / 32, fit));
+}
+
+template <typename IdT, typename MapT, int kBytes>
+__global__ void __launch_bounds__(kSingleBlockThreads)
+decode_permute_kernel(const uint8_t* __restrict__ hidden, int64_t vectors_per_row, int threads_per_row_,
+                      const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows, int64_t topk,
+                      int warps, int64_t num_experts, int64_t start, int32_t range, bool cumulative,
+                      int64_t* __restrict__ expert_tokens, int32_t* __restrict__ expanded_row_idx,
+                      uint8_t* __restrict__ permuted) {
+  using V = typename Unit<kBytes>::type;
+  using BlockScan = cub::BlockScan<long long, kSingleBlockThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  __shared__ int32_t position[kFusedDecodeRows];
+  __shared__ int32_t source_token[kFusedDecodeRows];
+  extern __shared__ int32_t counters[];  // [warps][range]
+  const int64_t warp_rows = rows_per_warp(rows, warps);
+  count_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters);
+  const int64_t per_thread = ceil_div(range, kSingleBlockThreads);
+  const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(range, first + per_thread);
+  long long local_sum = 0;
+  for (int64_t e = first; e < last; ++e)
+    for (int w = 0; w < warps; ++w) local_sum += counters[w * range + e];
+  long long prefix = 0, valid = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix, valid);
+  for (int64_t e = first; e < last; ++e) {
+    long long run = prefix;
+    for (int w = 0; w < warps; ++w) {
+      const int32_t count = counters[w * range + e];
+      counters[w * range + e] = static_cast<int32_t>(run);
+      run += count;
+    }
+    if (blockIdx.x == 0) write_expert_tokens(expert_tokens, e, prefix, run - prefix, cumulative);
+    prefix = run;
+  }
+  __syncthreads();
+  place_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters, position);
+  __syncthreads();
+  for (int64_t f = threadIdx.x; f < rows; f += blockDim.x) {
+    const int32_t p = position[f];
+    if (blockIdx.x == 0) expanded_row_idx[f] = p;
+    if (p >= 0) source_token[p] = static_cast<int32_t>(f / topk);
+  }
+  __syncthreads();
+  // This block's share of the valid destination rows, a group of threads_per_row threads a row.
+  const int64_t share = ceil_div(valid, gridDim.x);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * share;
+  const int64_t end = std::min<int64_t>(valid, begin + share);
+  const int rows_per_step = kSingleBlockThreads / threads_per_row_;
+  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
+  for (int64_t p = begin + threadIdx.x / threads_per_row_; p < end; p += rows_per_step) {
+    const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + source_token[p] * vectors_per_row;
+    V* __restrict__ destination = reinterpret_cast<V*>(permuted) + p * vectors_per_row;
+    const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
+    for (int64_t v0 = lane; v0 < vectors_per_row; v0 += stride) {
+      V values[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * threads_per_row_;
+        if (v < vectors_per_row) values[u] = source[v];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * threads_per_row_;
+        if (v < vectors_per_row) destination[v] = values[u];
+      }
+    }
+  }
+}
+
+template <typename IdT, typename MapT>
+cudaError_t launch_decode_permute(const void* hidden, int64_t row_bytes, const IdT* ids, const MapT* map,
+                                  int64_t rows, int64_t topk, int64_t num_experts, int64_t start, int32_t range,
+                                  bool cumulative, int64_t* expert_tokens, int32_t* expanded_row_idx,
+                                  void* permuted, cudaStream_t stream) {
+  const int unit = copy_unit_bytes(row_bytes, {hidden, permuted});
+  const int64_t vectors = row_bytes / unit;
+  const int threads = threads_per_row(vectors);
+  const int warps = fused_decode_warps(range);
+  const size_t shared = static_cast<size_t>(warps) * static_cast<size_t>(range) * sizeof(int32_t);
+  const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(kFusedDecodeMaxBlocks, ceil_div(rows, 16))));
+  return dispatch_unit(unit, [&](auto unit_tag) {
+    constexpr int kBytes = decltype(unit_tag)::value;
+    decode_permute_kernel<IdT, MapT, kBytes><<<grid, kSingleBlockThreads, shared, stream>>>(
+        static_cast<const uint8_t*>(hidden), vectors, threads, ids, map, rows, topk, warps, num_experts, start, range,
+        cumulative, expert_tokens, expanded_row_idx, static_cast<uint8_t*>(permuted));
+    return cudaGetLastError();
+  });
+}
+
+template <typename IdT>
+cudaError_t launch_decode_permute_for_ids(const void* hidden, int64_t row_bytes, const IdT* ids, const void* map,
+                                          bool map_is_int64, int64_t rows, int64_t topk, int64_t num_experts,
+                                          int64_t start, int32_t range, bool cumulative, int64_t* expert_tokens,
+                                          int32_t* expanded_row_idx, void* permuted, cudaStream_t stream) {
+  if (map != nullptr && map_is_int64) {
+    return launch_decode_permute(hidden, row_bytes, ids, static_cast<const int64_t*>(map), rows, topk, num_experts,
+                                 start, range, cumulative, expert_tokens, expanded_row_idx, permuted, stream);
+  }
+  return launch_decode_permute(hidden, row_bytes, ids, static_cast<const int32_t*>(map), rows, topk, num_experts,
+                               start, range, cumulative, expert_tokens, expanded_row_idx, permuted, stream);
+}
+
 template <typename IdT, typename MapT>
 cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t num_experts,
                          int64_t start, int32_t range, bool cumulative, int32_t* expanded_row_idx,
@@ -628,6 +744,19 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   }
   auto* table = static_cast<int32_t*>(workspace);
   const auto range32 = static_cast<int32_t>(range);
+  {
+    const char* env = std::getenv("MOE_EXT_PERMUTE_DECODE");  // benchmark switch while variants are compared
+    const bool fused = env == nullptr || *env == '\0' || std::atoi(env) != 0;
+    if (fused && row_bytes > 0 && rows <= kFusedDecodeRows && fused_decode_warps(range) >= 1) {
+      return ids_are_int64
+                 ? launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int64_t*>(topk_ids), expert_map,
+                                                 map_is_int64, rows, topk, num_experts, active_start, range32,
+                                                 counts_cumsum, expert_tokens, expanded_row_idx, permuted, stream)
+                 : launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int32_t*>(topk_ids), expert_map,
+                                                 map_is_int64, rows, topk, num_experts, active_start, range32,
+                                                 counts_cumsum, expert_tokens, expanded_row_idx, permuted, stream);
+    }
+  }
   cudaError_t status =
       ids_are_int64
           ? launch_index_for_ids(static_cast<const int64_t*>(topk_ids), expert_map, map_is_int64, rows,
