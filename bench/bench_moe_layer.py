@@ -75,8 +75,8 @@ def _bench_rank(rank, world_size, args):
                     _sync(device); dist.barrier()
                     begin = time.perf_counter()
                     w, s = layer.route(x)
-                    p = comm.prepare(x, s, w, context)
-                    comm.finalize(comm.unpermute(run_local_experts(comm.permute(*p), layer.w13, layer.w2)), True)
+                    routed, metadata = comm.dispatch(x, s, w, context)
+                    comm.combine(run_local_experts(routed, layer.w13, layer.w2), metadata, True)
                     _sync(device)
                     spent["total"] = time.perf_counter() - begin
                     if iteration >= args.warmup:

@@ -204,3 +204,56 @@ def run_ep_grid(rank, world_size, cases):
         checks += ep_case(groups_by_layout[(dp_size, tp_size)], family, method, token_counts, redundant, backward,
                           seed)
     return checks
+
+
+MC2_HIDDEN = 64  # MC2 on A2 takes H in (0, 7168], a multiple of 32
+MC2_TOLERANCE = dict(atol=3e-2, rtol=3e-2)  # bf16 layer (MC2 moves fp16/bf16 tokens) against the fp32 block
+
+
+def mc2_case(groups, family, token_counts, redundant, seed, soc="A2"):
+    """Forward of this rank's tokens through MC2 (emulated torch_npu, bf16) against the HF block on all tokens.
+
+    The block runs in fp32 on bf16-rounded weights and tokens, so the only
+    difference is the layer's bf16 arithmetic. MC2 is forward-only.
+    """
+    from moe_ext.testing.npu import emulated_runtime
+
+    runtime = emulated_runtime(soc, with_v2=True)
+    cfg = hf_config(family, hidden_size=MC2_HIDDEN)
+    block = block_class(family)(cfg).float()
+    randomize(block, seed)
+    with torch.no_grad():
+        for tensor in list(block.parameters()) + list(block.buffers()):
+            if tensor.dtype.is_floating_point:
+                tensor.copy_(tensor.bfloat16().float())
+    sizes, options = moe_layer_arguments(cfg)
+    world = groups["dp_size"] * groups["tp_size"]
+    generator = torch.Generator().manual_seed(seed + 1)
+    placement = torch.cat([torch.randperm(sizes["num_experts"], generator=generator),
+                           torch.randperm(sizes["num_experts"], generator=generator)[:redundant]])
+    assert placement.numel() % world == 0
+    config = MoEConfig(**sizes, dtype=torch.bfloat16, num_physical_experts=placement.numel(), **groups)
+    layer = MoELayer(config, comm_method="mc2", npu=runtime, placement=placement, **options)
+    load_hf_moe_weights(layer, family, block.state_dict())
+    x_all = torch.randn(sum(token_counts), MC2_HIDDEN, generator=generator).bfloat16().float()
+    start, count = sum(token_counts[:groups["dp_rank"]]), token_counts[groups["dp_rank"]]
+    with torch.no_grad():
+        y = layer(x_all[start:start + count].bfloat16())
+        expected = block_forward(block, x_all)[start:start + count]
+    assert layer.last_comm_method == "mc2" and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, **MC2_TOLERANCE,
+                               msg=lambda m: f"mc2 {family} tokens={token_counts} {groups}: {m}")
+    return runtime.ops.calls.get("npu_moe_distribute_dispatch_v2", 0)
+
+
+def run_mc2_cases(rank, world_size, cases):
+    """cases: list of (dp_size, tp_size, family, token_counts, redundant, seed); returns the MC2 dispatches made."""
+    from moe_ext.moe import make_moe_groups
+
+    groups_by_layout = {}
+    dispatches = 0
+    for dp_size, tp_size, family, token_counts, redundant, seed in cases:
+        if (dp_size, tp_size) not in groups_by_layout:
+            groups_by_layout[(dp_size, tp_size)] = make_moe_groups(dp_size, tp_size)
+        dispatches += mc2_case(groups_by_layout[(dp_size, tp_size)], family, token_counts, redundant, seed)
+    return dispatches

@@ -69,10 +69,9 @@ def comm_case(groups, device, method, *, num_slots, top_k, hidden, inter, token_
     first, last = config.local_expert_range
     comm = make_comm_method(method, config, npu)
     context = build_forward_context(config, x.shape[0], device)
-    tokens, ids, w = comm.prepare(x, slots, weights, context)
-    routed = comm.permute(tokens, ids, w)
+    routed, metadata = comm.dispatch(x, slots, weights, context)
     out = run_local_experts(routed, w13[first:last].to(device), w2[first:last].to(device), npu=npu)
-    y = comm.finalize(comm.unpermute(out), reduce_results=True)
+    y = comm.combine(out, metadata, reduce_results=True)
     expected = dense_from_slots(x, slots, weights, w13.to(device), w2.to(device))
     _assert_close(y, expected, dtype, f"{method} {pattern} K={top_k} tokens={token_counts} {groups_desc(config)}")
 

@@ -91,6 +91,16 @@ def test_strict_by_default_and_relaxing_reported(tmp_path, capsys):
     assert code == 0, err
     assert "hierarchy kept" in out and "relaxing would lower it" in out and "--allow-cross-node" in out
     assert "hierarchy relaxed in" not in out
+    # A new user saw "relaxing would lower it 101.1%": the note is the relative reduction
+    # 1 - relaxed / after (here 1 - 1.000 / 3.478 = 71.3%, the old formula said 247.8%).
+    rows = [line.split() for line in out.splitlines() if "relaxing would lower it" in line and line.split()[0].isdigit()]
+    assert len(rows) == 2
+    for row in rows:
+        after, relaxed, percent = float(row[2]), float(row[4]), float(row[-1].rstrip("%"))
+        assert 0.0 < percent < 100.0
+        assert percent == pytest.approx(100.0 * (1.0 - relaxed / after), abs=0.1)
+    summary = [line for line in out.splitlines() if line.startswith("relaxing the hierarchy would lower")]
+    assert len(summary) == 1 and "by up to 71.3%" in summary[0]
     code, out, err = run_cli([*argv, "--allow-cross-node"], capsys)
     assert code == 0, err and "hierarchy relaxed in 2 layers" in out
 

@@ -27,7 +27,8 @@ class CountMover {
 
   // One best move (fewest changed slots against current, then lowest peak);
   // false when none lowers the hottest GPU.
-  bool move_once(const int64_t* current, int64_t move_budget, int64_t* moves, double eps) {
+  bool move_once(const int64_t* current, int64_t move_budget, int64_t* moves, double eps,
+                 int64_t* peak_moves) {
     rebuild_index();  // swaps in between moved replicas around
     const int64_t per_gpu = state_.slots_per_gpu;
     const int64_t hot = state_.hottest_gpu();
@@ -43,8 +44,8 @@ class CountMover {
       const double drop_a = load_[a] / count_a - load_[a] / (count_a + 1.0);
       const double new_a = load_[a] / (count_a + 1.0);
       if (!(drop_a > eps)) continue;
-      for (int32_t d = 0; d < num_experts_; ++d) {
-        if (d == a || count_[d] < 2) continue;
+      for (const int32_t d : donors_) {
+        if (d == a) continue;
         const double count_d = static_cast<double>(count_[d]);
         const double old_d = load_[d] / count_d;
         const double rise_d = load_[d] / (count_d - 1.0) - old_d;
@@ -53,8 +54,9 @@ class CountMover {
         // drop_a... ignore that rare help), no q works; with one, only it.
         int32_t only = -1, reaching = 0;
         for (int32_t i = first_[d]; i < first_[d + 1] && reaching < 2; ++i) {
-          const int64_t gpu = slots_[i] / per_gpu;
-          if (state_.gpu_load[gpu] + rise_d - drop_a * holds(gpu, a) >= hot_load - eps) {
+          const int64_t gpu = gpus_[i];
+          const double risen = state_.gpu_load[gpu] + rise_d;
+          if (risen >= hot_load - eps && risen - drop_a * holds(gpu, a) >= hot_load - eps) {
             only = i;
             ++reaching;
           }
@@ -62,7 +64,7 @@ class CountMover {
         if (reaching >= 2) continue;
         for (int32_t i = reaching == 1 ? only : first_[d]; i < (reaching == 1 ? only + 1 : first_[d + 1]); ++i) {
           const int64_t q = slots_[i];
-          const int64_t gpu_q = q / per_gpu;
+          const int64_t gpu_q = gpus_[i];
           if (!allowed(q, a, d)) continue;
           if (state_.gpu_holds(gpu_q, a)) continue;
           const int64_t cost = current == nullptr
@@ -72,9 +74,9 @@ class CountMover {
           // New loads of every GPU the move touches.
           touched_.clear();
           add(gpu_q, new_a - old_d);
-          for (int32_t j = first_[a]; j < first_[a + 1]; ++j) add(slots_[j] / per_gpu, -drop_a);
+          for (int32_t j = first_[a]; j < first_[a + 1]; ++j) add(gpus_[j], -drop_a);
           for (int32_t j = first_[d]; j < first_[d + 1]; ++j) {
-            if (slots_[j] != q) add(slots_[j] / per_gpu, rise_d);
+            if (slots_[j] != q) add(gpus_[j], rise_d);
           }
           double peak = 0.0;
           for (int64_t g : touched_) {
@@ -103,6 +105,7 @@ class CountMover {
     }
     state_.recompute_gpu_loads();
     *moves += best_cost;
+    if (peak_moves != nullptr) *peak_moves = std::max(*peak_moves, *moves);
     return true;
   }
 
@@ -149,11 +152,19 @@ class CountMover {
     }
     first_.assign(static_cast<size_t>(num_experts_ + 1), 0);
     for (int64_t e = 0; e < num_experts_; ++e) first_[e + 1] = first_[e] + count_[e];
+    donors_.clear();
+    for (int32_t e = 0; e < num_experts_; ++e) {
+      if (count_[e] >= 2) donors_.push_back(e);
+    }
     slots_.assign(static_cast<size_t>(first_[num_experts_]), 0);
+    gpus_.assign(slots_.size(), 0);
     std::vector<int32_t> next(first_.begin(), first_.end() - 1);
     for (size_t q = 0; q < state_.expert.size(); ++q) {
       const int32_t e = state_.expert[q];
-      if (e >= 0) slots_[next[e]++] = static_cast<int32_t>(q);
+      if (e >= 0) {
+        gpus_[next[e]] = static_cast<int32_t>(q / static_cast<size_t>(state_.slots_per_gpu));
+        slots_[next[e]++] = static_cast<int32_t>(q);
+      }
     }
   }
 
@@ -164,7 +175,8 @@ class CountMover {
   std::vector<double> delta_;
   std::vector<char> touched_mark_;
   std::vector<int64_t> touched_;
-  std::vector<int32_t> count_, first_, slots_;
+  std::vector<int32_t> count_, first_, slots_, gpus_, donors_;  // gpus_: GPU of slots_[i]
+   // donors_: experts with >= 2 replicas
 };
 
 }  // namespace
@@ -172,7 +184,7 @@ class CountMover {
 int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64_t num_experts,
                               const int32_t* confine_to_node, double stop_load,
                               const int64_t* current, int64_t move_budget, int64_t* moves,
-                              int64_t max_count_moves) {
+                              int64_t max_count_moves, int64_t* peak_moves) {
   if (state.num_gpus < 2) return 0;
   double scale = 0.0;
   for (double load : state.gpu_load) scale = std::max(scale, load);
@@ -180,7 +192,7 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
   CountMover mover(state, expert_load, num_experts, confine_to_node);
   int64_t made = 0;
   while (made < max_count_moves && state.gpu_load[state.hottest_gpu()] > stop_load &&
-         mover.move_once(current, move_budget, moves, eps)) {
+         mover.move_once(current, move_budget, moves, eps, peak_moves)) {
     ++made;
   }
   return made;
@@ -189,18 +201,20 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
 void refine_placement(SlotState& state, const double* expert_load, int64_t num_experts,
                       const int32_t* confine_to_node, double stop_load, const int64_t* current,
                       int64_t move_budget, int64_t* moves, int64_t max_iterations,
-                      int64_t max_count_moves) {
-  refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations);
+                      int64_t max_count_moves, int64_t* peak_moves) {
+  refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations, peak_moves);
   // Count moves until none helps, then swaps until none helps, again while
   // either side changed something (swaps are the expensive scan).
   int64_t count_moves_left = max_count_moves;
   while (count_moves_left > 0) {
     const int64_t made = refine_by_count_moves(state, expert_load, num_experts, confine_to_node,
                                                stop_load, current, move_budget, moves,
-                                               count_moves_left);
+                                               count_moves_left, peak_moves);
     count_moves_left -= made;
     if (made == 0) return;
-    if (refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations) == 0) return;
+    if (refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations, peak_moves) == 0) {
+      return;
+    }
   }
 }
 

@@ -21,6 +21,15 @@ double total_of(const double* load, int64_t n) {
 
 int64_t iteration_cap(const LayerGeometry& geometry) { return 4 * geometry.num_replicas + 64; }
 
+// The relaxed alternative of a strict layer is only reported: it is planned
+// to within this factor of the global bound (the last 0.1% costs about as
+// much swap search as all the rest; measured on the benchmark traces).
+constexpr double kReportTolerance = 1e-3;
+
+// Most repair runs per layer when planning from a current map under a move
+// budget (see plan_layer_from_current).
+constexpr int64_t kMaxRepairRuns = 24;
+
 // Largest load one GPU must carry for expert e with c replicas spread over at
 // most cap GPUs (ceil(c / cap) copies on some GPU; cap <= 0: no limit).
 double per_gpu_share(double load, int32_t count, int64_t cap) {
@@ -169,7 +178,7 @@ template <typename ItemsFor>
 SlotState pack_and_refine(const LayerGeometry& geometry, const double* load,
                           const std::vector<int32_t>& counts, const ItemsFor& items_for,
                           int64_t gpus_per_domain, double stop_load, bool change_counts,
-                          const std::vector<int32_t>* round_robin_home) {
+                          const std::vector<int32_t>* round_robin_home, int64_t max_swaps) {
   auto pack = [&](const std::vector<int32_t>& replica_counts, bool refine) {
     SlotState state = pack_largest_first(items_for(replica_counts), geometry.num_gpus,
                                          geometry.slots_per_gpu, gpus_per_domain);
@@ -182,7 +191,7 @@ SlotState pack_and_refine(const LayerGeometry& geometry, const double* load,
       refine = true;
     }
     int64_t unused_moves = 0;
-    if (refine) refine_by_swaps(state, stop_load, nullptr, 0, &unused_moves, iteration_cap(geometry));
+    if (refine) refine_by_swaps(state, stop_load, nullptr, 0, &unused_moves, max_swaps);
     return state;
   };
   SlotState best = pack(counts, true);
@@ -208,14 +217,10 @@ SlotState pack_and_refine(const LayerGeometry& geometry, const double* load,
 }
 
 // Greedy matching of "new" bins to "old" bins by overlap (largest first, ties
-// by index), then leftovers in index order. overlap is [count x count].
-std::vector<int64_t> match_by_overlap(const std::vector<int64_t>& overlap, int64_t count) {
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, new, old)
-  for (int64_t a = 0; a < count; ++a) {
-    for (int64_t b = 0; b < count; ++b) {
-      if (overlap[a * count + b] > 0) pairs.emplace_back(-overlap[a * count + b], a, b);
-    }
-  }
+// by index), then leftovers in index order. pairs: (-overlap, new, old) for
+// every pair that shares something (each pair once).
+std::vector<int64_t> match_by_overlap(std::vector<std::tuple<int64_t, int64_t, int64_t>>& pairs,
+                                      int64_t count) {
   std::sort(pairs.begin(), pairs.end());
   std::vector<int64_t> old_of_new(static_cast<size_t>(count), -1);
   std::vector<char> old_taken(static_cast<size_t>(count), 0);
@@ -254,46 +259,60 @@ std::vector<int32_t> relabel_onto_current(const LayerGeometry& geometry,
       new_count[(p / slots_per_domain) * num_experts + plan[p]] += 1;
       old_count[(p / slots_per_domain) * num_experts + current[p]] += 1;
     }
-    std::vector<int64_t> overlap(static_cast<size_t>(num_nodes * num_nodes), 0);
+    std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;
     for (int64_t a = 0; a < num_nodes; ++a) {
       for (int64_t b = 0; b < num_nodes; ++b) {
         int64_t shared = 0;
         for (int64_t e = 0; e < num_experts; ++e) {
           shared += std::min(new_count[a * num_experts + e], old_count[b * num_experts + e]);
         }
-        overlap[a * num_nodes + b] = shared;
+        if (shared > 0) pairs.emplace_back(-shared, a, b);
       }
     }
-    old_node_of_new = match_by_overlap(overlap, num_nodes);
+    old_node_of_new = match_by_overlap(pairs, num_nodes);
   }
 
   std::vector<int32_t> result(plan.size(), -1);
-  std::vector<int32_t> remaining;
+  std::vector<int32_t> remaining, first_of, holder, fill;
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;
+  std::vector<std::pair<int32_t, int64_t>> shared_with;
   for (int64_t new_node = 0; new_node < num_nodes; ++new_node) {
     const int64_t old_node = old_node_of_new[new_node];
-    std::vector<int64_t> overlap(static_cast<size_t>(gpus_per_domain * gpus_per_domain), 0);
+    // Slots shared by new GPU a and old GPU b (as multisets of experts),
+    // for the pairs that share any: through the old GPUs holding each expert.
+    first_of.assign(static_cast<size_t>(num_experts + 1), 0);
+    for (int64_t j = 0; j < slots_per_domain; ++j) first_of[current[old_node * slots_per_domain + j] + 1] += 1;
+    for (int64_t e = 0; e < num_experts; ++e) first_of[e + 1] += first_of[e];
+    holder.assign(static_cast<size_t>(slots_per_domain), 0);
+    fill.assign(first_of.begin(), first_of.end() - 1);
+    for (int64_t j = 0; j < slots_per_domain; ++j) {
+      holder[fill[current[old_node * slots_per_domain + j]]++] = static_cast<int32_t>(j / per_gpu);
+    }
+    pairs.clear();
     for (int64_t a = 0; a < gpus_per_domain; ++a) {
       const int32_t* new_slots = plan.data() + (new_node * gpus_per_domain + a) * per_gpu;
-      for (int64_t b = 0; b < gpus_per_domain; ++b) {
-        const int64_t* old_slots = current + (old_node * gpus_per_domain + b) * per_gpu;
-        int64_t shared = 0;
-        uint64_t used = 0;  // old slots already matched (per_gpu <= 64 handled below)
-        std::vector<char> used_big;
-        if (per_gpu > 64) used_big.assign(static_cast<size_t>(per_gpu), 0);
-        for (int64_t i = 0; i < per_gpu; ++i) {
-          for (int64_t j = 0; j < per_gpu; ++j) {
-            const bool taken = per_gpu > 64 ? used_big[j] != 0 : ((used >> j) & 1U) != 0;
-            if (!taken && old_slots[j] == new_slots[i]) {
-              if (per_gpu > 64) used_big[j] = 1; else used |= (uint64_t{1} << j);
-              ++shared;
-              break;
-            }
-          }
+      shared_with.clear();
+      for (int64_t i = 0; i < per_gpu; ++i) {
+        const int32_t e = new_slots[i];
+        bool seen = false;  // each expert of this GPU once, with its multiplicity
+        for (int64_t k = 0; k < i && !seen; ++k) seen = new_slots[k] == e;
+        if (seen) continue;
+        int64_t copies = 0;
+        for (int64_t k = i; k < per_gpu; ++k) copies += new_slots[k] == e;
+        for (int32_t h = first_of[e]; h < first_of[e + 1]; ++h) {
+          const int32_t b = holder[h];
+          if (h > first_of[e] && holder[h - 1] == b) continue;  // b counted once per expert
+          int64_t old_copies = 0;
+          for (int32_t k = h; k < first_of[e + 1] && holder[k] == b; ++k) ++old_copies;
+          const int64_t shared = std::min(copies, old_copies);
+          auto it = std::find_if(shared_with.begin(), shared_with.end(),
+                                 [&](const std::pair<int32_t, int64_t>& x) { return x.first == b; });
+          if (it == shared_with.end()) shared_with.emplace_back(b, shared); else it->second += shared;
         }
-        overlap[a * gpus_per_domain + b] = shared;
       }
+      for (const auto& [b, shared] : shared_with) pairs.emplace_back(-shared, a, b);
     }
-    const std::vector<int64_t> old_gpu_of_new = match_by_overlap(overlap, gpus_per_domain);
+    const std::vector<int64_t> old_gpu_of_new = match_by_overlap(pairs, gpus_per_domain);
     for (int64_t a = 0; a < gpus_per_domain; ++a) {
       const int64_t new_first = (new_node * gpus_per_domain + a) * per_gpu;
       const int64_t old_first = (old_node * gpus_per_domain + old_gpu_of_new[a]) * per_gpu;
@@ -457,15 +476,15 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
     return items;
   };
   const std::vector<int32_t> no_home;
-  auto global_plan = [&](double stop_load) {
+  auto global_plan = [&](double stop_load, int64_t max_swaps) {
     SlotState state = pack_and_refine(
         geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, no_home, false); },
-        geometry.num_gpus, stop_load, options.refine_counts, &no_home);
+        geometry.num_gpus, stop_load, options.refine_counts, &no_home, max_swaps);
     return finish(geometry, load, state.expert, nullptr);
   };
 
   if (!geometry.hierarchical || geometry.num_nodes == 1) {
-    LayerPlan plan = global_plan(global_bound * mean * (1.0 + 1e-9));
+    LayerPlan plan = global_plan(global_bound * mean * (1.0 + 1e-9), iteration_cap(geometry));
     plan.lower_bound = plan.global_lower_bound = global_bound;
     return plan;
   }
@@ -497,7 +516,8 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
       std::max(global_bound, strict_bound_of(geometry, load, home, node_counts));
   SlotState strict_state = pack_and_refine(
       geometry, load, node_counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, true); },
-      geometry.gpus_per_node, strict_bound * mean * (1.0 + 1e-9), options.refine_counts, &home);
+      geometry.gpus_per_node, strict_bound * mean * (1.0 + 1e-9), options.refine_counts, &home,
+      iteration_cap(geometry));
   LayerPlan plan = finish(geometry, load, strict_state.expert, nullptr);
   plan.lower_bound = strict_bound;
   plan.global_lower_bound = global_bound;
@@ -512,18 +532,21 @@ LayerPlan plan_layer_from_scratch(const LayerGeometry& geometry, const double* l
     if (options.allow_cross_node) {  // primaries at home first: fewer replicas leave
       SlotState relaxed_state = pack_and_refine(
           geometry, load, counts, [&](const std::vector<int32_t>& c) { return items_from(c, home, false); },
-          geometry.gpus_per_node, stop_load, options.refine_counts, nullptr);
+          geometry.gpus_per_node, stop_load, options.refine_counts, nullptr, iteration_cap(geometry));
       relaxed = finish(geometry, load, relaxed_state.expert, nullptr);
     }
     // Reporting only (strict): the global-mode plan alone says what relaxing gives.
     if (!options.allow_cross_node || relaxed.imbalance > global_bound * (1.0 + options.relax_threshold)) {
-      LayerPlan global = global_plan(stop_load);
+      // Only reported (strict): planned to within kReportTolerance of the bound.
+      LayerPlan global = options.allow_cross_node
+                             ? global_plan(stop_load, iteration_cap(geometry))
+                             : global_plan(global_bound * mean * (1.0 + kReportTolerance), iteration_cap(geometry));
       if (!options.allow_cross_node || global.imbalance < relaxed.imbalance * (1.0 - 1e-9)) {
         relaxed = std::move(global);
       }
     }
     if (relaxed.imbalance < plan.imbalance * (1.0 - 1e-9)) {
-      if (options.allow_cross_node && relaxed.imbalance < plan.imbalance / (1.0 + options.relax_threshold)) {
+      if (options.allow_cross_node && relaxed.imbalance < plan.imbalance * (1.0 - options.relax_threshold)) {
         relaxed.lower_bound = relaxed.global_lower_bound = global_bound;
         relaxed.relaxed_imbalance = relaxed.imbalance;
         return relaxed;
@@ -560,8 +583,8 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
 
   // Replica counts: keep the current ones unless an expert's load per replica
   // would exceed the optimum by more than the tolerance.
-  std::vector<int32_t> counts(static_cast<size_t>(num_experts), 0);
-  for (int64_t p = 0; p < num_slots; ++p) counts[current[p]] += 1;
+  std::vector<int32_t> current_counts(static_cast<size_t>(num_experts), 0);
+  for (int64_t p = 0; p < num_slots; ++p) current_counts[current[p]] += 1;
   std::vector<int32_t> optimal(static_cast<size_t>(num_experts));
   greedy_replica_counts(load, num_experts, num_slots, optimal.data(),
                         home.empty() ? geometry.num_gpus : geometry.gpus_per_node);
@@ -577,6 +600,13 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
     }
   }
 
+  auto node_of_slot = [&](int64_t p) { return p / geometry.slots_per_gpu / geometry.gpus_per_node; };
+  // The repair under a budget: keep every slot that can stay, grant slots to
+  // experts short of replicas, then swaps and count moves charged by the
+  // slots they change. *peak is raised to the most moves it ever held: the
+  // same run results under any budget from that peak up.
+  auto repair = [&](int64_t budget, int64_t* peak) -> LayerPlan {
+  std::vector<int32_t> counts = current_counts;
   SlotState state;
   state.num_gpus = geometry.num_gpus;
   state.slots_per_gpu = geometry.slots_per_gpu;
@@ -586,7 +616,6 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   state.home_node.assign(static_cast<size_t>(num_slots), -1);
   for (int64_t p = 0; p < num_slots; ++p) state.slot_load[p] = load[current[p]] / counts[current[p]];
   state.recompute_gpu_loads();
-  auto node_of_slot = [&](int64_t p) { return p / geometry.slots_per_gpu / geometry.gpus_per_node; };
   if (!home.empty()) {  // pin replicas at home: all of them (strict) or the first one
     std::vector<char> has_primary(static_cast<size_t>(num_experts), 0);
     for (int64_t p = 0; p < num_slots; ++p) {
@@ -676,63 +705,118 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
     }
   }
   int64_t moves = count_moves(state, current);
+  *peak = std::max(*peak, moves);
   // Swaps and count moves, both charged by the slots they change; a confined
   // expert's new replicas stay in its node.
   const int32_t* confine = !home.empty() && !options.allow_cross_node ? home.data() : nullptr;
   refine_placement(state, load, num_experts, confine, target_load, current, budget, &moves,
-                   iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0);
-  LayerPlan plan = finish(geometry, load, state.expert, current);
+                   iteration_cap(geometry), options.refine_counts ? count_move_cap(geometry) : 0, peak);
+  return finish(geometry, load, state.expert, current);
+  };
 
-  // Second candidate: the from-scratch plan relabelled onto the current GPUs
-  // and walked back toward current while within tolerance. It wins when the
-  // repair fell short, or when both are within tolerance and it moves fewer
-  // slots (ties: the repair).
+  // Candidates: current itself (0 moves); the from-scratch plan relabelled
+  // onto the current GPUs and walked back toward current while within
+  // tolerance (if within the budget); and repairs. The result is chosen from
+  // them by one rule: the fewest moves among those within tolerance of the
+  // from-scratch imbalance (ties: the better balanced), else the best
+  // balanced (ties: fewer moves, current first). A candidate must add no
+  // replica outside its node (strict) and, to be preferred, no avoidable
+  // twin beyond current's; one with twins wins only by being strictly
+  // better than every twin-free one (its twins are reported).
+  //
+  // More moves allowed is never worse: the repair under budget B depends on B
+  // only through the moves it refuses, so it equals the repair under any
+  // budget from its peak up to B. Repairs are run for B, then for peak - 1 of
+  // the last run, ... (each covers a range of budgets), until one lands
+  // within tolerance (the result is then within tolerance, as under any
+  // larger budget) or every budget down to the fewest possible is covered.
+  // Then the candidates under B include those under any smaller budget, and
+  // the rule picks one no worse. At most kMaxRepairRuns runs: beyond them
+  // (large binding budgets) smaller budgets are not all covered.
   const double limit = scratch.imbalance * (1.0 + tolerance);
   const LayerPlan kept = finish(geometry, load,
                                 std::vector<int32_t>(current, current + num_slots), current);
-  // A candidate must stay within the budget, add no replica outside its node
-  // in strict mode and no avoidable twin beyond what current has.
-  auto acceptable = [&](const LayerPlan& candidate) {
-    if (candidate.moves > budget) return false;
-    if (!options.allow_cross_node && candidate.cross_node > kept.cross_node) return false;
+  auto within = [&](const LayerPlan& candidate) { return candidate.imbalance <= limit * (1.0 + 1e-9); };
+  auto node_rule = [&](const LayerPlan& candidate) {
+    return candidate.moves <= budget &&
+           (options.allow_cross_node || candidate.cross_node <= kept.cross_node);
+  };
+  auto twin_free = [&](const LayerPlan& candidate) {
     return candidate.duplicates == 0 || candidate.duplicates <= kept.duplicates;
   };
-  bool have_plan = acceptable(plan);
-  const LayerPlan repair = plan;
-  std::vector<LayerPlan> candidates{repair};
-  const bool repair_within = have_plan && plan.imbalance <= limit * (1.0 + 1e-9);
-  if (!repair_within || plan.moves > 0) {
+  std::vector<LayerPlan> candidates;
+  auto offer = [&](LayerPlan&& candidate) {
+    if (node_rule(candidate)) candidates.push_back(std::move(candidate));
+  };
+  {
     std::vector<int32_t> relabelled_map = relabel_onto_current(geometry, scratch.slot_expert, current);
     revert_toward_current(geometry, load, relabelled_map, current, limit,
                           geometry.hierarchical && geometry.num_nodes > 1 && !options.allow_cross_node);
-    LayerPlan relabelled = finish(geometry, load, relabelled_map, current);
-    candidates.push_back(relabelled);
-    if (acceptable(relabelled)) {
-      const bool relabelled_within = relabelled.imbalance <= limit * (1.0 + 1e-9);
-      const bool take = !have_plan ||
-                        (repair_within ? relabelled_within && relabelled.moves < plan.moves
-                                       : relabelled.imbalance < plan.imbalance);
-      if (take) {
-        plan = std::move(relabelled);
+    offer(finish(geometry, load, relabelled_map, current));
+  }
+  int64_t fewest = 0;  // every expert needs a replica: budgets below this are refused
+  {
+    std::vector<char> seen(static_cast<size_t>(num_experts), 0);
+    for (int64_t p = 0; p < num_slots; ++p) seen[current[p]] = 1;
+    for (char held : seen) fewest += held ? 0 : 1;
+  }
+  const bool relabelled_within = !candidates.empty() && within(candidates.back()) &&
+                                 twin_free(candidates.back());
+  for (int64_t run_budget = budget, runs = 0; run_budget >= std::max<int64_t>(fewest, 1) && runs < kMaxRepairRuns;
+       ++runs) {
+    int64_t peak = 0;
+    LayerPlan repaired = repair(run_budget, &peak);
+    const bool done = within(repaired) && twin_free(repaired) && node_rule(repaired);
+    offer(std::move(repaired));
+    // Within tolerance (here or by the relabelled plan): smaller budgets
+    // cannot change the choice's standing (it is within tolerance already).
+    if (done || relabelled_within || peak == 0) break;
+    run_budget = std::min(peak, run_budget) - 1;
+  }
+  // current itself is a candidate when it holds every expert (else the
+  // budget covers the missing ones and some repair holds them all).
+  LayerPlan plan = kept;
+  bool have_plan = fewest == 0;
+  bool plan_within = have_plan && within(kept);
+  for (const LayerPlan& candidate : candidates) {
+    if (!twin_free(candidate)) continue;
+    if (!have_plan) {
+      plan = candidate;
+      plan_within = within(candidate);
+      have_plan = true;
+      continue;
+    }
+    const bool candidate_within = within(candidate);
+    bool better;
+    if (candidate_within != plan_within) {
+      better = candidate_within;
+    } else if (candidate_within) {
+      better = candidate.moves < plan.moves ||
+               (candidate.moves == plan.moves && candidate.imbalance < plan.imbalance * (1.0 - 1e-12));
+    } else {
+      better = candidate.imbalance < plan.imbalance * (1.0 - 1e-12) ||
+               (!(plan.imbalance < candidate.imbalance * (1.0 - 1e-12)) && candidate.moves < plan.moves);
+    }
+    if (better) {
+      plan = candidate;
+      plan_within = candidate_within;
+    }
+  }
+  // Under a move budget every twin-free candidate may be no better than one
+  // that adds a twin (a second replica on a GPU still halves that expert's
+  // load per replica). Refusing it would freeze the placement at a budget
+  // where a rebalance pays off, so the best such candidate is taken when it
+  // is strictly better than the twin-free choice outside tolerance.
+  if (!plan_within) {
+    for (const LayerPlan& candidate : candidates) {
+      if (twin_free(candidate)) continue;
+      if (!have_plan || candidate.imbalance < plan.imbalance * (1.0 - 1e-9)) {
+        plan = candidate;
         have_plan = true;
       }
     }
   }
-  // Never worse than keeping the placement in force (0 moves is always a
-  // candidate): on a tie, nothing moves.
-  if (!have_plan || kept.imbalance <= plan.imbalance) {
-    plan = kept;
-    // Under a move budget every twin-free candidate may be no better than not
-    // moving while one that adds a twin is (a second replica on a GPU still
-    // halves that expert's load per replica). Refusing it would freeze the
-    // placement at a budget where a rebalance pays off, so take the best such
-    // candidate within the budget and the node rule; its twins are reported.
-    for (const LayerPlan& candidate : candidates) {
-      if (candidate.moves > budget) continue;
-      if (!options.allow_cross_node && candidate.cross_node > kept.cross_node) continue;
-      if (candidate.imbalance < plan.imbalance * (1.0 - 1e-9)) plan = candidate;
-    }
-  }
+  MOE_INTERNAL_ASSERT(have_plan, "no candidate placement in layer ", layer_index);
   plan.lower_bound = scratch.lower_bound;
   plan.global_lower_bound = scratch.global_lower_bound;
   plan.relaxed_imbalance = std::min(plan.imbalance, scratch.relaxed_imbalance);

@@ -74,7 +74,8 @@ struct PlacementOptions {
   bool allow_cross_node = false;
   // Relaxing is considered for a layer whose node-confined imbalance exceeds
   // global_lower_bound * (1 + relax_threshold), and taken (allow_cross_node)
-  // when it lowers the imbalance by more than that factor.
+  // when it lowers the imbalance by more than that fraction (relaxed <
+  // imbalance * (1 - relax_threshold); the Python relax_gain is the same measure).
   double relax_threshold = 0.02;
   // Hierarchical mode without allow_cross_node: still plan the relaxed
   // alternative of such layers to report relaxed_imbalance (costs a second

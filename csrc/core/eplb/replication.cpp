@@ -43,6 +43,16 @@ void greedy_replica_counts(const double* load, int64_t num_experts, int64_t num_
     counts[e] = 1;
     heap.push_back({load[e], 1, static_cast<int32_t>(e)});
   }
+  // Only the `extra` most urgent experts can ever get a further replica: an
+  // expert outside them is chosen only once each of them, more urgent at one
+  // replica, has had an extra one already (or hit a cap >= 2), which takes
+  // `extra` slots. So the heap need not hold the others.
+  const int64_t extra_slots = num_slots - num_experts;
+  if (extra_slots < num_experts) {
+    std::nth_element(heap.begin(), heap.begin() + extra_slots, heap.end(),
+                     [](const Candidate& a, const Candidate& b) { return LessUrgent{}(b, a); });
+    heap.resize(static_cast<size_t>(extra_slots));
+  }
   std::make_heap(heap.begin(), heap.end(), LessUrgent{});
   for (int64_t extra = num_experts; extra < num_slots; ++extra) {
     std::pop_heap(heap.begin(), heap.end(), LessUrgent{});

@@ -78,14 +78,17 @@ SlotState pack_largest_first(std::vector<PackItem> items, int64_t num_gpus, int6
 // when nothing improves, or after max_iterations. With current (the slot map
 // in force), a swap costs the change in slots that differ from it: cheaper
 // swaps win, and *moves never exceeds move_budget. Returns the swaps made.
+// peak_moves, when given, is raised to the largest *moves reached (the run
+// is the same under any budget >= that: the budget only ever refused more).
 int64_t refine_by_swaps(SlotState& state, double stop_load, const int64_t* current,
-                        int64_t move_budget, int64_t* moves, int64_t max_iterations);
+                        int64_t move_budget, int64_t* moves, int64_t max_iterations,
+                        int64_t* peak_moves = nullptr);
 
 // Count moves only (see refine_placement); returns how many were made.
 int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64_t num_experts,
                               const int32_t* confine_to_node, double stop_load,
                               const int64_t* current, int64_t move_budget, int64_t* moves,
-                              int64_t max_count_moves);
+                              int64_t max_count_moves, int64_t* peak_moves = nullptr);
 
 // Swap refinement alternated with replica-count moves: give an expert on the
 // hottest GPU one more replica, taken from an expert with >= 2 replicas, when
@@ -95,7 +98,7 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
 void refine_placement(SlotState& state, const double* expert_load, int64_t num_experts,
                       const int32_t* confine_to_node, double stop_load, const int64_t* current,
                       int64_t move_budget, int64_t* moves, int64_t max_iterations,
-                      int64_t max_count_moves);
+                      int64_t max_count_moves, int64_t* peak_moves = nullptr);
 
 // Slots whose expert differs from current.
 int64_t count_moves(const SlotState& state, const int64_t* current);

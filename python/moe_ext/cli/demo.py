@@ -4,8 +4,11 @@
     moe-ext demo --ranks 2 --device cuda --json run.json --plot run.png
     torchrun --nproc-per-node 8 -m moe_ext demo --preset deepseek-v3     # the launcher's ranks and group
 
-Exit codes: 0 done and correct; 1 the run failed (a rank died or hung, or the
-output diverged from the dense reference); 2 impossible arguments (nothing spawned).
+Exit codes: 0 done, correct, and the rebalance showed (slots moved and the
+measured imbalance fell); 1 the run failed (a rank died or hung, or the output
+diverged from the dense reference); 2 impossible arguments (nothing spawned);
+3 correct but no rebalance to show (none ran, nothing moved, or the imbalance
+did not fall: the message says which and what to change).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the expert weights; print the imbalance before/after, what moved, the error against the "
                     "reference and the throughput. By default it spawns --ranks local processes; started by "
                     "torchrun (or any launcher that sets RANK, WORLD_SIZE and MASTER_ADDR) every process runs one "
-                    "rank in the launcher's process group, single or multi node. Exit 0: correct; 1: a rank failed "
-                    "or the output diverged; 2: impossible arguments.")
+                    "rank in the launcher's process group, single or multi node. Exit 0: correct and a rebalance shown; 1: a rank failed "
+                    "or the output diverged; 2: impossible arguments; 3: correct, but the run showed no rebalance "
+                    "(none ran, no slot moved, or the measured imbalance did not fall).")
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), default=None,
         help="a named set of sizes; options given explicitly still win. deepseek-v3: 256 experts of hidden 7168 "
@@ -117,7 +121,7 @@ def _check_output(path: Path | None, option: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moe_ext.demo.plot import MISSING_MATPLOTLIB, write_plot
-    from moe_ext.demo.report import format_report
+    from moe_ext.demo.report import EXIT_NO_REBALANCE, format_report, rebalance_shortfall
     from moe_ext.demo.runner import DemoFailure, run_demo
 
     try:
@@ -127,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
         _check_output(args.plot, "--plot")
         if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
             raise ValueError(MISSING_MATPLOTLIB)
+        if config.steps <= config.rebalance_interval or config.max_moves == 0:
+            # Known before spawning: say it now rather than only after the whole run.
+            why = ("--max-moves 0" if config.max_moves == 0 else
+                   f"--steps {config.steps} <= --rebalance-interval {config.rebalance_interval}")
+            print(f"moe-ext demo: warning: this run cannot show a rebalance ({why}); it checks correctness only "
+                  f"and will exit {EXIT_NO_REBALANCE}", file=sys.stderr)
         interactive = sys.stdout.isatty()
         result = run_demo(config, interactive=interactive)
     except (ValueError, TypeError) as error:
@@ -138,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result.get("this_rank", 0) != 0:  # under a launcher, rank 0 reports
         return 0 if result["correct"] else 1
+    shortfall = rebalance_shortfall(result)
+    result["rebalance_shown"], result["rebalance_shortfall"] = shortfall is None, shortfall
     print()
     print(format_report(result))
     if args.json is not None:
@@ -146,4 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         write_plot(result, str(args.plot))
         print(f"plot written to {args.plot}")
-    return 0 if result["correct"] else 1
+    if not result["correct"]:
+        return 1
+    if shortfall is not None:
+        sys.stdout.flush()
+        print(f"\nmoe-ext demo: NO REBALANCE SHOWN (exit {EXIT_NO_REBALANCE}): every output was correct, but "
+              f"{shortfall}", file=sys.stderr)
+        return EXIT_NO_REBALANCE
+    return 0

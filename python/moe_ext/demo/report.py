@@ -12,7 +12,7 @@ from typing import Optional, TextIO
 
 from moe_ext.cli.table import format_table, have_rich
 
-__all__ = ["Progress", "format_report", "format_bytes"]
+__all__ = ["EXIT_NO_REBALANCE", "Progress", "format_report", "format_bytes", "rebalance_shortfall"]
 
 
 class Progress:
@@ -118,3 +118,38 @@ def format_report(result: dict) -> str:
     out.append(f"Comm method: {', '.join(result['comm_methods'])}; ranks: {result.get('launcher', 'self-spawned')}; "
                f"wall time {result['wall_seconds']:.1f} s (of which start-up {result.get('startup_seconds', 0.0):.1f} s)")
     return "\n".join(out)
+
+
+#: the exit code of a run that was correct but showed no rebalance (see :func:`rebalance_shortfall`)
+EXIT_NO_REBALANCE = 3
+
+
+def rebalance_shortfall(result: dict) -> Optional[str]:
+    """Why the run showed no rebalance, or None when it did.
+
+    The demo exists to show EPLB at work, so a run where no rebalance ran, no
+    slot moved, or the measured imbalance did not fall (last interval against
+    the first) did not do its job even when every output was correct: the
+    command says so and exits :data:`EXIT_NO_REBALANCE`, not 0.
+    """
+    config = result["config"]
+    rebalances = result["rebalances"]
+    interval, steps = config["rebalance_interval"], config["steps"]
+    if not rebalances:
+        return (f"no rebalance ran: rebalances happen at steps {interval}, {2 * interval}, ... before the last step, "
+                f"and --steps {steps} leaves none; use --steps > --rebalance-interval (e.g. --steps {4 * interval})")
+    moved = sum(event["slots_moved"] for event in rebalances)
+    if moved == 0:
+        if all(event["max_moves"] == 0 for event in rebalances):
+            return "no slot moved: --max-moves 0 forbids every move; give it a positive bound (or leave it out)"
+        before = max(event["imbalance_before"] for event in rebalances)
+        return (f"no slot moved in {len(rebalances)} rebalance(s): the planner found no better placement (imbalance "
+                f"at most {before:.3f} before, lower bound {rebalances[0]['lower_bound']:.3f}); the routing is "
+                f"already about balanced: raise --skew (now {config['skew']}) or try another --seed")
+    first, last = result["measured_imbalance_first_interval"], result["measured_imbalance_last_interval"]
+    if not last < first:
+        return (f"the measured imbalance did not fall: {first:.3f} over the first {interval} steps -> {last:.3f} "
+                f"over the last {interval}, though {moved} slot(s) moved; the step-to-step noise of the routing is "
+                f"larger than what the moves gained: run more --steps, raise --skew (now {config['skew']}) or "
+                f"--tokens-per-rank")
+    return None

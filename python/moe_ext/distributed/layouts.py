@@ -25,6 +25,10 @@ The world is ``ExternalDP x DP x PP x PCP x TP`` with TP fastest (see
 ``shard_weight``    ranks of one stage holding the same module-TP shard
 ``p_tp``            prefill all-to-all groups of disaggregated prefill
 ==================  ==========================================================
+
+Outside the families (so ``group_layouts`` stays the engine-family map) is the
+data-parallel group of the serving engines, :func:`dp_layout`: the ranks that
+differ only in their DP index (vLLM's ``get_dp_group()``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "FAMILIES",
     "group_layouts",
     "tp_layout",
+    "dp_layout",
     "mc2_layout",
     "finegrained_tp_layout",
     "flashcomm2_layouts",
@@ -66,6 +71,25 @@ def _rank(config: ParallelConfig, external: int, data: int, stage: int, context:
 def tp_layout(config: ParallelConfig) -> Layout:
     """Tensor-parallel groups: consecutive blocks of ``tensor_parallel_size`` ranks."""
     return _blocks(config.world_size, config.tensor_parallel_size)
+
+
+def dp_layout(config: ParallelConfig) -> Layout:
+    """Data-parallel groups: the ``data_parallel_size`` ranks that share every other coordinate.
+
+    Group of (external, tensor, stage, context) holds ``rank(external, d,
+    stage, context, tensor)`` for ``d = 0 .. DP-1``, in DP order; groups are
+    ordered external, TP index, stage, context index. This is vLLM's DP
+    group (``get_dp_group()``: the rank grid with the DP and TP axes swapped,
+    cut into rows of DP), built even when DP is 1 (groups of one rank), as
+    there. The MoE layer's ``MoEConfig.dp_group`` is this group (with PCP 1,
+    the ranks of one EP group with this rank's TP index).
+    """
+    c = config
+    return [[_rank(c, external, data, stage, context, tensor) for data in range(c.data_parallel_size)]
+            for external in range(c.external_data_parallel_size)
+            for tensor in range(c.tensor_parallel_size)
+            for stage in range(c.pipeline_parallel_size)
+            for context in range(c.prefill_context_parallel_size)]
 
 
 def mc2_layout(config: ParallelConfig) -> Layout:

@@ -10,6 +10,11 @@ communicators are shared follows the reference engine:
 - ``flashcomm2_odp`` with O-proj TP 1 is the ``tp`` group itself;
 - ``mc2``, ``dynamic_eplb`` and ``fc3_quant_x`` have the same ranks but each
   its own communicator: an MC2 communicator must not be used by other ops.
+
+After the families, every rank also creates the data-parallel groups
+(:func:`~moe_ext.distributed.layouts.dp_layout`, vLLM's ``get_dp_group()``),
+each with its own communicator, got with :func:`get_dp_group` (or
+``get_group("dp")``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.distributed as dist
 
 from moe_ext.distributed.config import ParallelConfig
 from moe_ext.distributed.group import ParallelGroup
-from moe_ext.distributed.layouts import FAMILIES, group_layouts
+from moe_ext.distributed.layouts import FAMILIES, dp_layout, group_layouts
 
 __all__ = [
     "init_parallel_state",
@@ -36,6 +41,7 @@ __all__ = [
     "get_group",
     "has_group",
     "get_tp_group",
+    "get_dp_group",
     "get_mc2_group",
     "get_dynamic_eplb_group",
     "get_otp_group",
@@ -152,6 +158,10 @@ def init_parallel_state(config: ParallelConfig, backend: Optional[str] = None, *
             state.groups[name] = group
             if name in config.finegrained_tp_sizes:
                 by_size[group.world_size] = group
+        # Not a family (group_layouts is the engine-family map): created last, so the families'
+        # creation order, which every rank shares, is unchanged.
+        state.groups["dp"] = _create_family("dp", dp_layout(config), backend, make_cpu_twin, state.owned,
+                                            timeout)
     except BaseException:
         _destroy_groups(state.owned)
         raise
@@ -226,9 +236,9 @@ def has_group(name: str) -> bool:
 
 
 def get_group(name: str) -> ParallelGroup:
-    """This rank's group of family ``name`` (one of ``FAMILIES``)."""
-    if name not in FAMILIES:
-        raise ValueError(f"get_group: name must be one of {list(FAMILIES)}, got {name!r}")
+    """This rank's group of family ``name`` (one of ``FAMILIES``, or ``"dp"``)."""
+    if name not in FAMILIES and name != "dp":
+        raise ValueError(f"get_group: name must be one of {list(FAMILIES) + ['dp']}, got {name!r}")
     state = _state(f"get_group({name!r})")
     group = state.groups.get(name)
     if group is None:
@@ -239,6 +249,16 @@ def get_group(name: str) -> ParallelGroup:
 
 def get_tp_group() -> ParallelGroup:
     return get_group("tp")
+
+
+def get_dp_group() -> ParallelGroup:
+    """This rank's data-parallel group (vLLM's ``get_dp_group()``; see
+    :func:`moe_ext.distributed.layouts.dp_layout`): the ranks that differ from
+    this one only in their DP index, in DP order, so ``rank_in_group`` is the
+    DP rank. Always built, of one rank when ``data_parallel_size`` is 1. For
+    ``MoEConfig(dp_group=..., dp_size=..., dp_rank=...)`` and the DP
+    collectives of an engine (token counts, idle-rank agreement)."""
+    return get_group("dp")
 
 
 def get_mc2_group() -> ParallelGroup:

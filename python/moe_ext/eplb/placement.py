@@ -110,7 +110,8 @@ class PlacementPlan:
       for the group-to-node assignment used); otherwise = global_lower_bound;
     - global_lower_bound: no placement at all does better (hierarchy ignored);
     - relaxed_imbalance: the best imbalance found with the hierarchy relaxed (= imbalance when
-      relaxing does not help or is not evaluated); ``relax_gain`` is imbalance / relaxed - 1;
+      relaxing does not help or is not evaluated); ``relax_gain`` is the relative reduction
+      1 - relaxed / imbalance, in [0, 1) (0.05: the hottest GPU would carry 5% less);
     - moves: slots whose expert differs from ``current`` (0 without current);
     - cross_node_replicas / hierarchy_relaxed: replicas outside their group's node (only with
       allow_cross_node=True, or kept from ``current``);
@@ -137,10 +138,13 @@ class PlacementPlan:
 
     @property
     def relax_gain(self) -> torch.Tensor:
-        """Per layer, how much lower the imbalance would be with the hierarchy relaxed (0.05 = 5%)."""
+        """Per layer, the relative reduction of the imbalance with the hierarchy relaxed:
+        1 - relaxed_imbalance / imbalance, float64 [layers] in [0, 1) (0.05: 5% lower, i.e. the
+        hottest GPU would carry 5% less at the same total load). The same measure as
+        ``relax_threshold``."""
         if self.relaxed_imbalance is None:
             return torch.zeros_like(self.imbalance)
-        return (self.imbalance / self.relaxed_imbalance - 1.0).clamp_min(0.0)
+        return (1.0 - self.relaxed_imbalance / self.imbalance).clamp_min(0.0)
 
     def summary(self) -> dict:
         """Scalars for logs: mean/worst imbalance, lower bound, total moves, relaxing gain."""

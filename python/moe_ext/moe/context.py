@@ -155,8 +155,8 @@ def _dtype_name(code: int) -> str:
 
 def checked_forward_context(caller: str, config: MoEConfig, hidden_states: Any, *, dtype: torch.dtype,
                             device: torch.device, comm_method: str, methods: tuple[str, ...],
-                            context: Optional[ForwardContext] = None, check_call: Optional[bool] = None
-                            ) -> ForwardContext:
+                            context: Optional[ForwardContext] = None, check_call: Optional[bool] = None,
+                            problem: Optional[Exception] = None) -> ForwardContext:
     """Validate a layer's input locally, then build (or take) the forward context, agreeing on the call.
 
     Local checks (:func:`validate_hidden_states`) come first; when the context
@@ -166,9 +166,12 @@ def checked_forward_context(caller: str, config: MoEConfig, hidden_states: Any, 
     runs), so a rank whose input is bad or differs makes every rank raise at
     once instead of leaving its peers in a collective. A caller-supplied
     ``context`` is used as is (no cross-rank check: build it with
-    ``call_facts`` to have one).
+    ``call_facts`` to have one). ``problem``: an error the caller found in its
+    other arguments or its own state on this rank (e.g. the MoE layer's routing
+    arguments); it is handled like a bad ``hidden_states``: raised here, on
+    every rank when the all-reduce runs.
     """
-    problem = validate_hidden_states(caller, hidden_states, config.hidden_size, dtype, device)
+    problem = validate_hidden_states(caller, hidden_states, config.hidden_size, dtype, device) or problem
     if context is not None:
         if problem is not None:
             raise problem

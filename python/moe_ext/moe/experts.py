@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from moe_ext.errors import ArgumentError, check_choice
 from moe_ext.moe.comm.base import PermuteResult
 
-__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "ExpertActivation", "gated_mlp_loop", "gated_mlp_grouped_mm",
-           "grouped_mm_applies", "run_local_experts"]
+__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "ExpertActivation", "FirstProjection", "gated_mlp_loop",
+           "gated_mlp_grouped_mm", "grouped_mm_applies", "run_local_experts"]
 
 #: the gated activations: act(gate) * up, with act silu (SwiGLU), gelu (GeGLU, exact erf), gelu_tanh (GeGLU with
 #: the tanh approximation), relu (ReGLU); "swigluoai" is GPT-OSS's clamped SwiGLU (see ExpertActivation)
@@ -80,7 +80,10 @@ class ExpertActivation:
         return gate_up.chunk(2, dim=-1)
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = self.split(gate_up)
+        return self.gated(*self.split(gate_up))
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The activation on gate and up already apart (separately stored projections)."""
         if self.name == "silu":
             return F.silu(gate) * up
         if self.name == "gelu":
@@ -104,7 +107,29 @@ def _row_experts(counts: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(ends, rows, right=True).clamp_max(counts.numel() - 1)
 
 
-def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+#: the first projection: ``w13`` [L, H, 2I], or a pair (``w_gate`` [L, H, I], ``w_up`` [L, H, I]) stored apart
+#: (torchtitan's / seed 003's ``w1`` and ``w3``, transposed views: ``moe_ext.parallel.GroupedExperts``)
+FirstProjection = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_first_projection(w13: FirstProjection, w13_bias: Optional[torch.Tensor], caller: str) -> None:
+    if isinstance(w13, tuple) and (len(w13) != 2 or w13_bias is not None):
+        raise ArgumentError(f"{caller}: a split first projection is a (w_gate, w_up) pair without w13_bias, got "
+                            f"{len(w13)} tensors{' and a w13_bias' if w13_bias is not None else ''}")
+
+
+def _project_and_activate(activation: ExpertActivation, project, w13: FirstProjection,
+                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``activation`` of the first projection (``project(weight)`` computes one), bias added before it."""
+    if isinstance(w13, tuple):
+        return activation.gated(project(w13[0]), project(w13[1]))
+    gate_up = project(w13)
+    if bias is not None:
+        gate_up = gate_up + bias
+    return activation(gate_up)
+
+
+def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: FirstProjection, w2: torch.Tensor,
                    activation: ExpertActivation = SWIGLU, w13_bias: Optional[torch.Tensor] = None,
                    w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One matmul pair per expert (reads the counts on the host).
@@ -112,15 +137,17 @@ def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, 
     Every expert runs, on zero rows too, and the blocks are concatenated: the
     output stays a function of ``rows``, the weights and the biases whatever the
     counts, so backward reaches them (zero gradients) on a rank whose experts got
-    no rows, as it does on its peers (see ``moe_ext.moe.comm.base``).
+    no rows, as it does on its peers (see ``moe_ext.moe.comm.base``). ``w13``
+    may be a (gate, up) pair (:data:`FirstProjection`): one matmul each.
     """
+    _check_first_projection(w13, w13_bias, "gated_mlp_loop")
     blocks = []
     start = 0
     for expert, count in enumerate(counts.tolist()):
-        gate_up = rows[start:start + count] @ w13[expert]
-        if w13_bias is not None:
-            gate_up = gate_up + w13_bias[expert]
-        block = activation(gate_up) @ w2[expert]
+        block_rows = rows[start:start + count]
+        hidden = _project_and_activate(activation, lambda w: block_rows @ w[expert], w13,
+                                       None if w13_bias is None else w13_bias[expert])
+        block = hidden @ w2[expert]
         if w2_bias is not None:
             block = block + w2_bias[expert]
         blocks.append(block)
@@ -129,22 +156,25 @@ def gated_mlp_loop(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, 
     return torch.cat(blocks)
 
 
-def grouped_mm_applies(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+def grouped_mm_applies(rows: torch.Tensor, w13: FirstProjection, w2: torch.Tensor) -> bool:
     """``torch._grouped_mm`` needs bf16 here and 16-byte-aligned row strides (inner sizes multiple of 8)."""
-    if not hasattr(torch, "_grouped_mm") or rows.dtype != torch.bfloat16:
+    first = w13 if isinstance(w13, tuple) else (w13,)
+    if not hasattr(torch, "_grouped_mm") or any(t.dtype != torch.bfloat16 for t in (rows, w2, *first)):
         return False
-    return all(size % 8 == 0 for size in (rows.shape[1], w13.shape[2], w2.shape[1], w2.shape[2]))
+    return all(size % 8 == 0 for size in (rows.shape[1], *(w.shape[2] for w in first), w2.shape[1], w2.shape[2]))
 
 
-def gated_mlp_grouped_mm(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def gated_mlp_grouped_mm(rows: torch.Tensor, counts: torch.Tensor, w13: FirstProjection, w2: torch.Tensor,
                          activation: ExpertActivation = SWIGLU, w13_bias: Optional[torch.Tensor] = None,
                          w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One ``torch._grouped_mm`` per projection (offsets from the counts, no host sync); ``w13`` as in
+    :func:`gated_mlp_loop`. Rows past the last group are undefined."""
+    _check_first_projection(w13, w13_bias, "gated_mlp_grouped_mm")
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    gate_up = torch._grouped_mm(rows, w13, offs=offsets)
     row_expert = _row_experts(counts, rows.shape[0]) if (w13_bias is not None or w2_bias is not None) else None
-    if w13_bias is not None:
-        gate_up = gate_up + w13_bias.index_select(0, row_expert)
-    out = torch._grouped_mm(activation(gate_up), w2, offs=offsets)
+    hidden = _project_and_activate(activation, lambda w: torch._grouped_mm(rows, w, offs=offsets), w13,
+                                   None if w13_bias is None else w13_bias.index_select(0, row_expert))
+    out = torch._grouped_mm(hidden, w2, offs=offsets)
     if w2_bias is not None:
         out = out + w2_bias.index_select(0, row_expert)
     return out

@@ -16,6 +16,7 @@ No transformers import here: the functions read config attributes only.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -142,7 +143,8 @@ class HFLoadReport:
 
     loaded: list[str] = field(default_factory=list)  # written into this rank (rows or layer parameters)
     not_local: list[str] = field(default_factory=list)  # experts with no slot on this rank: not read
-    ignored: list[str] = field(default_factory=list)  # outside the prefix
+    ignored: list[str] = field(default_factory=list)  # outside the prefix, or not a tensor of the family
+    missing: list[str] = field(default_factory=list)  # parts of this rank still not written afterwards
 
 
 def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], *,
@@ -156,7 +158,11 @@ def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterabl
     transformers >= 5 module names are accepted (see the module docstring).
     With ``strict`` a name under the prefix that the family does not know, a
     quantized tensor (GPT-OSS's MXFP4 ``*_blocks`` / ``*_scales``: dequantize
-    first) or a part left unloaded afterwards raises ArgumentError.
+    first) or a part left unloaded afterwards raises ArgumentError. Without
+    it, the returned report's ``missing`` lists the parts still unloaded
+    (check it after the last file), and a call that matched no tensor of the
+    family at all (a wrong ``prefix``) warns (``UserWarning``); the layer
+    itself refuses a forward while an expert or the router was never written.
     """
     family = family_of(family)
     rules = [(re.compile(rule.pattern + r"$"), rule) for rule in _RULES[family]]
@@ -183,10 +189,16 @@ def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterabl
                 raise ArgumentError(f"load_hf_moe_weights: {full_name!r} is not a {family} MoE block tensor "
                                     f"(known: {[rule.pattern for _, rule in rules]})")
             report.ignored.append(full_name)
-    if strict:
-        missing = layer.missing_weights()
-        if missing:
-            raise ArgumentError(f"load_hf_moe_weights: after loading, this rank still misses {missing[:8]}")
+    report.missing = layer.missing_weights()
+    if report.missing and strict:
+        raise ArgumentError(f"load_hf_moe_weights: after loading, this rank still misses {report.missing[:8]}")
+    if report.missing and not report.loaded and not report.not_local:
+        # A partial load is normal without strict (the rest comes from another file); a call that matched no
+        # name at all is a wrong prefix or family: say so instead of leaving the layer silently unloaded.
+        warnings.warn(f"load_hf_moe_weights(strict=False): no {family} MoE block tensor under prefix {prefix!r} "
+                      f"({len(report.ignored)} names ignored, e.g. {report.ignored[:3]}); this rank's layer is "
+                      f"still missing {len(report.missing)} parts ({report.missing[:3]}) and refuses to run until "
+                      f"they are loaded", UserWarning, stacklevel=2)
     return report
 
 

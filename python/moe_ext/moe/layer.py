@@ -89,6 +89,10 @@ def load_recording_disabled(module: nn.Module) -> Iterator[None]:
             layer.record_load = value
 
 
+#: the token dtypes torch_npu's MC2 dispatch / combine take
+_MC2_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _float_arg(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
@@ -245,9 +249,18 @@ class MoELayer(nn.Module):
                              persistent=False)
         self.register_buffer("replica_count", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
         self._apply_placement(placement)
-        self._loaded_parts: dict[int, set[str]] = {}
+        # What has been written (see weights.missing_weights): the parameters start as uninitialised memory, and
+        # a forward over them is refused rather than returning whatever that memory holds (often zeros).
+        self._loaded_parts: dict[Any, set[str]] = {}
+        self._param_versions = _weights.parameter_versions(self)
+        self._weights_ready = False
         self._fixed_comm: Optional[MoECommMethod] = None
         self._comm_cache: dict[str, MoECommMethod] = {}
+        fixed_name = comm_method.name if isinstance(comm_method, MoECommMethod) else comm_method
+        if fixed_name == "mc2" and config.dtype not in _MC2_DTYPES:
+            raise ArgumentError(f"MoELayer: comm_method 'mc2' moves float16 / bfloat16 tokens (torch_npu's "
+                                f"npu_moe_distribute_dispatch / combine), the layer's dtype is {config.dtype}: build "
+                                f"it with MoEConfig(dtype=torch.bfloat16) or use comm_method='allgather'")
         if isinstance(comm_method, MoECommMethod):
             self._fixed_comm = comm_method
         elif comm_method != "auto":
@@ -288,15 +301,37 @@ class MoELayer(nn.Module):
         the routing switches. Without it the caller has moved the rows already
         (e.g. all layers in one rearrange call) and only the routing switches.
 
-        Atomic: the placement is checked (shape, ids, every expert placed)
-        before anything changes, and a rearrangement refused on any rank raises
-        on every rank with no weight moved; in both cases the layer keeps its
-        old placement. Raises TypeError / ArgumentError naming the problem.
+        Atomic and agreed: the placement is checked (shape, ids, every expert
+        placed) and, at EP > 1, compared across the EP group (one all-reduce of
+        the placement and ``move_weights``, with either value of
+        ``move_weights``: this call is collective) before anything changes. A
+        placement refused on any rank, or different on some rank, raises on
+        every rank with no weight moved and the old placement kept. At EP > 1
+        moving weights needs every expert row of every rank loaded (a row moves
+        without its loaded record). Raises TypeError / ArgumentError naming the
+        problem.
         """
-        check_bool("MoELayer.set_placement: move_weights", move_weights)
         config = self.config
-        new = _as_placement(physical_to_logical, config.num_physical_experts, config.num_experts,
-                            "MoELayer.set_placement")
+        group = ep_group if ep_group is not None else (config.ep_group.process_group if config.ep_size > 1 else None)
+        new, problem = None, None
+        try:
+            check_bool("MoELayer.set_placement: move_weights", move_weights)
+            new = _as_placement(physical_to_logical, config.num_physical_experts, config.num_experts,
+                                "MoELayer.set_placement")
+            if move_weights and group is not None and not torch.equal(new, self.placement.cpu()):
+                unloaded = [item for item in self.missing_weights(required_to_run=True) if item.startswith("expert")]
+                if unloaded:
+                    # Rows travel between ranks without their loaded/not-loaded record: load first.
+                    raise ArgumentError(f"MoELayer.set_placement: this rank's expert rows are not all loaded "
+                                        f"({unloaded[:4]}); load every expert before moving weights between ranks")
+        except (TypeError, ArgumentError) as error:
+            problem = error
+        if group is not None:
+            # Every rank of the group checks the others' placement and move_weights before anything moves.
+            self._agree_on_placement(new, bool(move_weights) if problem is None else False, problem,
+                                     getattr(group, "device_group", group))
+        elif problem is not None:
+            raise problem
         old = self.placement.cpu()
         if move_weights and not torch.equal(new, old):
             if config.ep_size == 1 and ep_group is None:
@@ -305,12 +340,45 @@ class MoELayer(nn.Module):
                 with torch.no_grad():
                     for tensor in self.expert_weights():
                         tensor.copy_(tensor.index_select(0, source_slot.to(tensor.device)))
+                _weights.note_direct_writes(self)
+                parts = {row: set(self._loaded_parts.get(int(source), set()))
+                         for row, source in enumerate(source_slot.tolist())}
+                self._loaded_parts = {**{k: v for k, v in self._loaded_parts.items() if k == "layer"}, **parts}
             else:
                 from moe_ext.eplb import rearrange_expert_weights_inplace
-                group = ep_group if ep_group is not None else config.ep_group.process_group
                 rearrange_expert_weights_inplace(old.reshape(1, -1), new.reshape(1, -1), [self.expert_weights()],
                                                  ep_group=getattr(group, "device_group", group), **rearrange_options)
         self._apply_placement(new)
+
+    def _agree_on_placement(self, new: Optional[torch.Tensor], move_weights: bool, problem: Optional[Exception],
+                            group: Any) -> None:
+        """One all-reduce (MAX) over ``group`` of (refused, move, -move, placement, -placement): every rank
+        learns whether any rank refused or passed something else, and raises before anything changes."""
+        slots = self.config.num_physical_experts
+        device = self.w13.device if self.w13.device.type != "cpu" else torch.device("cpu")
+        vector = torch.zeros(3 + 2 * slots, dtype=torch.int64)
+        if problem is not None:
+            vector[0] = 1
+        else:
+            vector[1], vector[2] = int(move_weights), -int(move_weights)
+            vector[3:3 + slots], vector[3 + slots:] = new, -new
+        vector = vector.to(device)
+        dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=group)
+        got = vector.cpu()
+        if problem is not None:
+            raise problem
+        if int(got[0]):
+            raise ArgumentError("MoELayer.set_placement: another rank of the EP group refused its placement (its "
+                                "error names the problem); the placement is unchanged on every rank")
+        if int(got[1]) != -int(got[2]):
+            raise ArgumentError("MoELayer.set_placement: the ranks of the EP group disagree on move_weights; every "
+                                "rank must pass the same value. The placement is unchanged on every rank")
+        highest, lowest = got[3:3 + slots], -got[3 + slots:]
+        differ = torch.nonzero(highest != lowest).flatten().tolist()
+        if differ:
+            raise ArgumentError(f"MoELayer.set_placement: the ranks of the EP group passed different placements: "
+                                f"slots {differ[:8]} differ (this rank has {new[differ[:8]].tolist()}); every rank "
+                                f"must pass the same phy2log. The placement is unchanged on every rank")
 
     @torch.no_grad()
     def sum_replica_gradients(self) -> None:
@@ -376,17 +444,21 @@ class MoELayer(nn.Module):
         time, Hugging Face layouts) see :meth:`weight_loader` and
         :mod:`moe_ext.moe.hf`.
         """
+        _weights.note_direct_writes(self)
         logical = self.local_logical_experts.to(w13.device)
         self.gate_weight.copy_(gate_weight)
         self.w13.copy_(w13.index_select(0, logical))
         self.w2.copy_(w2.index_select(0, logical))
         for row in range(self.config.num_local_experts):
             self._loaded_parts.setdefault(row, set()).update(("gate", "up", "down"))
+        self._loaded_parts.setdefault("layer", set()).add("router.weight")
         if correction_bias is not None:
             if self.correction_bias is None:
                 raise ArgumentError("MoELayer.load_logical_weights: correction_bias given but the layer was built "
                                     "without use_correction_bias")
             self.correction_bias.copy_(correction_bias)
+            self._loaded_parts["layer"].add("router.correction_bias")
+        self._param_versions = _weights.parameter_versions(self)  # these writes are recorded above
 
     def weight_loader(self, name: str, tensor: Any, expert_id: Optional[int] = None, *, input_major: bool = False,
                       gate_up_layout: str = "concatenated") -> int:
@@ -397,9 +469,48 @@ class MoELayer(nn.Module):
         return _weights.load_weight(self, name, tensor, expert_id, input_major=input_major,
                                     gate_up_layout=gate_up_layout)
 
-    def missing_weights(self) -> list[str]:
-        """What :meth:`weight_loader` has not filled yet (expert rows of this rank, router, shared experts)."""
-        return _weights.missing_weights(self)
+    def missing_weights(self, *, required_to_run: bool = False) -> list[str]:
+        """What has not been written yet (expert rows of this rank, router, shared experts); see
+        :func:`moe_ext.moe.weights.missing_weights`. A forward refuses while
+        ``missing_weights(required_to_run=True)`` is not empty."""
+        return _weights.missing_weights(self, required_to_run=required_to_run)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Random initialisation (training from scratch), consistent across ranks and replicas.
+
+        Weights ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` as ``nn.Linear``; router,
+        expert and shared biases and the correction bias zero. Each logical
+        expert's weights come from its own generator seeded from ``seed`` and the
+        expert id, the replicated tensors from ``seed`` alone: every replica of an
+        expert and every rank (same ``seed``) get the same values, so the layer is
+        one model whatever its placement.
+        """
+        seed = check_int("MoELayer.reset_parameters: seed", seed, minimum=0)
+
+        def uniform(shape, fan_in, stream):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + stream)
+            bound = fan_in ** -0.5
+            return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+        hidden, inter = self.config.hidden_size, self.config.intermediate_size
+        self.gate_weight.data.copy_(uniform(self.gate_weight.shape, hidden, 0))
+        for tensor in (self.gate_bias, self.correction_bias, self.w13_bias, self.w2_bias):
+            if tensor is not None:
+                tensor.data.zero_()
+        if self.shared_w13 is not None:
+            self.shared_w13.data.copy_(uniform(self.shared_w13.shape, hidden, 1))
+            self.shared_w2.data.copy_(uniform(self.shared_w2.shape, self.shared_intermediate_size, 2))
+        if self.shared_gate_weight is not None:
+            self.shared_gate_weight.data.copy_(uniform(self.shared_gate_weight.shape, hidden, 3))
+        for row, expert in enumerate(self.local_logical_experts.tolist()):
+            self.w13.data[row].copy_(uniform(self.w13.shape[1:], hidden, 16 + 2 * expert))
+            self.w2.data[row].copy_(uniform(self.w2.shape[1:], inter, 17 + 2 * expert))
+        everything = {"gate", "up", "down", "gate_bias", "up_bias", "down_bias"}
+        self._loaded_parts = {row: set(everything) for row in range(self.config.num_local_experts)}
+        self._loaded_parts["layer"] = {"router.weight", "router.bias", "router.correction_bias", "shared.gate_proj",
+                                       "shared.up_proj", "shared.down_proj", "shared.gate"}
+        self._param_versions = _weights.parameter_versions(self)
 
     def export_expert_weights(self, *, grads: bool = False) -> dict[tuple[str, int], torch.Tensor]:
         """The local experts in checkpoint layout; see :func:`moe_ext.moe.weights.export_expert_weights`."""
@@ -410,6 +521,8 @@ class MoELayer(nn.Module):
         if self._fixed_comm is not None:
             return self._fixed_comm
         name = select_comm_method(self.config, max_tokens_across_dp, npu=self.npu)
+        if name == "mc2" and self.config.dtype not in _MC2_DTYPES and not os.environ.get(FORCE_ENV):
+            name = "allgather"  # MC2 takes 16-bit tokens only: the NPU's other path (same answer on every rank)
         if name not in self._comm_cache:
             self._comm_cache[name] = make_comm_method(name, self.config, self.npu)
         return self._comm_cache[name]
@@ -442,38 +555,57 @@ class MoELayer(nn.Module):
         weights, logical = self.select(hidden_states)
         return weights, self.logical_to_slots(logical)
 
-    def _check_forward_inputs(self, hidden_states, context, router_logits, topk_weights, topk_ids) -> None:
+    def _routing_problem(self, hidden_states, context, router_logits, topk_weights, topk_ids) -> Optional[Exception]:
+        """The error this rank's routing arguments deserve (not raised: the forward's agreement raises it), or None."""
         hidden, num_experts, top_k = self.config.hidden_size, self.config.num_experts, self.config.top_k
         num_tokens = hidden_states.shape[0]
         if context is not None and context.num_tokens != num_tokens:
-            raise ArgumentError(f"MoELayer: context.num_tokens must equal the {num_tokens} tokens of hidden_states, "
-                                f"got {context.num_tokens}")
+            return ArgumentError(f"MoELayer: context.num_tokens must equal the {num_tokens} tokens of hidden_states, "
+                                 f"got {context.num_tokens}")
         if router_logits is not None and (topk_weights is not None or topk_ids is not None):
-            raise ArgumentError("MoELayer: pass router_logits or topk_weights + topk_ids, not both")
+            return ArgumentError("MoELayer: pass router_logits or topk_weights + topk_ids, not both")
         if (topk_weights is None) != (topk_ids is None):
-            raise ArgumentError(f"MoELayer: topk_weights and topk_ids go together; got topk_weights "
-                                f"{'None' if topk_weights is None else 'given'}, topk_ids "
-                                f"{'None' if topk_ids is None else 'given'}")
+            return ArgumentError(f"MoELayer: topk_weights and topk_ids go together; got topk_weights "
+                                 f"{'None' if topk_weights is None else 'given'}, topk_ids "
+                                 f"{'None' if topk_ids is None else 'given'}")
         if router_logits is not None:
             if not isinstance(router_logits, torch.Tensor) or not router_logits.dtype.is_floating_point \
                     or tuple(router_logits.shape) != (num_tokens, num_experts):
-                raise ArgumentError(f"MoELayer: router_logits must be a float tensor [{num_tokens}, {num_experts}] "
-                                    f"(tokens, logical experts), got {getattr(router_logits, 'dtype', None)} "
-                                    f"{tuple(getattr(router_logits, 'shape', ()))}")
+                return ArgumentError(f"MoELayer: router_logits must be a float tensor [{num_tokens}, {num_experts}] "
+                                     f"(tokens, logical experts), got {getattr(router_logits, 'dtype', None)} "
+                                     f"{tuple(getattr(router_logits, 'shape', ()))}")
         if topk_ids is not None:
             for name, tensor, want_float in (("topk_weights", topk_weights, True), ("topk_ids", topk_ids, False)):
                 if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (num_tokens, top_k) \
                         or tensor.dtype.is_floating_point != want_float or tensor.dtype == torch.bool:
                     kind = "float" if want_float else "integer"
-                    raise ArgumentError(f"MoELayer: {name} must be a {kind} tensor [{num_tokens}, {top_k}] (tokens, "
-                                        f"top_k), got {getattr(tensor, 'dtype', type(tensor).__name__)} "
-                                        f"{tuple(getattr(tensor, 'shape', ()))}")
+                    return ArgumentError(f"MoELayer: {name} must be a {kind} tensor [{num_tokens}, {top_k}] (tokens, "
+                                         f"top_k), got {getattr(tensor, 'dtype', type(tensor).__name__)} "
+                                         f"{tuple(getattr(tensor, 'shape', ()))}")
             if topk_ids.numel():
                 # One host read: an id outside the experts would otherwise index the placement tables out of range.
                 low, high = (int(v) for v in torch.stack([topk_ids.min(), topk_ids.max()]).tolist())
                 if low < 0 or high >= num_experts:
-                    raise ArgumentError(f"MoELayer: topk_ids must be logical expert ids in [0, {num_experts}), got "
-                                        f"values in [{low}, {high}]")
+                    return ArgumentError(f"MoELayer: topk_ids must be logical expert ids in [0, {num_experts}), got "
+                                         f"values in [{low}, {high}]")
+        return None
+
+    def _weights_problem(self) -> Optional[Exception]:
+        """An error while some part the forward needs was never written (a silently wrong output otherwise)."""
+        if self._weights_ready:
+            return None
+        missing = self.missing_weights(required_to_run=True)
+        if not missing:
+            self._weights_ready = True
+            return None
+        experts = [item for item in missing if item.startswith("expert ")]
+        others = [item for item in missing if not item.startswith("expert ")]
+        listed = others + experts[:4] + ([f"... {len(experts) - 4} more expert rows"] if len(experts) > 4 else [])
+        return ArgumentError(
+            f"MoELayer: weights never loaded or initialised on this rank: {'; '.join(listed)}. Load them with "
+            f"moe_ext.moe.hf.load_hf_moe_weights(layer, family, tensors, prefix=...) (check its report's missing / "
+            f"ignored names, or use strict=True), layer.weight_loader(...), layer.load_logical_weights(...) or "
+            f"load_state_dict; or initialise with layer.reset_parameters(seed)")
 
     def forward(self, hidden_states: torch.Tensor, context: Optional[ForwardContext] = None, *,
                 router_logits: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
@@ -493,12 +625,15 @@ class MoELayer(nn.Module):
         shape, x = None, hidden_states
         if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 and hidden_states.shape[-1] == hidden:
             shape, x = hidden_states.shape, hidden_states.reshape(-1, hidden)
-        # hidden_states: checked here on every rank at once (the context's all-reduce carries the verdict);
-        # the routing arguments: checked on this rank only.
+        # hidden_states, the routing arguments and the layer's own weights: a problem found on this rank rides in
+        # the context's all-reduce, so that every rank of the EP group raises instead of waiting in a collective.
+        problem = None
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == hidden:
+            problem = self._routing_problem(x, context, router_logits, topk_weights, topk_ids) \
+                or self._weights_problem()
         context = checked_forward_context("MoELayer", self.config, x, dtype=self.w13.dtype, device=self.w13.device,
                                           comm_method=self._comm_method_label(), methods=("auto",) + COMM_METHODS,
-                                          context=context)
-        self._check_forward_inputs(x, context, router_logits, topk_weights, topk_ids)
+                                          context=context, problem=problem)
         if topk_ids is not None:
             weights, logical = topk_weights.float(), topk_ids.to(torch.int64)
         else:
@@ -511,13 +646,12 @@ class MoELayer(nn.Module):
             weights = torch.ones_like(weights)
         comm = self.comm_method_for(context.max_tokens_across_dp)
         self.last_comm_method = comm.name
-        tokens, slots, weights = comm.prepare(expert_input, slots, weights, context)
-        routed = comm.permute(tokens, slots, weights)
+        routed, dispatched = comm.dispatch(expert_input, slots, weights, context)
         # The shared experts run while the dispatched rows are in flight where the comm method is asynchronous.
         shared = self._shared_experts(x)
         expert_output = run_local_experts(routed, self.w13, self.w2, npu=self.npu, backend=self.expert_backend,
                                           activation=self.activation, w13_bias=self.w13_bias, w2_bias=self.w2_bias)
-        output = comm.finalize(comm.unpermute(expert_output), self.reduce_results)
+        output = comm.combine(expert_output, dispatched, self.reduce_results)
         if shared is not None and (self.reduce_results or self.config.tp_size == 1 or self.config.tp_rank == 0):
             # Without the TP all-reduce the output is a partial sum over TP: add the shared part once.
             output = output + shared

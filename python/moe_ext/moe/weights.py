@@ -35,7 +35,7 @@ from moe_ext.errors import ArgumentError, check_bool, check_choice, check_int
 from moe_ext.moe.experts import GATE_UP_LAYOUTS
 
 __all__ = ["EXPERT_NAMES", "LAYER_NAMES", "export_expert_weights", "load_weight", "missing_weights",
-           "remap_saved_rows"]
+           "note_direct_writes", "parameter_versions", "remap_saved_rows"]
 
 EXPERT_NAMES = ("experts.gate_proj", "experts.up_proj", "experts.gate_up_proj", "experts.down_proj",
                 "experts.gate_proj_bias", "experts.up_proj_bias", "experts.gate_up_proj_bias",
@@ -200,6 +200,7 @@ def load_weight(layer, name: str, tensor: Any, expert_id: Optional[int] = None, 
     """
     if not isinstance(name, str):
         raise TypeError(f"weight_loader: name must be a str, got {type(name).__name__}")
+    note_direct_writes(layer)
     check_bool("weight_loader: input_major", input_major)
     check_choice("weight_loader: gate_up_layout", gate_up_layout, GATE_UP_LAYOUTS)
     if name in LAYER_NAMES:
@@ -231,10 +232,58 @@ def load_weight(layer, name: str, tensor: Any, expert_id: Optional[int] = None, 
     return filled
 
 
-def missing_weights(layer) -> list[str]:
-    """Parts :func:`load_weight` has not written yet, e.g. ``["expert 5 (slot row 1): up", "router.weight"]``."""
+#: per parameter, the parts an in-place write to it fills: rows x parts for the expert tensors, layer parts otherwise
+_PARTS_OF_PARAM = {
+    "w13": ("rows", ("gate", "up")), "w2": ("rows", ("down",)),
+    "w13_bias": ("rows", ("gate_bias", "up_bias")), "w2_bias": ("rows", ("down_bias",)),
+    "gate_weight": ("layer", ("router.weight",)), "gate_bias": ("layer", ("router.bias",)),
+    "correction_bias": ("layer", ("router.correction_bias",)),
+    "shared_w13": ("layer", ("shared.gate_proj", "shared.up_proj")), "shared_w2": ("layer", ("shared.down_proj",)),
+    "shared_gate_weight": ("layer", ("shared.gate",)),
+}
+
+
+def parameter_versions(layer) -> dict[str, int]:
+    """The version counter of each weight parameter (moves on every in-place write through the parameter)."""
+    return {name: getattr(layer, name)._version for name in _PARTS_OF_PARAM if getattr(layer, name) is not None}
+
+
+def note_direct_writes(layer) -> None:
+    """Count in-place writes made to whole parameters since the last look (``with torch.no_grad():
+    layer.w13.copy_(...)``, ``load_state_dict``, an optimizer step) as loading what they cover.
+
+    The loaders here write through ``.data`` (no version change) and record parts
+    themselves; a write through ``param.data`` by the user is not seen (load
+    through the loaders, or ``reset_parameters``).
+    """
+    seen = layer._param_versions
+    now = parameter_versions(layer)
+    for name, version in now.items():
+        if version == seen.get(name, version):
+            continue
+        kind, parts = _PARTS_OF_PARAM[name]
+        if kind == "rows":
+            for row in range(layer.config.num_local_experts):
+                layer._loaded_parts.setdefault(row, set()).update(parts)
+        else:
+            layer._loaded_parts.setdefault("layer", set()).update(parts)
+    layer._param_versions = now
+
+
+def missing_weights(layer, *, required_to_run: bool = False) -> list[str]:
+    """Parts not written yet, e.g. ``["expert 5 (slot row 1): up", "router.weight"]``.
+
+    Written: by :func:`load_weight`, ``load_logical_weights``,
+    ``reset_parameters``, ``load_state_dict`` or an in-place write to the
+    whole parameter (see :func:`note_direct_writes`). ``required_to_run``: only
+    the parts the layer is built with uninitialised memory (expert gate / up /
+    down, router weight, shared experts and their gate); the biases start at
+    zero, a valid value, so a forward does not demand them (a strict checkpoint
+    load does).
+    """
+    note_direct_writes(layer)
     needed = {"gate", "up", "down"}
-    if layer.w13_bias is not None:
+    if layer.w13_bias is not None and not required_to_run:
         needed |= {"gate_bias", "up_bias", "down_bias"}
     missing = []
     for row, expert in enumerate(layer.local_logical_experts.tolist()):
@@ -242,9 +291,9 @@ def missing_weights(layer) -> list[str]:
         if absent:
             missing.append(f"expert {expert} (slot row {row}): {', '.join(absent)}")
     layer_needed = {"router.weight"}
-    if layer.gate_bias is not None:
+    if layer.gate_bias is not None and not required_to_run:
         layer_needed.add("router.bias")
-    if layer.correction_bias is not None:
+    if layer.correction_bias is not None and not required_to_run:
         layer_needed.add("router.correction_bias")
     if layer.shared_w13 is not None:
         layer_needed |= {"shared.gate_proj", "shared.up_proj", "shared.down_proj"}

@@ -57,13 +57,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from moe_ext.distributed import functional as dfn
 from moe_ext.errors import ArgumentError, check_bool, check_int
+from moe_ext.moe.experts import gated_mlp_grouped_mm, gated_mlp_loop, grouped_mm_applies
 from moe_ext.ops import expert_histogram, group_by_local_expert, ungroup_by_local_expert
 
 __all__ = ["GroupedExperts", "TokenReorderer", "TensorParallel", "ExpertParallel", "ExpertTensorParallel",
@@ -75,13 +75,10 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CUDA (sm90+) in bf16 with 16-byte-aligned row strides (the rule of
-    moe_ext.moe.experts.grouped_mm_applies: dim and the local hidden size multiples of 8); anywhere
-    else the per-expert loop is used."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+def _grouped_mm_usable(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor], w2: torch.Tensor) -> bool:
+    """torch._grouped_mm on CUDA sm90+ where :func:`moe_ext.moe.experts.grouped_mm_applies` holds (bf16,
+    16-byte-aligned row strides: dim and the local hidden size multiples of 8); elsewhere the loop."""
+    return x.is_cuda and grouped_mm_applies(x, w13, w2) and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class GroupedExperts(nn.Module):
@@ -126,26 +123,19 @@ class GroupedExperts(nn.Module):
         if num_tokens_per_expert.shape != (num_local,):
             raise ArgumentError(f"GroupedExperts: num_tokens_per_expert must be [{num_local}] (the local "
                                 f"experts), got {list(num_tokens_per_expert.shape)}")
-        if _grouped_mm_usable(x, w1):
-            offsets = torch.cumsum(num_tokens_per_expert.to(x.device), 0, dtype=torch.int32)
-            gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)
-            up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
-            out = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+        # moe.experts' implementation on the seed layout: w1 / w3 / w2 transposed are its (gate, up) pair and w2.
+        w13, w2_t = (w1.transpose(-2, -1), w3.transpose(-2, -1)), w2.transpose(-2, -1)
+        if _grouped_mm_usable(x, w13, w2_t):
+            counts = num_tokens_per_expert.to(x.device)
+            out = gated_mlp_grouped_mm(x, counts, w13, w2_t)
             # rows past the last offset are unspecified in _grouped_mm: zero them
             rows = torch.arange(x.shape[0], device=x.device)
-            return torch.where((rows < offsets[-1]).unsqueeze(1), out, out.new_zeros(()))
-        counts = [int(c) for c in num_tokens_per_expert.tolist()]
-        if sum(counts) > x.shape[0]:
-            raise ArgumentError(f"GroupedExperts: num_tokens_per_expert sums to {sum(counts)}, more than the "
+            return torch.where((rows < counts.sum()).unsqueeze(1), out, out.new_zeros(()))
+        total = int(num_tokens_per_expert.sum())
+        if total > x.shape[0]:
+            raise ArgumentError(f"GroupedExperts: num_tokens_per_expert sums to {total}, more than the "
                                 f"{x.shape[0]} rows of x")
-        pieces, start = [], 0
-        for expert, count in enumerate(counts):
-            rows = x[start:start + count]
-            hidden = F.silu(rows @ w1[expert].t()) * (rows @ w3[expert].t())
-            pieces.append(hidden @ w2[expert].t())
-            start += count
-        pieces.append(x.new_zeros((x.shape[0] - start, w2.shape[1])))
-        return torch.cat(pieces, 0)
+        return gated_mlp_loop(x, num_tokens_per_expert, w13, w2_t)
 
 
 class TokenReorderer(nn.Module):

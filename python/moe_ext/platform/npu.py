@@ -189,9 +189,15 @@ def grouped_gated_mlp(runtime: NpuRuntime, rows: torch.Tensor, group_list: torch
 
 def grouped_matmul(runtime: NpuRuntime, rows: torch.Tensor, group_list: torch.Tensor, group_list_type: int,
                    weight: torch.Tensor) -> torch.Tensor:
-    """One grouped matmul ``rows[group g] @ weight[g]`` (``npu_grouped_matmul``); weight [L, K, N]."""
-    return runtime.ops.npu_grouped_matmul(x=[rows], weight=[weight], group_list=group_list.to(torch.int64),
-                                          group_list_type=group_list_type, split_item=2, group_type=0)[0]
+    """One grouped matmul ``rows[group g] @ weight[g]`` (``npu_grouped_matmul``); weight [L, K, N].
+
+    As :func:`grouped_gated_mlp`: the padding rows past the groups (MC2's and
+    init_routing's outputs are padded) join the last group, so the group list
+    covers every row as documented (see :func:`_groups_covering_all_rows`).
+    """
+    ends = _groups_covering_all_rows(group_list, group_list_type, rows.shape[0])
+    return runtime.ops.npu_grouped_matmul(x=[rows], weight=[weight], group_list=ends, group_list_type=0,
+                                          split_item=2, group_type=0)[0]
 
 # -- MC2: npu_moe_distribute_dispatch[_v2] / npu_moe_distribute_combine[_v2] ----------------------
 # The arguments follow the operators' documentation of the pinned release (op-plugin 26.1.0:

@@ -34,6 +34,12 @@ of guessing:
   than ``0`` or ``BS * W``, the hierarchy and fullmesh_v2 MC2 algorithms,
   key-value expert counts and the ``int[]`` overload of the grouped matmul
   raise ``NotImplementedError``.
+
+One behaviour is assumed rather than documented: several MC2 dispatches may
+be in flight on one communicator (two micro-batches), each combine matched
+to its own dispatch by the handle that dispatch returned. The documentation
+only says a dispatch is paired with a combine; whether the HCCL window allows
+a second dispatch before the first combine on the hardware is unverified.
 """
 
 from __future__ import annotations
@@ -147,7 +153,9 @@ class EmulatedTorchNpu:
         self.soc_version = soc_version
         self.with_v2 = bool(with_v2)
         self._groups: dict[str, Any] = {}
-        self._records: dict[str, _DispatchRecord] = {}
+        # Dispatches not yet combined, per communicator, oldest first: several may be in flight
+        # (two micro-batches); combine finds its own by the handle dispatch returned.
+        self._records: dict[str, list[_DispatchRecord]] = {}
         self._ids = itertools.count(1)
         self.calls: dict[str, int] = {}
         packets = set(npu_schemas.SCHEMAS_BY_PACKET)
@@ -522,9 +530,9 @@ class EmulatedTorchNpu:
             assist[0] = dispatch_id
         else:
             assist = expand_idx
-        self._records[group_ep] = _DispatchRecord(
+        self._records.setdefault(group_ep, []).append(_DispatchRecord(
             dispatch_id, v2, batch, rows_out, expert_ids.clone(), active, expand_idx, assist, ep_recv_counts,
-            tp_recv_counts, expand_scales, mask, block_sizes, sent_per_expert)
+            tp_recv_counts, expand_scales, mask, block_sizes, sent_per_expert))
         dynamic_scales = _unwritten((rows_out,), torch.float32)
         return (expand_x, dynamic_scales, assist, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales)
 
@@ -557,11 +565,12 @@ class EmulatedTorchNpu:
                         shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs)
         if shared_expert_x is not None or comm_quant_mode != 0:
             raise NotImplementedError(f"emulated {op}: shared_expert_x and communication quantisation")
-        record = self._records.get(group_ep)
-        if record is None or record.v2 != v2:
+        in_flight = [r for r in self._records.get(group_ep, []) if r.v2 == v2]
+        if not in_flight:
             _refuse(op, "no matching dispatch on this communicator to combine")
         # Documented: pass dispatch's outputs to combine as they are; depend on nothing in them.
-        if not _same_tensor(handle, record.assist):
+        record = next((r for r in in_flight if _same_tensor(handle, r.assist)), None)
+        if record is None:
             _refuse(op, f"{'assist_info_for_combine' if v2 else 'expand_idx'} must be the tensor its dispatch "
                         f"returned")
         if not torch.equal(expert_ids, record.expert_ids) or not _same_tensor(ep_send_counts, record.ep_recv_counts):
@@ -619,7 +628,7 @@ class EmulatedTorchNpu:
             out[f // top_k] += float(scales[f]) * returned[row].float()
         inactive_tokens = ~record.active.view(batch, top_k).any(1)
         out[inactive_tokens] = float("nan")  # combine output of masked tokens is not documented
-        del self._records[group_ep]
+        self._records[group_ep] = [r for r in self._records[group_ep] if r is not record]
         return out.to(expand_x.dtype)
 
 

@@ -2,10 +2,12 @@
 
 from moe_ext.moe.comm.allgather import AllGatherCommImpl
 from moe_ext.moe.comm.alltoall import AllToAllCommImpl
-from moe_ext.moe.comm.base import GROUP_LIST_COUNT, GROUP_LIST_CUMSUM, MoECommMethod, PermuteResult
+from moe_ext.moe.comm.base import (GROUP_LIST_COUNT, GROUP_LIST_CUMSUM, CombineMetadata, MoECommMethod, PermuteResult,
+                                   Prepared, PrepareMetadata)
 from moe_ext.moe.comm.dummy import DummyCommImpl
 from moe_ext.moe.comm.mc2 import MC2CommImpl
 from moe_ext.moe.comm.native_allgather import NativeAllGatherCommImpl
 
-__all__ = ["AllGatherCommImpl", "AllToAllCommImpl", "DummyCommImpl", "GROUP_LIST_COUNT", "GROUP_LIST_CUMSUM",
-           "MC2CommImpl", "MoECommMethod", "NativeAllGatherCommImpl", "PermuteResult"]
+__all__ = ["AllGatherCommImpl", "AllToAllCommImpl", "CombineMetadata", "DummyCommImpl", "GROUP_LIST_COUNT",
+           "GROUP_LIST_CUMSUM", "MC2CommImpl", "MoECommMethod", "NativeAllGatherCommImpl", "PermuteResult", "Prepared",
+           "PrepareMetadata"]

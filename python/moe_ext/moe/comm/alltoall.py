@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -9,13 +10,34 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import moe_ext.ops as moe_ops
-from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
+from moe_ext.moe.comm.base import (GROUP_LIST_COUNT, CombineMetadata, MoECommMethod, PermuteResult, Prepared,
+                                   PrepareMetadata, grad_tensors)
 from moe_ext.moe.comm.collectives import all_gather_rows, all_to_all_rows, split_rows
 from moe_ext.moe.config import MoEConfig
 from moe_ext.moe.context import ForwardContext
 from moe_ext.moe.routing import permute_by_local_expert, unpermute_weighted
 
-__all__ = ["AllToAllCommImpl"]
+__all__ = ["AllToAllCommImpl", "AllToAllRoute"]
+
+
+@dataclass(frozen=True)
+class AllToAllRoute:
+    """One call's dispatch (``CombineMetadata.route`` of the all-to-all method).
+
+    ``expanded_row_idx`` int [P*K]: row of each prepared (token, k) in the
+    slot-sorted rows (-1: dropped); ``topk_weights`` [P, K];
+    ``input_splits`` / ``output_splits``: rows sent to / received from each EP
+    rank (host ints); ``grouped_position`` int64 [received]: where each
+    received row sits in the grouped layout; ``num_prepared_tokens``, ``top_k``.
+    """
+
+    expanded_row_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    input_splits: tuple[int, ...]
+    output_splits: tuple[int, ...]
+    grouped_position: torch.Tensor
+    num_prepared_tokens: int
+    top_k: int
 
 
 class AllToAllCommImpl(MoECommMethod):
@@ -45,33 +67,32 @@ class AllToAllCommImpl(MoECommMethod):
         super().__init__(config)
         self.alignment = alignment
 
-    def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
-        self.start_forward()
-        self.num_tokens = hidden_states.shape[0]
+    def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext) -> Prepared:
+        num_tokens = hidden_states.shape[0]
         tp = self.config.tp_size
         if tp == 1:
-            return hidden_states, topk_ids, topk_weights
-        pad = -self.num_tokens % tp
+            return Prepared(hidden_states, topk_ids, topk_weights, PrepareMetadata(num_tokens))
+        pad = -num_tokens % tp
         if pad:
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad))
             topk_ids = F.pad(topk_ids, (0, 0, 0, pad), value=self.config.num_physical_experts)
             topk_weights = F.pad(topk_weights, (0, 0, 0, pad))
         group, share = self.config.tp_group, topk_ids.shape[0] // tp
-        return (self.keep(split_rows(hidden_states, group)), topk_ids.narrow(0, self.config.tp_rank * share, share),
-                self.keep(split_rows(topk_weights, group)))
+        hidden_states, topk_weights = split_rows(hidden_states, group), split_rows(topk_weights, group)
+        return Prepared(hidden_states, topk_ids.narrow(0, self.config.tp_rank * share, share), topk_weights,
+                        PrepareMetadata(num_tokens, grad_tensors(hidden_states, topk_weights)))
 
-    def permute(self, hidden_states, topk_ids, topk_weights, expert_map: Optional[torch.Tensor] = None):
+    def permute(self, prepared: Prepared, expert_map: Optional[torch.Tensor] = None):
         if expert_map is not None:
             raise ValueError("AllToAllCommImpl.permute: expert_map must be None: slots are routed to the rank "
                              "that holds them (slot // num_local_experts)")
+        hidden_states, topk_ids, topk_weights, prepare_metadata = prepared
         config = self.config
         num_slots, num_local, world = config.num_physical_experts, config.num_local_experts, config.ep_size
         device = hidden_states.device
-        self.num_prepared_tokens, self.top_k = topk_ids.shape
-        self.topk_weights = topk_weights
         ids = topk_ids.to(torch.int64)
         ids = torch.where((ids >= 0) & (ids < num_slots), ids, torch.full_like(ids, -1))
-        by_slot, self.expanded_row_idx, tokens_per_slot = permute_by_local_expert(hidden_states, ids, num_slots)
+        by_slot, expanded_row_idx, tokens_per_slot = permute_by_local_expert(hidden_states, ids, num_slots)
 
         tokens_per_expert_group = tokens_per_slot
         if world > 1:
@@ -79,10 +100,8 @@ class AllToAllCommImpl(MoECommMethod):
             dist.all_to_all_single(tokens_per_expert_group, tokens_per_slot, group=config.ep_group.process_group)
         splits = torch.stack([tokens_per_slot.view(world, num_local).sum(1),
                               tokens_per_expert_group.view(world, num_local).sum(1)]).cpu()
-        self.input_splits, self.output_splits = splits[0].tolist(), splits[1].tolist()
-        self.num_sent = sum(self.input_splits)
-        received = self.keep(all_to_all_rows(by_slot[: self.num_sent], self.output_splits, self.input_splits,
-                                             config.ep_group))
+        input_splits, output_splits = tuple(splits[0].tolist()), tuple(splits[1].tolist())
+        received = all_to_all_rows(by_slot[: sum(input_splits)], output_splits, input_splits, config.ep_group)
 
         alignment = self.alignment or (8 if device.type == "cuda" else 1)
         max_len = received.shape[0] + num_local * alignment
@@ -92,26 +111,31 @@ class AllToAllCommImpl(MoECommMethod):
         num_grouped = int(padded_sizes.sum())
         gather_index = gather_index[:num_grouped].to(torch.int64)
         is_row = gather_index >= 0
-        self.num_received = received.shape[0]
+        num_received = received.shape[0]
         # Where each received row sits in the grouped layout (a permutation of the real rows).
-        self.grouped_position = torch.empty(self.num_received, dtype=torch.int64, device=device)
-        self.grouped_position[gather_index[is_row]] = torch.nonzero(is_row).squeeze(1)
+        grouped_position = torch.empty(num_received, dtype=torch.int64, device=device)
+        grouped_position[gather_index[is_row]] = torch.nonzero(is_row).squeeze(1)
         # Padding rows read one zero row appended to what arrived, so the grouped rows are
         # a function of ``received`` even when nothing arrived (no branch on the count).
         source = torch.cat([received, received.new_zeros((1, received.shape[1]))])
         grouped = source.index_select(0, torch.where(is_row, gather_index, torch.full_like(gather_index,
-                                                                                           self.num_received)))
-        return PermuteResult(grouped, padded_sizes.to(torch.int64), GROUP_LIST_COUNT)
+                                                                                           num_received)))
+        route = AllToAllRoute(expanded_row_idx, topk_weights, input_splits, output_splits, grouped_position,
+                              topk_ids.shape[0], topk_ids.shape[1])
+        return (PermuteResult(grouped, padded_sizes.to(torch.int64), GROUP_LIST_COUNT),
+                self.metadata(prepare_metadata, route, received))
 
-    def unpermute(self, mlp_output):
-        received_order = mlp_output.index_select(0, self.grouped_position)
-        returned = all_to_all_rows(received_order, self.input_splits, self.output_splits, self.config.ep_group)
-        rows = self.num_prepared_tokens * self.top_k
+    def unpermute(self, mlp_output, metadata: CombineMetadata):
+        route = self.check_metadata(metadata, "unpermute").route
+        received_order = mlp_output.index_select(0, route.grouped_position)
+        returned = all_to_all_rows(received_order, route.input_splits, route.output_splits, self.config.ep_group)
+        rows = route.num_prepared_tokens * route.top_k
         # The rows of dropped entries (never read: index -1), possibly none.
         returned = torch.cat([returned, returned.new_zeros((rows - returned.shape[0], returned.shape[1]))])
-        return unpermute_weighted(returned, self.expanded_row_idx, self.topk_weights)
+        return unpermute_weighted(returned, route.expanded_row_idx, route.topk_weights)
 
-    def finalize(self, hidden_states, reduce_results: bool = True):
+    def finalize(self, hidden_states, metadata: CombineMetadata, reduce_results: bool = True):
+        metadata = self.check_metadata(metadata, "finalize")
         if self.config.tp_size > 1:
             hidden_states = all_gather_rows(hidden_states, self.config.tp_group, backward="slice")
-        return self.tie_output(hidden_states[: self.num_tokens])
+        return self.tie_output(hidden_states[: metadata.prepare.num_tokens], metadata)

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
+from moe_ext.moe.comm.base import (GROUP_LIST_COUNT, CombineMetadata, MoECommMethod, PermuteResult, Prepared,
+                                   PrepareMetadata)
 from moe_ext.moe.comm.collectives import forward_only
 from moe_ext.moe.context import ForwardContext
 
@@ -25,20 +26,21 @@ class DummyCommImpl(MoECommMethod):
 
     name = "dummy"
 
-    def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
-        self.num_tokens = hidden_states.shape[0]
-        self.forward_inputs = (hidden_states, topk_weights)
-        return hidden_states, topk_ids, topk_weights
+    def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext) -> Prepared:
+        metadata = PrepareMetadata(hidden_states.shape[0], forward_inputs=(hidden_states, topk_weights))
+        return Prepared(hidden_states, topk_ids, topk_weights, metadata)
 
-    def permute(self, hidden_states, topk_ids, topk_weights, expert_map: Optional[torch.Tensor] = None):
-        self.hidden_shape = hidden_states.shape
+    def permute(self, prepared: Prepared, expert_map: Optional[torch.Tensor] = None):
+        hidden_states, topk_ids, _, prepare_metadata = prepared
         rows = hidden_states.repeat_interleave(topk_ids.shape[1], dim=0)
         counts = torch.zeros(self.config.num_local_experts, dtype=torch.int64, device=hidden_states.device)
-        return PermuteResult(rows, counts, GROUP_LIST_COUNT)
+        # route: the shape unpermute returns
+        return PermuteResult(rows, counts, GROUP_LIST_COUNT), self.metadata(prepare_metadata,
+                                                                           tuple(hidden_states.shape))
 
-    def unpermute(self, mlp_output):
-        return mlp_output.new_zeros(self.hidden_shape)
+    def unpermute(self, mlp_output, metadata: CombineMetadata):
+        return mlp_output.new_zeros(self.check_metadata(metadata, "unpermute").route)
 
-    def finalize(self, hidden_states, reduce_results: bool = True):
-        inputs, self.forward_inputs = self.forward_inputs, ()
-        return forward_only(hidden_states[: self.num_tokens], self.name, inputs)
+    def finalize(self, hidden_states, metadata: CombineMetadata, reduce_results: bool = True):
+        prepared = self.check_metadata(metadata, "finalize").prepare
+        return forward_only(hidden_states[: prepared.num_tokens], self.name, prepared.forward_inputs)

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from moe_ext.moe.comm.base import GROUP_LIST_COUNT, MoECommMethod, PermuteResult
+from moe_ext.moe.comm.base import (GROUP_LIST_COUNT, CombineMetadata, MoECommMethod, PermuteResult, Prepared,
+                                   PrepareMetadata)
 from moe_ext.moe.comm.collectives import all_gather_rows, forward_only
 from moe_ext.moe.config import MoEConfig
 from moe_ext.moe.context import ForwardContext
 from moe_ext.platform import npu as npu_adapter
 
-__all__ = ["MC2CommImpl"]
+__all__ = ["MC2CommImpl", "MC2Route"]
+
+
+@dataclass(frozen=True)
+class MC2Route:
+    """One call's dispatch (``CombineMetadata.route`` of MC2): the weights combine applies
+    [P, K] and the operator's own outputs combine must be given back (:class:`DispatchState`)."""
+
+    topk_weights: torch.Tensor
+    state: npu_adapter.DispatchState
 
 
 class MC2CommImpl(MoECommMethod):
@@ -40,10 +51,10 @@ class MC2CommImpl(MoECommMethod):
         group = config.mc2_group
         self.comm_name = npu_adapter.hccl_comm_name(npu, group.process_group)  # this process's global rank
 
-    def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext):
-        self.num_tokens = hidden_states.shape[0]
-        self.forward_inputs = (hidden_states, topk_weights)
-        pad = context.padded_num_tokens - self.num_tokens
+    def prepare(self, hidden_states, topk_ids, topk_weights, context: ForwardContext) -> Prepared:
+        num_tokens = hidden_states.shape[0]
+        forward_inputs = (hidden_states, topk_weights)
+        pad = context.padded_num_tokens - num_tokens
         mask = context.mc2_mask
         if pad > 0:
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad))
@@ -55,28 +66,30 @@ class MC2CommImpl(MoECommMethod):
             rank = self.config.tp_rank
             hidden_states = hidden_states.chunk(tp)[rank]
             topk_ids, topk_weights, mask = topk_ids.chunk(tp)[rank], topk_weights.chunk(tp)[rank], mask.chunk(tp)[rank]
-        self.active_mask = mask
-        return hidden_states, topk_ids, topk_weights
+        return Prepared(hidden_states, topk_ids, topk_weights,
+                        PrepareMetadata(num_tokens, active_mask=mask, forward_inputs=forward_inputs))
 
-    def permute(self, hidden_states, topk_ids, topk_weights, expert_map: Optional[torch.Tensor] = None):
+    def permute(self, prepared: Prepared, expert_map: Optional[torch.Tensor] = None):
         if expert_map is not None:
             raise ValueError("MC2CommImpl.permute: expert_map must be None: MC2 routes slot s to rank "
                              "s // num_local_experts")
-        self.topk_weights = topk_weights
-        rows, expert_tokens, self.state = npu_adapter.distribute_dispatch(
-            self.npu, hidden_states, topk_ids, active_mask=self.active_mask, expert_weights=topk_weights,
-            **self._group_kwargs())
-        return PermuteResult(rows, expert_tokens, GROUP_LIST_COUNT)
+        hidden_states, topk_ids, topk_weights, prepare_metadata = prepared
+        rows, expert_tokens, state = npu_adapter.distribute_dispatch(
+            self.npu, hidden_states, topk_ids, active_mask=prepare_metadata.active_mask,
+            expert_weights=topk_weights, **self._group_kwargs())
+        return (PermuteResult(rows, expert_tokens, GROUP_LIST_COUNT),
+                self.metadata(prepare_metadata, MC2Route(topk_weights, state)))
 
-    def unpermute(self, mlp_output):
-        return npu_adapter.distribute_combine(self.npu, mlp_output, self.topk_weights, self.state,
+    def unpermute(self, mlp_output, metadata: CombineMetadata):
+        route = self.check_metadata(metadata, "unpermute").route
+        return npu_adapter.distribute_combine(self.npu, mlp_output, route.topk_weights, route.state,
                                               **self._group_kwargs())
 
-    def finalize(self, hidden_states, reduce_results: bool = True):
+    def finalize(self, hidden_states, metadata: CombineMetadata, reduce_results: bool = True):
+        prepared = self.check_metadata(metadata, "finalize").prepare
         if self.config.tp_size > 1:
             hidden_states = all_gather_rows(hidden_states, self.config.tp_group)
-        inputs, self.forward_inputs = self.forward_inputs, ()
-        return forward_only(hidden_states[: self.num_tokens], self.name, inputs)
+        return forward_only(hidden_states[: prepared.num_tokens], self.name, prepared.forward_inputs)
 
     def _group_kwargs(self) -> dict:
         config = self.config
