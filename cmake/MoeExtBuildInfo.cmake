@@ -19,6 +19,7 @@ if(MOE_EXT_WRITE_BUILD_INFO)
   _moe_ext_py_bool(_cuda_ops MOE_EXT_CUDA_OPS_BUILT)
   _moe_ext_py_bool(_cann MOE_EXT_CANN_FOUND)
   _moe_ext_py_bool(_ascend MOE_EXT_ASCEND_KERNELS_BUILT)
+  _moe_ext_py_bool(_npu_ops MOE_EXT_NPU_OPS_BUILT)
   file(WRITE "${MOE_EXT_OUTPUT_DIR}/_build_info.py.tmp"
 "\"\"\"What this build of moe_ext compiled (written by CMake: cmake/MoeExtBuildInfo.cmake).\"\"\"
 
@@ -33,6 +34,7 @@ BUILD_INFO = {
     \"cuda_compiler_version\": \"${CMAKE_CUDA_COMPILER_VERSION}\",
     \"cann_found\": ${_cann},
     \"ascend_kernels_built\": ${_ascend},
+    \"npu_dispatch_built\": ${_npu_ops},
     \"cxx_compiler\": \"${CMAKE_CXX_COMPILER_ID} ${CMAKE_CXX_COMPILER_VERSION}\",
 }
 ")

@@ -10,9 +10,15 @@
 #include "kernels/gather_rows.h"
 #include "kernels/permute_indices.h"
 #include "kernels/permute_layout.h"
+#include "kernels/row_inverse.h"
 #include "kernels/unpermute.h"
 
 using moe_ext::ascend::ExpertHistogramPartial;
+using moe_ext::ascend::FillKernel;
+using moe_ext::ascend::InverseVerify;
+using moe_ext::ascend::InverseWrite;
+using moe_ext::ascend::UnpermuteBackwardKernel;
+using moe_ext::ascend::ZeroUnnamedRowsKernel;
 using moe_ext::ascend::ExpertHistogramReduce;
 using moe_ext::ascend::GatherRowsKernel;
 using moe_ext::ascend::PermuteIndicesKernel;
@@ -54,16 +60,72 @@ extern "C" __global__ __aicore__ void moe_ext_expert_histogram_reduce(GM_ADDR wo
   kernel.Process();
 }
 
-#define MOE_EXT_UNPERMUTE_ENTRY(NAME, IndexT)                                                          \
-  extern "C" __global__ __aicore__ void NAME(GM_ADDR permuted, GM_ADDR row_idx, GM_ADDR probs,         \
-                                             GM_ADDR out, GM_ADDR tiling, int64_t num_tokens) {        \
-    UnpermuteKernel<IndexT> kernel;                                                                    \
-    kernel.Init(permuted, row_idx, probs, out, tiling, num_tokens);                                    \
-    kernel.Process();                                                                                  \
+// moe_unpermute forward / backward: rows T (f32, f16, bf16), probs P (f32 or T), index i32 / i64.
+#define MOE_EXT_UNPERMUTE_ENTRIES(SUFFIX, T, P, IndexT)                                                       \
+  extern "C" __global__ __aicore__ void moe_ext_unpermute_##SUFFIX(GM_ADDR permuted, GM_ADDR row_idx,        \
+                                                                   GM_ADDR probs, GM_ADDR out, GM_ADDR tiling, \
+                                                                   int64_t num_tokens) {                       \
+    UnpermuteKernel<T, P, IndexT> kernel;                                                                      \
+    kernel.Init(permuted, row_idx, probs, out, tiling, num_tokens);                                            \
+    kernel.Process();                                                                                          \
+  }                                                                                                            \
+  extern "C" __global__ __aicore__ void moe_ext_unpermute_backward_##SUFFIX(                                  \
+      GM_ADDR grad_out, GM_ADDR permuted, GM_ADDR row_idx, GM_ADDR probs, GM_ADDR grad_permuted,              \
+      GM_ADDR grad_probs, GM_ADDR tiling, int64_t num_tokens) {                                                \
+    UnpermuteBackwardKernel<T, P, IndexT> kernel;                                                              \
+    kernel.Init(grad_out, permuted, row_idx, probs, grad_permuted, grad_probs, tiling, num_tokens);           \
+    kernel.Process();                                                                                          \
   }
 
-MOE_EXT_UNPERMUTE_ENTRY(moe_ext_unpermute_f32_i32, int32_t)
-MOE_EXT_UNPERMUTE_ENTRY(moe_ext_unpermute_f32_i64, int64_t)
+MOE_EXT_UNPERMUTE_ENTRIES(f32_pf32_i32, float, float, int32_t)
+MOE_EXT_UNPERMUTE_ENTRIES(f32_pf32_i64, float, float, int64_t)
+MOE_EXT_UNPERMUTE_ENTRIES(f16_pf32_i32, half, float, int32_t)
+MOE_EXT_UNPERMUTE_ENTRIES(f16_pf32_i64, half, float, int64_t)
+MOE_EXT_UNPERMUTE_ENTRIES(f16_pf16_i32, half, half, int32_t)
+MOE_EXT_UNPERMUTE_ENTRIES(f16_pf16_i64, half, half, int64_t)
+MOE_EXT_UNPERMUTE_ENTRIES(bf16_pf32_i32, bfloat16_t, float, int32_t)
+MOE_EXT_UNPERMUTE_ENTRIES(bf16_pf32_i64, bfloat16_t, float, int64_t)
+MOE_EXT_UNPERMUTE_ENTRIES(bf16_pbf16_i32, bfloat16_t, bfloat16_t, int32_t)
+MOE_EXT_UNPERMUTE_ENTRIES(bf16_pbf16_i64, bfloat16_t, bfloat16_t, int64_t)
+
+// The inverse index of scatter_rows and the unpermute backward (kernels/row_inverse.h): fill with
+// -1, write, verify; op = 0 (scatter_rows) or 1 (moe_unpermute_backward) picks the check's wording.
+extern "C" __global__ __aicore__ void moe_ext_fill_i32(GM_ADDR out, GM_ADDR tiling, int32_t value) {
+  FillKernel<int32_t> kernel;
+  kernel.Init(out, tiling, value);
+  kernel.Process();
+}
+
+extern "C" __global__ __aicore__ void moe_ext_fill_b2(GM_ADDR out, GM_ADDR tiling) {  // zeros, 2-byte words
+  FillKernel<uint16_t> kernel;
+  kernel.Init(out, tiling, 0);
+  kernel.Process();
+}
+
+#define MOE_EXT_INVERSE_ENTRIES(SUFFIX, IndexT)                                                               \
+  extern "C" __global__ __aicore__ void moe_ext_inverse_write_##SUFFIX(GM_ADDR indices, GM_ADDR inverse,       \
+                                                                      GM_ADDR tiling, int64_t op) {          \
+    InverseWrite<IndexT> kernel;                                                                             \
+    kernel.Init(indices, inverse, tiling, op);                                                               \
+    kernel.Process();                                                                                        \
+  }                                                                                                          \
+  extern "C" __global__ __aicore__ void moe_ext_inverse_verify_##SUFFIX(GM_ADDR indices, GM_ADDR inverse,      \
+                                                                       GM_ADDR tiling, int64_t op) {         \
+    InverseVerify<IndexT> kernel;                                                                            \
+    kernel.Init(indices, inverse, tiling, op);                                                               \
+    kernel.Process();                                                                                        \
+  }
+
+MOE_EXT_INVERSE_ENTRIES(i32, int32_t)
+MOE_EXT_INVERSE_ENTRIES(i64, int64_t)
+
+// Rows no index names become zeros (the row's bytes as 2-byte words).
+extern "C" __global__ __aicore__ void moe_ext_zero_unnamed_rows(GM_ADDR out, GM_ADDR inverse, GM_ADDR tiling,
+                                                                int64_t num_rows) {
+  ZeroUnnamedRowsKernel<uint16_t> kernel;
+  kernel.Init(out, inverse, tiling, num_rows);
+  kernel.Process();
+}
 
 #define MOE_EXT_PERMUTE_INDICES_ENTRY(NAME, CountT)                                                   \
   extern "C" __global__ __aicore__ void NAME(GM_ADDR counts, GM_ADDR permuted_indices, GM_ADDR m_sizes, \

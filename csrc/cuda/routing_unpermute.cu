@@ -570,6 +570,37 @@ unpermute_backward_tile_kernel(const T* __restrict__ grad_out, const T* __restri
   }
 }
 
+// Zeroes the rows of out that the named-row bitmask does not mark (the padded
+// layout of an aligned moe_permute: its pad rows sit inside grouped-GEMM groups).
+template <int kBytes>
+__global__ void __launch_bounds__(kBlockThreads)
+zero_unmarked_rows_kernel(uint8_t* __restrict__ out, int64_t num_rows, int64_t vectors_per_row,
+                          int threads_per_row_, const uint32_t* __restrict__ named) {
+  using V = typename Unit<kBytes>::type;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlockThreads / threads_per_row_) +
+                    threadIdx.x / threads_per_row_;
+  if (r >= num_rows || ((named[r >> 5] >> (r & 31)) & 1u) != 0) return;
+  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
+  V* __restrict__ row = reinterpret_cast<V*>(out) + r * vectors_per_row;
+  const V zero{};
+  for (int64_t v = lane; v < vectors_per_row; v += threads_per_row_) row[v] = zero;
+}
+
+cudaError_t launch_zero_unmarked_rows(void* out, int64_t num_rows, int64_t row_bytes, const uint32_t* named,
+                                      cudaStream_t stream) {
+  if (num_rows == 0 || row_bytes == 0) return cudaSuccess;
+  const int unit = copy_unit_bytes(row_bytes, {out});
+  const int64_t vectors = row_bytes / unit;
+  const int threads = threads_per_row(vectors);
+  const unsigned blocks = grid_for_rows(num_rows, threads);
+  return dispatch_unit(unit, [&](auto unit_tag) {
+    constexpr int kBytes = decltype(unit_tag)::value;
+    zero_unmarked_rows_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(static_cast<uint8_t*>(out), num_rows,
+                                                                            vectors, threads, named);
+    return cudaGetLastError();
+  });
+}
+
 // Benchmark switch while variants are compared on the GPU (removed once chosen).
 inline int routing_variant(const char* name, int fallback) {
   const char* value = std::getenv(name);
@@ -749,8 +780,14 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
     });
     if (status != cudaSuccess) return status;
   }
-  if (variant > 0) return cudaSuccess;  // rows no entry names are left unwritten (see launch_backward)
   const int64_t element_bytes = type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
+  if (variant > 0) {
+    // Rows no entry names are left unwritten, except in the padded layout of an aligned moe_permute
+    // (more rows than entries), whose pad rows sit inside the grouped GEMM's groups: zeros there.
+    if (num_rows <= num_tokens * topk) return cudaSuccess;
+    return launch_zero_unmarked_rows(grad_permuted, num_rows, hidden_size * element_bytes,
+                                     reinterpret_cast<const uint32_t*>(inverse), stream);
+  }
   return launch_zero_unnamed_rows(grad_permuted, num_rows, hidden_size * element_bytes, inverse, stream);
 }
 

@@ -7,7 +7,10 @@ they were compiled against, only to a minimum release:
 
 - ``_C.so`` declares the schemas and registers the CPU kernels;
 - ``_C_cuda.so`` registers the CUDA kernels. It is loaded only when the running
-  torch is a CUDA build, so a CPU-only torch never touches it.
+  torch is a CUDA build, so a CPU-only torch never touches it;
+- ``_C_npu.so`` (built only with CANN and torch_npu; not on the stable ABI, tied
+  to the torch / torch_npu it was built with) registers the AscendC kernels for
+  the NPU key. It is loaded only when the build made it and torch_npu imports.
 
 Both load on any torch from ``build_info()["torch_min_version"]`` on; an older
 torch is refused here with a clear message rather than by the dynamic loader.
@@ -100,7 +103,18 @@ def load_native_ops() -> None:
     _load(os.path.join(package, "_C.so"), "op library (schemas and CPU kernels)")
     if torch.version.cuda is not None and info["cuda_dispatch_built"]:
         _load(os.path.join(package, "_C_cuda.so"), "CUDA op library")
+    if info.get("npu_dispatch_built") and _torch_npu_imports():
+        _load(os.path.join(package, "_C_npu.so"), "NPU op library (AscendC kernels)")
     _loaded = True
+
+
+def _torch_npu_imports() -> bool:
+    """Whether torch_npu is importable (it registers the NPU device _C_npu.so needs)."""
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def native_error(error: RuntimeError) -> Exception:

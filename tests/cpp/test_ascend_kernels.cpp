@@ -22,7 +22,7 @@ void moe_ext_gather_rows_b8_i64(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 void moe_ext_expert_histogram_partial_i32(GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_expert_histogram_partial_i64(GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_expert_histogram_reduce(GM_ADDR, GM_ADDR, GM_ADDR);
-void moe_ext_unpermute_f32_i32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_unpermute_f32_pf32_i32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 void moe_ext_generate_permute_indices_i64(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_permute_key_count_i64_m32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_permute_place_i64_m32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
@@ -163,7 +163,7 @@ TEST(AscendKernels, UnpermuteMatchesTheOrderedFp32Sum) {
           auto words = ascend::kernel_tiling_words(tiling.split, 1, hidden, tiling.row_stride_ub / 4, rows, topk);
           std::vector<float> out(static_cast<size_t>(tokens * hidden), 99.0f);
           AscendC::twin::launch(tiling.split.blocks, AscendC::twin::kA2UbBytes, [&] {
-            moe_ext_unpermute_f32_i32(gm(permuted.data()), gm(row_idx.data()),
+            moe_ext_unpermute_f32_pf32_i32(gm(permuted.data()), gm(row_idx.data()),
                                       with_probs ? gm(probs.data()) : nullptr, gm(out.data()), gm(words.data()),
                                       tokens);
           });

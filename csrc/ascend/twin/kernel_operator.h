@@ -36,9 +36,29 @@
 //      block writes in the same launch - the twin runs them one after another,
 //      which would hide such a race, so kernels here never rely on ordering).
 //
+//  R7  Precision conversion ("Cast", atlasascendc_api_07_0072, and the
+//      RoundMode enum on "ScalarCast", atlasascendc_api_07_0018): the kernels
+//      widen half / bfloat16_t to float with CAST_NONE (exact) and narrow float
+//      to half / bfloat16_t with CAST_RINT (round half to even, the page's
+//      rule: carry when the first dropped bit is 1 and the rest are not all 0,
+//      or all are 0 and the kept last bit is 1). Only these pairs and modes are
+//      modelled; any other Cast is refused at compile time or as a violation.
+//      half and bfloat16_t are storage types here: the twin's arithmetic
+//      instructions (Muls, Add, Mul, ReduceSum) only take float or integers,
+//      so a kernel that forgot to widen does not compile.
+//  R8  ReduceSum, count form ("ReduceSum", atlasascendc_api_07_0078): float
+//      only on A2; the sum is a binary tree inside each 256-byte repeat (64
+//      floats) and the repeats' results are added in order ("method 2", what
+//      the page gives for the count form on Atlas A2); the twin computes
+//      exactly that order, so the result differs from a sequential sum within
+//      rounding. sharedTmpBuffer must hold at least one float per repeat
+//      (rounded to 32 bytes) - the page's size formula is not modelled beyond that.
+//
 // What the twin does NOT model: timing, pipe concurrency (EnQue/DeQue order is
 // checked, the overlap is not), real vector-instruction repeat/mask limits,
-// bf16/fp16 arithmetic (kernels here are tested in fp32 and integer types).
+// Cast pairs and modes other than R7, half arithmetic (kernels widen to float),
+// saturation of float -> half overflow (IEEE infinity here; the hardware's
+// overflow mode is not checked).
 #pragma once
 
 #include <cstdint>
@@ -54,7 +74,17 @@
 #define __gm__
 #define GM_ADDR uint8_t*
 
+// 16-bit floating types as the kernels see them (global names, as on device): storage only (R7).
+struct half {
+  uint16_t bits = 0;
+};
+struct bfloat16_t {
+  uint16_t bits = 0;
+};
+
 namespace AscendC {
+
+enum class RoundMode { CAST_NONE = 0, CAST_RINT, CAST_FLOOR, CAST_CEIL, CAST_ROUND, CAST_TRUNC, CAST_ODD };
 
 enum class TPosition { GM, VECIN, VECOUT, VECCALC };
 enum pipe_t { PIPE_ALL, PIPE_V, PIPE_S, PIPE_MTE2, PIPE_MTE3 };
@@ -403,6 +433,168 @@ void Add(const LocalTensor<T>& dst, const LocalTensor<T>& a, const LocalTensor<T
     std::memcpy(&v, y + i * sizeof(T), sizeof(T));
     u = static_cast<T>(u + v);
     std::memcpy(out + i * sizeof(T), &u, sizeof(T));
+  }
+}
+
+template <typename T>
+void Mul(const LocalTensor<T>& dst, const LocalTensor<T>& a, const LocalTensor<T>& b, int64_t count) {
+  static_assert(std::is_arithmetic_v<T>, "twin Mul models arithmetic types only");
+  uint8_t* out = dst.operand(count, "Mul");
+  const uint8_t* x = a.operand(count, "Mul");
+  const uint8_t* y = b.operand(count, "Mul");
+  for (int64_t i = 0; i < count; ++i) {
+    T u, v;
+    std::memcpy(&u, x + i * sizeof(T), sizeof(T));
+    std::memcpy(&v, y + i * sizeof(T), sizeof(T));
+    u = static_cast<T>(u * v);
+    std::memcpy(out + i * sizeof(T), &u, sizeof(T));
+  }
+}
+
+// ---------------------------------------------------------------- R8: ReduceSum (count form)
+
+namespace twin {
+constexpr int64_t kRepeatBytes = 256;
+
+// The documented A2 order: a pairwise tree inside each 64-float repeat (a short last repeat
+// padded with zeros, which adds nothing), then the repeats' sums added in order.
+inline float reduce_sum_a2(const float* values, int64_t count) {
+  constexpr int64_t per_repeat = kRepeatBytes / static_cast<int64_t>(sizeof(float));
+  float total = 0.0f;
+  for (int64_t first = 0; first < count; first += per_repeat) {
+    float lane[per_repeat] = {};
+    const int64_t n = count - first < per_repeat ? count - first : per_repeat;
+    for (int64_t i = 0; i < n; ++i) lane[i] = values[first + i];
+    for (int64_t width = per_repeat / 2; width >= 1; width /= 2)
+      for (int64_t i = 0; i < width; ++i) lane[i] = lane[2 * i] + lane[2 * i + 1];
+    total = first == 0 ? lane[0] : total + lane[0];
+  }
+  return total;
+}
+}  // namespace twin
+
+template <typename T>
+void ReduceSum(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<T>& work, int64_t count) {
+  static_assert(std::is_same_v<T, float>, "R8: ReduceSum on Atlas A2 takes float");
+  constexpr int64_t per_repeat = twin::kRepeatBytes / static_cast<int64_t>(sizeof(float));
+  const int64_t repeats = (count + per_repeat - 1) / per_repeat;
+  if (count < 1) twin::violate("R8 (ReduceSum)", "count must be >= 1, got " + std::to_string(count));
+  (void)work.operand(twin::round_up(repeats * 4) / 4, "ReduceSum work");  // R8: one float per repeat, R1, R5
+  std::vector<float> values(static_cast<size_t>(count));
+  std::memcpy(values.data(), src.operand(count, "ReduceSum"), static_cast<size_t>(count) * sizeof(float));
+  const float sum = twin::reduce_sum_a2(values.data(), count);
+  std::memcpy(dst.operand(1, "ReduceSum"), &sum, sizeof(float));
+}
+
+// ---------------------------------------------------------------- R7: Cast
+
+namespace twin {
+inline float widen(bfloat16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float widen(half value) {
+  const uint32_t sign = static_cast<uint32_t>(value.bits & 0x8000u) << 16;
+  const uint32_t exponent = (value.bits >> 10) & 0x1Fu, mantissa = value.bits & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);  // inf / nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    uint32_t e = 113, m = mantissa;
+    while ((m & 0x400u) == 0) {
+      m <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((m & 0x3FFu) << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// float -> bfloat16_t, CAST_RINT: keep the top 16 bits, round the dropped 16 half to even.
+inline bfloat16_t narrow_bf16_rint(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bfloat16_t out;
+  if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu) != 0) {
+    out.bits = static_cast<uint16_t>((bits >> 16) | 0x0040u);  // nan stays a (quiet) nan
+    return out;
+  }
+  const uint32_t dropped = bits & 0xFFFFu, kept = bits >> 16;
+  const bool carry = dropped > 0x8000u || (dropped == 0x8000u && (kept & 1u) != 0);
+  out.bits = static_cast<uint16_t>(kept + (carry ? 1u : 0u));
+  return out;
+}
+
+// float -> half, CAST_RINT (IEEE round half to even; overflow to infinity, see the header).
+inline half narrow_half_rint(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const int32_t exponent = static_cast<int32_t>((bits >> 23) & 0xFFu);
+  uint32_t mantissa = bits & 0x7FFFFFu;
+  half out;
+  if (exponent == 0xFF) {
+    out.bits = static_cast<uint16_t>(sign | 0x7C00u | (mantissa != 0 ? 0x200u : 0u));
+    return out;
+  }
+  int32_t e = exponent - 127 + 15;
+  if (e >= 0x1F) {
+    out.bits = static_cast<uint16_t>(sign | 0x7C00u);
+    return out;
+  }
+  uint32_t shift = 13;
+  if (e <= 0) {  // subnormal or zero half
+    if (e < -10) {
+      out.bits = static_cast<uint16_t>(sign);
+      return out;
+    }
+    mantissa |= 0x800000u;
+    shift = static_cast<uint32_t>(14 - e);
+    e = 0;
+  }
+  uint32_t kept = mantissa >> shift;
+  const uint32_t dropped = mantissa & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+  if (dropped > halfway || (dropped == halfway && (kept & 1u) != 0)) ++kept;
+  // a carry out of the mantissa moves into the exponent, which is what the bit layout gives
+  out.bits = static_cast<uint16_t>(sign | ((static_cast<uint32_t>(e) << 10) + kept));
+  return out;
+}
+
+template <typename To, typename From>
+To convert(From value, RoundMode mode) {
+  if constexpr (std::is_same_v<To, float> && (std::is_same_v<From, half> || std::is_same_v<From, bfloat16_t>)) {
+    if (mode != RoundMode::CAST_NONE) violate("R7 (Cast)", "widening to float is modelled with CAST_NONE only");
+    return widen(value);
+  } else if constexpr (std::is_same_v<From, float> && std::is_same_v<To, bfloat16_t>) {
+    if (mode != RoundMode::CAST_RINT) violate("R7 (Cast)", "float -> bfloat16_t is modelled with CAST_RINT only");
+    return narrow_bf16_rint(value);
+  } else if constexpr (std::is_same_v<From, float> && std::is_same_v<To, half>) {
+    if (mode != RoundMode::CAST_RINT) violate("R7 (Cast)", "float -> half is modelled with CAST_RINT only");
+    return narrow_half_rint(value);
+  } else {
+    static_assert(sizeof(To) == 0, "R7: this Cast pair is not modelled by the twin");
+  }
+}
+}  // namespace twin
+
+template <typename To, typename From>
+void Cast(const LocalTensor<To>& dst, const LocalTensor<From>& src, RoundMode mode, int64_t count) {
+  uint8_t* out = dst.operand(count, "Cast");
+  const uint8_t* in = src.operand(count, "Cast");
+  std::vector<From> values(static_cast<size_t>(count));
+  std::memcpy(values.data(), in, static_cast<size_t>(count) * sizeof(From));  // dst may alias src
+  for (int64_t i = 0; i < count; ++i) {
+    const To value = twin::convert<To>(values[static_cast<size_t>(i)], mode);
+    std::memcpy(out + i * sizeof(To), &value, sizeof(To));
   }
 }
 

@@ -42,6 +42,7 @@ def collect() -> dict:
             "npu": {
                 "cann_found_at_build": built["cann_found"],
                 "ascend_kernels_built": built["ascend_kernels_built"],
+                "dispatch_registered": bool(built.get("npu_dispatch_built")),
                 "torch_npu_available": platform.has_npu(),
             },
         },
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
          f"dispatch registered: {cuda['dispatch_registered']}, torch CUDA {facts['torch_cuda']}"),
         ("npu", "yes" if npu["ascend_kernels_built"] else "no",
          "yes" if npu["torch_npu_available"] else "no",
-         f"CANN found at build: {npu['cann_found_at_build']}; NPU paths call torch_npu operators"),
+         f"CANN found at build: {npu['cann_found_at_build']}; torch.ops.moe_ext on NPU tensors: "
+         + ("AscendC kernels (_C_npu.so)" if npu["dispatch_registered"] else "not registered")
+         + "; the MoE layer's NPU path calls torch_npu operators"),
     ]
     print(f"{'backend':8} {'compiled':9} {'usable':7} details")
     for name, compiled, usable, details in rows:
