@@ -208,9 +208,13 @@ def permute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, devi
     row_bytes = hidden_size * hidden.element_size()
     # useful bytes: each needed token row read once, each valid row written once, the ids read
     moved = needed_tokens * row_bytes + valid_rows * row_bytes + ids.numel() * ids.element_size()
-    return measure(name, moved,
-                   lambda h, i: moe_permute(h, i, num_experts=num_experts, active_expert_range=active),
-                   lambda h, i: seed_permute(h, i, expert_map, local), (hidden, ids), device)
+    yield measure(name, moved,
+                  lambda h, i: moe_permute(h, i, num_experts=num_experts, active_expert_range=active),
+                  lambda h, i: seed_permute(h, i, expert_map, local), (hidden, ids), device)
+    if num_tokens * topk > 2048:  # the index alone (H=0: no row copied), to split the time; same bytes column
+        yield measure(f"  (index only, H=0) {name.split(' ', 1)[1]}", moved,
+                      lambda h, i: moe_permute(h[:, :0], i, num_experts=num_experts, active_expert_range=active),
+                      None, (hidden, ids), device)
 
 
 def unpermute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, device, dtype):
@@ -382,7 +386,7 @@ EP_SIZES = (1, 2, 4, 8, 32)
 
 def cases(device: str, small: bool, dtype: torch.dtype):
     if small:
-        yield permute_case("permute T=256 H=512 K=8 E=64 EP4", 256, 512, 8, 64, 4, device, dtype)
+        yield from permute_case("permute T=256 H=512 K=8 E=64 EP4", 256, 512, 8, 64, 4, device, dtype)
         yield unpermute_case("unpermute T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype)
         yield unpermute_backward_case("unpermute bwd T=256 H=512 K=8", 256, 512, 8, 64, 1, device, dtype)
         yield regroup_case("group_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, device, dtype)
@@ -391,18 +395,19 @@ def cases(device: str, small: bool, dtype: torch.dtype):
         yield from variant_cases(device, small, dtype)
         return
     for ep in EP_SIZES:
-        yield permute_case(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
-    yield permute_case("permute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
+        yield from permute_case(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
+    yield from permute_case("permute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
     for ep in EP_SIZES:
         yield unpermute_case(f"unpermute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
     yield unpermute_case("unpermute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
     for ep in EP_SIZES:
         yield unpermute_backward_case(f"unpermute bwd T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep,
                                       device, dtype)
+    yield unpermute_backward_case("unpermute bwd T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
     for tokens in (16, 256):
         for ep in (1, 8):
-            yield permute_case(f"permute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
-                               device, dtype)
+            yield from permute_case(f"permute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
+                                    device, dtype)
             yield unpermute_case(f"unpermute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
                                  device, dtype)
     yield regroup_case("group_by_local_expert 8 ranks x 32 experts, 16k rows H=7168", 64, 32, 8, 7168, 128,
@@ -412,125 +417,10 @@ def cases(device: str, small: bool, dtype: torch.dtype):
     yield from variant_cases(device, small, dtype)
 
 
-# ---------------------------------------------------------------- kernel variants (--variants)
-#
-# While kernel variants are compared, the CUDA launchers read MOE_EXT_UNPERMUTE_FWD /
-# MOE_EXT_UNPERMUTE_BWD (0 = the previous kernel); each variant is captured in its own graph,
-# so one run times all of them on the same inputs, and checks each against variant 0.
-
-VARIANTS = {"MOE_EXT_UNPERMUTE_FWD": (0, 3, 5, 6), "MOE_EXT_UNPERMUTE_BWD": (0, 3, 5, 6, 7),
-            "MOE_EXT_PERMUTE_COPY": (0, 1), "MOE_EXT_PERMUTE_INDEX": (0, 1), "MOE_EXT_PERMUTE_DECODE": (0, 1)}
-
-
-def with_variant(name: str, value: int, fn):
-    import os
-    previous = os.environ.get(name)
-    os.environ[name] = str(value)
-    try:
-        return fn()
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
-def permute_variant_rows(device: str, dtype: torch.dtype, specs):
-    """Permute: every copy variant, and the index alone (H=0: the index kernels, no row copied)."""
-    env = "MOE_EXT_PERMUTE_COPY"
-    for label, tokens, hidden_size, topk, experts, ep in specs:
-        generator = torch.Generator().manual_seed(0)
-        hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype).to(device)
-        ids = routing(generator, tokens, topk, experts, device)
-        active = rank0_range(experts, ep)
-        fn = lambda h, i: moe_permute(h, i, num_experts=experts, active_expert_range=active)  # noqa: E731
-        reference = with_variant(env, 0, lambda: fn(hidden, ids))
-        valid = int((reference.expanded_row_idx >= 0).sum())
-        needed = int((reference.expanded_row_idx.view(tokens, topk) >= 0).any(1).sum())
-        row_bytes = hidden_size * hidden.element_size()
-        moved = needed * row_bytes + valid * row_bytes + ids.numel() * ids.element_size()
-        sets = input_sets((hidden, ids), max(hidden.numel() * hidden.element_size(), moved), device)
-        memcpy, kernel = floors_us(moved, device)
-        switches = [(env, value) for value in VARIANTS[env]]
-        if tokens * topk <= 2048:  # decode: index and copy fused into one launch, or not
-            switches += [("MOE_EXT_PERMUTE_DECODE", value) for value in VARIANTS["MOE_EXT_PERMUTE_DECODE"]]
-        for name, value in switches:
-            got = with_variant(name, value, lambda: fn(hidden, ids))
-            same = (torch.equal(got.permuted[:valid], reference.permuted[:valid])
-                    and torch.equal(got.expanded_row_idx, reference.expanded_row_idx)
-                    and torch.equal(got.expert_tokens, reference.expert_tokens))
-            ours, graph = with_variant(name, value, lambda: time_us(fn, sets, device))
-            yield (Row(f"permute {label} [{name.split('_')[-1].lower()} v{value}]", moved, memcpy, kernel, ours,
-                       None, graph, False), same)
-        index_sets = [(h[:, :0], i) for h, i in sets]
-        for value in VARIANTS["MOE_EXT_PERMUTE_INDEX"]:
-            got = with_variant("MOE_EXT_PERMUTE_INDEX", value, lambda: fn(hidden, ids))
-            same = (torch.equal(got.expanded_row_idx, reference.expanded_row_idx)
-                    and torch.equal(got.expert_tokens, reference.expert_tokens))
-            ours, graph = with_variant("MOE_EXT_PERMUTE_INDEX", value, lambda: time_us(fn, index_sets, device))
-            yield (Row(f"permute {label} [index only, H=0, index v{value}]", moved, memcpy, kernel, ours, None,
-                       graph, False), same)
-        del sets, index_sets
-        torch.cuda.empty_cache() if device == "cuda" else None
-
-
-def variant_rows(device: str, dtype: torch.dtype, specs=None, decode=None):
-    """Unpermute forward and backward at EP 1..32 (and T=4096 K=2), every variant, seed path left out;
-    then permute's copy variants and its index alone, at the same sizes and decode."""
-    if specs is None:
-        specs = [(f"T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep) for ep in EP_SIZES]
-        specs.append(("T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1))
-    if decode is None:
-        decode = [(f"T={t} H=7168 K=8 E=256 EP{ep}", t, 7168, 8, 256, ep) for t in (16, 256) for ep in (1, 8)]
-    yield from permute_variant_rows(device, dtype, specs + decode)
-    for label, tokens, hidden_size, topk, experts, ep in specs:
-        generator = torch.Generator().manual_seed(1)
-        hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype).to(device)
-        ids = routing(generator, tokens, topk, experts, device)
-        probs = torch.rand(tokens, topk, generator=generator).to(device)
-        grad = torch.randn(tokens, hidden_size, generator=generator).to(dtype).to(device)
-        permuted, row_idx, _ = moe_permute(hidden, ids, num_experts=experts,
-                                           active_expert_range=rank0_range(experts, ep))
-        valid = int((row_idx >= 0).sum())
-        needed = int((row_idx.view(tokens, topk) >= 0).any(1).sum())
-        row_bytes = hidden_size * hidden.element_size()
-        forward_bytes = valid * row_bytes + tokens * row_bytes + tokens * topk * 8
-        backward_bytes = needed * row_bytes + 2 * valid * row_bytes + tokens * topk * 12
-        for env, kind, moved in (("MOE_EXT_UNPERMUTE_FWD", "unpermute", forward_bytes),
-                                 ("MOE_EXT_UNPERMUTE_BWD", "unpermute bwd", backward_bytes)):
-            if kind == "unpermute":
-                inputs = (permuted, row_idx, probs)
-                fn = lambda p, r, w: moe_unpermute(p, r, w)  # noqa: E731
-            else:
-                inputs = (grad, permuted, row_idx, probs)
-                fn = lambda g, p, r, w: torch.ops.moe_ext.moe_unpermute_backward(g, p, r, w, topk, True)  # noqa: E731
-            footprint = sum(v.numel() * v.element_size() for v in inputs)
-            sets = input_sets(inputs, max(footprint, moved), device)
-            memcpy, kernel = floors_us(moved, device)
-            reference = with_variant(env, 0, lambda: fn(*inputs))
-            for value in VARIANTS[env]:
-                got = with_variant(env, value, lambda: fn(*inputs))
-                if kind == "unpermute":
-                    same = torch.equal(got, reference)
-                else:  # rows no entry names are unwritten by the new kernels: compare the named rows
-                    # grad_probs: fp32 dots summed in another fixed order than variant 0's may round differently
-                    named = row_idx[row_idx >= 0].long()
-                    same = torch.equal(got[0][named], reference[0][named]) and torch.allclose(
-                        got[1], reference[1], rtol=1e-4, atol=1e-3)
-                ours, graph = with_variant(env, value, lambda: time_us(fn, sets, device))
-                yield (Row(f"{kind} {label} [{env[-3:].lower()} v{value}]", moved, memcpy, kernel, ours, None,
-                           graph, False), same)
-            del sets
-            torch.cuda.empty_cache() if device == "cuda" else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="small sizes (the default without a GPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--variants", action="store_true",
-                        help="time every unpermute kernel variant (MOE_EXT_UNPERMUTE_FWD/BWD) and check it "
-                             "against variant 0")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.small or device == "cpu"
@@ -544,14 +434,6 @@ def main() -> None:
               f"| {'ours/floor':>10} | {'seed/ours':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
-    if args.variants:
-        if device != "cuda":
-            parser.error("--variants times CUDA kernel variants: it needs a GPU")
-        for row, same in variant_rows(device, dtype):
-            print(f"| {row.case:<60} | {row.bytes_moved / 1e6:8.2f} | {row.memcpy:8.1f} | {row.kernel:8.1f} | "
-                  f"{row.ours:8.1f}{'' if row.ours_graph else '*'} | {row.ours / row.floor:6.2f} | "
-                  f"{'equal' if same else 'DIFFERS'} |", flush=True)
-        return
     for row in cases(device, small, dtype):
         mark = lambda graph: "" if graph or device == "cpu" else "*"  # noqa: E731
         seed = f"{row.seed:8.1f}{mark(row.seed_graph)}" if row.seed is not None else "n/a"

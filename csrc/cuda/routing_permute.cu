@@ -4,21 +4,23 @@
 // keys: a radix sort over 32 bits would be wasted work), stable because every
 // warp walks its own contiguous segment of rows in order, 32 rows a step,
 // ranking equal keys inside a step with __match_any_sync:
-//   - small inputs (<= kSingleBlockRows rows, decode sizes): one block counts
-//     per warp, scans the counts and places every row: one launch;
-//   - larger inputs: count per block -> scan (one block) -> recount and place
-//     per block: three short launches.
-// Row copy: scatter form, one thread group per source token: the token row is
-// read once (16-byte vectors where alignment allows) and written to each of
-// its K destinations; only valid rows are written. Inputs too small to fill
-// the GPU that way (decode sizes) copy per routed row instead.
+//   - decode sizes (<= 2048 routed rows, with a row to copy): index AND copy in
+//     one launch - every block builds the whole index in shared memory, block 0
+//     writes it, each block copies its share of the valid rows;
+//   - <= kSingleBlockRows rows: one block counts per warp, scans, places;
+//   - larger inputs: count per block -> scan (one block: a coalesced scan of
+//     each expert's row of the [experts][blocks] table for large tables) ->
+//     recount and place per block: three short launches.
+// Row copy: one block per source token reads its K destinations in one step,
+// then its row once (16-byte vectors where alignment allows) and writes it to
+// each destination; only valid rows are written. Inputs too small to fill the
+// GPU that way copy per routed row instead.
 //
 // An id outside [0, num_experts) fires a device-side assert and its row is
 // treated as dropped: no id is ever used as an address unchecked.
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
@@ -281,6 +283,7 @@ place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
 // kernel walked thread-contiguous runs of the table (every warp load touching
 // 32 lines): at EP 1 (32k entries) it alone cost ~60 µs on an H200.
 constexpr int kScanRows = 4;
+constexpr int64_t kSmallScanEntries = 4096;
 
 __global__ void __launch_bounds__(kScanThreads)
 scan_rows_kernel(int32_t* __restrict__ block_counts, int64_t blocks, int32_t range, bool cumulative,
@@ -566,7 +569,8 @@ cudaError_t launch_decode_permute(const void* hidden, int64_t row_bytes, const I
   const int threads = threads_per_row(vectors);
   const int warps = fused_decode_warps(range);
   const size_t shared = static_cast<size_t>(warps) * static_cast<size_t>(range) * sizeof(int32_t);
-  const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(kFusedDecodeMaxBlocks, ceil_div(rows, 16))));
+  // Enough blocks that the copy is spread wide (each builds the index itself: a few µs of shared-memory work).
+  const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(kFusedDecodeMaxBlocks, rows)));
   return dispatch_unit(unit, [&](auto unit_tag) {
     constexpr int kBytes = decltype(unit_tag)::value;
     decode_permute_kernel<IdT, MapT, kBytes><<<grid, kSingleBlockThreads, shared, stream>>>(
@@ -608,10 +612,11 @@ cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t 
                                                           num_experts, start, range, workspace);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  const char* env = std::getenv("MOE_EXT_PERMUTE_INDEX");  // benchmark switch while variants are compared
-  const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 1;
+  // Measured on an H200 (docs/PERFORMANCE.md): the coalesced row scan wins from ~8k table entries
+  // (EP 1: 75.8 -> 17.7 us for the whole index), the thread-contiguous scan on small tables (EP 32,
+  // K=2: ~1 us faster).
   int32_t* expert_base = nullptr;
-  if (variant == 1) {
+  if (static_cast<int64_t>(range) * grid.blocks > kSmallScanEntries) {
     expert_base = workspace + grid.blocks * range;
     scan_rows_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens,
                                                      expert_base);
@@ -745,9 +750,7 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   auto* table = static_cast<int32_t*>(workspace);
   const auto range32 = static_cast<int32_t>(range);
   {
-    const char* env = std::getenv("MOE_EXT_PERMUTE_DECODE");  // benchmark switch while variants are compared
-    const bool fused = env == nullptr || *env == '\0' || std::atoi(env) != 0;
-    if (fused && row_bytes > 0 && rows <= kFusedDecodeRows && fused_decode_warps(range) >= 1) {
+    if (row_bytes > 0 && rows <= kFusedDecodeRows && fused_decode_warps(range) >= 1) {
       return ids_are_int64
                  ? launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int64_t*>(topk_ids), expert_map,
                                                  map_is_int64, rows, topk, num_experts, active_start, range32,
@@ -780,20 +783,13 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
           static_cast<uint8_t*>(permuted));
       return cudaGetLastError();
     }
-    // Benchmark switch while the copy variants are compared on the GPU (removed once chosen).
-    const char* env = std::getenv("MOE_EXT_PERMUTE_COPY");
-    const int variant = env != nullptr && *env != '\0' ? std::atoi(env) : 1;
-    if (variant > 0 && topk <= kMaxTileTopk && vectors >= kBlockThreads) {
-      const int tile = variant == 1 ? 1 : variant == 2 ? 4 : 8;
-      const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
-      auto go = [&](auto kernel) {
-        kernel<<<grid, kBlockThreads, 0, stream>>>(static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors,
-                                                   expanded_row_idx, static_cast<uint8_t*>(permuted));
-        return cudaGetLastError();
-      };
-      if (tile == 1) return go(scatter_copy_tile_kernel<kBytes, 1>);
-      if (tile == 4) return go(scatter_copy_tile_kernel<kBytes, 4>);
-      return go(scatter_copy_tile_kernel<kBytes, 8>);
+    // Measured on an H200: one token a block with its K destinations read in one step beats one
+    // token a block reading them one by one (4-17%) and 4 or 8 tokens a block (docs/PERFORMANCE.md).
+    if (topk <= kMaxTileTopk && vectors >= kBlockThreads) {
+      scatter_copy_tile_kernel<kBytes, 1><<<static_cast<unsigned>(num_tokens), kBlockThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors, expanded_row_idx,
+          static_cast<uint8_t*>(permuted));
+      return cudaGetLastError();
     }
     scatter_copy_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(
         static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors, threads, expanded_row_idx,

@@ -1,18 +1,21 @@
 // moe_unpermute and its backward on CUDA.
 //
-// Forward: one thread group per token gathers its K rows and sums them with
-// the probs in fp32 (fp64 for fp64), in order k = 0..K-1, and writes the
-// token row once: deterministic, no atomics, and rows no index names (the
-// unwritten tail of moe_permute) are never read.
+// Forward: each token's K rows are summed with the probs in fp32 (fp64 for
+// fp64), in order k = 0..K-1, and the token row is written once:
+// deterministic, no atomics, and rows no index names (the unwritten tail of
+// moe_permute) are never read. Large rows: tiles of 4 or 8 tokens a block,
+// one index step per tile, a token with no row here writes only zeros (under
+// expert parallelism most tokens; memset speed). Small grids (decode) and
+// K > 32: one thread group per token, rows split over grid.y.
 //
-// Backward: (1) an int32 inverse index row -> (t, k), which also proves every
-// row is named at most once (device assert otherwise); (2) one block per
-// token writes grad_permuted[row] = probs[t,k] * grad_out[t] for each of its
-// rows (each row has one writer) and reduces grad_probs[t,k] =
-// dot(grad_out[t], permuted[row]) in a fixed order; (3) rows no entry names
-// are zeroed. Every output element is written exactly once.
+// Backward: a bitmask of named rows (memset, then atomicOr per entry) refuses
+// a row named twice (device assert); grad_permuted[row] = probs[t,k] *
+// grad_out[t] for each named row (one writer), grad_probs[t,k] =
+// dot(grad_out[t], permuted[row]) in a fixed order; a token with no row here
+// never reads its grad_out row. Rows no entry names are NOT written (they are
+// unspecified, like moe_permute's tail: see docs/DESIGN.md), except in the
+// padded layout of an aligned moe_permute, where they are zeroed.
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
@@ -235,13 +238,6 @@ unpermute_tile_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t 
   }
 }
 
-// Backward, one block per token. The grad_out row is held in registers
-// (kCachedPacks packs a thread per pass over the row) and reused for all K
-// rows; per (pass, k) each warp reduces its dot with shuffles and adds it to
-// its own shared slot, so no block barrier sits inside the k loop. grad_probs
-// is reduced over the warps in a fixed order at the end of each window of
-// kProbWindow k's: deterministic.
-constexpr int kCachedPacks = 4;
 constexpr int kProbWindow = 64;
 constexpr int kBackwardWarps = kBackwardThreads / 32;
 
@@ -252,89 +248,13 @@ __device__ __forceinline__ A warp_sum(A value) {
   return value;
 }
 
-template <typename T, typename P, typename IndexT, int kVec>
-__global__ void __launch_bounds__(kBackwardThreads)
-unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
-                          int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
-                          const P* __restrict__ probs, int64_t topk, T* __restrict__ grad_permuted,
-                          P* __restrict__ grad_probs) {
-  using A = typename Acc<T>::type;
-  using PackT = Pack<T, kVec>;
-  __shared__ A partial[kBackwardWarps][kProbWindow];
-  const int64_t token = blockIdx.x;
-  const int64_t packs = hidden_size / kVec;
-  const int warp = static_cast<int>(threadIdx.x / 32);
-  const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + token * packs;
-  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCachedPacks;
-  for (int64_t window = 0; window < topk; window += kProbWindow) {
-    const int64_t window_end = window + kProbWindow < topk ? window + kProbWindow : topk;
-    for (int64_t base = 0; base < packs; base += pass_packs) {
-      PackT g[kCachedPacks];
-#pragma unroll
-      for (int u = 0; u < kCachedPacks; ++u) {
-        const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-        if (v < packs) g[u] = gradient[v];
-      }
-      for (int64_t k = window; k < window_end; ++k) {
-        const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
-        // Range and uniqueness were asserted while building the inverse; skip, never write, if broken.
-        const bool valid = row >= 0 && row < num_rows;  // uniform over the block
-        A dot = A(0);
-        if (valid) {
-          const A weight = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k])) : A(1);
-          PackT* __restrict__ out = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
-          const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
-          PackT xv[kCachedPacks];
-          if (grad_probs != nullptr) {
-#pragma unroll
-            for (int u = 0; u < kCachedPacks; ++u) {
-              const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-              if (v < packs) xv[u] = x[v];
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < kCachedPacks; ++u) {
-            const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-            if (v >= packs) continue;
-            PackT o;
-#pragma unroll
-            for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
-            out[v] = o;
-            if (grad_probs != nullptr) {
-#pragma unroll
-              for (int i = 0; i < kVec; ++i)
-                dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[u].value[i]));
-            }
-          }
-        }
-        if (grad_probs != nullptr) {
-          dot = warp_sum(dot);
-          if ((threadIdx.x & 31) == 0) {
-            A& slot = partial[warp][k - window];
-            slot = base == 0 ? dot : slot + dot;
-          }
-        }
-      }
-    }
-    if (grad_probs == nullptr) continue;
-    __syncthreads();
-    for (int64_t k = window + threadIdx.x; k < window_end; k += kBackwardThreads) {
-      const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
-      A total = A(0);
-      for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][k - window];
-      grad_probs[token * topk + k] = to_prob<P>(row >= 0 && row < num_rows ? total : A(0));
-    }
-    __syncthreads();  // partial is reused by the next window
-  }
-}
-
 // Backward that scales with the useful bytes. One block per token; warp 0
 // reads the token's K indices (a window of kProbWindow at a time), checks the
 // range, marks each named row in a bitmask (a row named twice fires the device
 // assert and its second naming is not written through) and compacts the
 // present rows in k order into shared memory. A token with no row here writes
 // its grad_probs zeros and never reads its grad_out row. Otherwise the
-// grad_out row is held in registers (kCachedPacks packs a thread a pass) and
+// grad_out row is held in registers (kCached packs a thread a pass) and
 // each present row gets grad_permuted[row] = w * grad_out[t]; with grad_probs,
 // kRowsInFlight permuted rows are loaded together for the dots, each warp's
 // partial in its own shared slot, summed over warps in a fixed order:
@@ -601,12 +521,6 @@ cudaError_t launch_zero_unmarked_rows(void* out, int64_t num_rows, int64_t row_b
   });
 }
 
-// Benchmark switch while variants are compared on the GPU (removed once chosen).
-inline int routing_variant(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
-}
-
 template <typename T>
 bool use_vectors(int64_t hidden_size, std::initializer_list<const void*> pointers) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -618,25 +532,23 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
                            const P* probs, int64_t num_tokens, int64_t topk, T* out, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   {
-    int variant = routing_variant("MOE_EXT_UNPERMUTE_FWD", 6);
+    // Measured on an H200 (bf16, docs/PERFORMANCE.md): rows of more than 512 packs (H=7168) run best
+    // 4 tokens a block, 4 packs a thread, at >= 3 blocks per SM (1.05-1.15x the floor at EP 1-32);
+    // rows of <= 512 packs (H=4096) 8 tokens a block, 2 packs a thread, at >= 4 blocks per SM (1.06x).
+    // Two rows' loads in flight were slower than one (fewer blocks per SM).
     const int64_t row_packs = hidden_size / kVec;
-    if (variant == 6) variant = row_packs > 2 * kBlockThreads ? 3 : 5;
-    const int tile = variant == 3 ? 4 : 8;
-    if (variant > 0 && tile_applies(use_vectors<T>(hidden_size, {permuted, out}), row_packs, topk,
-                                    num_tokens, tile)) {
+    const bool wide = row_packs > 2 * kBlockThreads;
+    const int tile = wide ? 4 : 8;
+    if (tile_applies(use_vectors<T>(hidden_size, {permuted, out}), row_packs, topk, num_tokens, tile)) {
       const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
-      auto go = [&](auto kernel) {
-        kernel<<<grid, kBlockThreads, 0, stream>>>(permuted, num_rows, hidden_size, row_idx, probs, num_tokens,
-                                                   topk, out);
-        return cudaGetLastError();
-      };
-      switch (variant) {
-        case 1: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 4, 1, 1>);
-        case 3: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 4, 4, 1, 3>);
-        case 4: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 2, 4>);
-        case 5: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 1, 4>);
-        default: return go(unpermute_tile_kernel<T, P, IndexT, kVec, 8, 4, 2, 2>);
+      if (wide) {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 4, 4, 1, 3><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      } else {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 1, 4><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
       }
+      return cudaGetLastError();
     }
   }
   const bool vectors = use_vectors<T>(hidden_size, {permuted, out});
@@ -674,47 +586,26 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
 template <typename T, typename P, typename IndexT>
 cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_rows, int64_t hidden_size,
                             const IndexT* row_idx, const P* probs, int64_t num_tokens, int64_t topk,
-                            T* grad_permuted, P* grad_probs, uint32_t* named, int variant, cudaStream_t stream) {
+                            T* grad_permuted, P* grad_probs, uint32_t* named, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vectors = use_vectors<T>(hidden_size, {grad_out, permuted, grad_permuted});
+  // Measured on an H200 (bf16, docs/PERFORMANCE.md): 4 tokens a block, 2 cached packs a thread, >= 4
+  // blocks per SM beat one token a block (by 4-13%), 8 tokens a block and 4 cached packs at 2 blocks per SM.
+  constexpr int kTile = 4;
+  if (tile_applies(vectors, hidden_size / kVec, topk, num_tokens, kTile)) {
+    unpermute_backward_tile_kernel<T, P, IndexT, kVec, kTile, 2, 4>
+        <<<static_cast<unsigned>(ceil_div(num_tokens, kTile)), kBackwardThreads, 0, stream>>>(
+            grad_out, permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, grad_permuted, grad_probs,
+            named);
+    return cudaGetLastError();
+  }
   const auto blocks = static_cast<unsigned>(num_tokens);
-  if (variant >= 5 && tile_applies(vectors, hidden_size / kVec, topk, num_tokens, variant == 5 ? 4 : 8)) {
-    const int tile = variant == 5 ? 4 : 8;
-    const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
-    auto go = [&](auto kernel) {
-      kernel<<<grid, kBackwardThreads, 0, stream>>>(grad_out, permuted, num_rows, hidden_size, row_idx, probs,
-                                                    num_tokens, topk, grad_permuted, grad_probs, named);
-      return cudaGetLastError();
-    };
-    switch (variant) {
-      case 5: return go(unpermute_backward_tile_kernel<T, P, IndexT, kVec, 4, 2, 4>);
-      case 6: return go(unpermute_backward_tile_kernel<T, P, IndexT, kVec, 8, 2, 4>);
-      default: return go(unpermute_backward_tile_kernel<T, P, IndexT, kVec, 8, 4, 2>);
-    }
-  }
-  if (variant >= 5) variant = 3;
-  if (variant > 0) {
-    auto go = [&](auto kernel) {
-      kernel<<<blocks, kBackwardThreads, 0, stream>>>(grad_out, permuted, num_rows, hidden_size, row_idx, probs,
-                                                      topk, grad_permuted, grad_probs, named);
-      return cudaGetLastError();
-    };
-    if (vectors) {
-      switch (variant) {
-        case 1: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 1, 1, 4>);
-        case 3: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 1, 4, 2>);
-        case 4: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 2, 3, 2>);
-        default: return go(unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 2, 2, 4>);
-      }
-    }
-    return go(unpermute_backward_sparse_kernel<T, P, IndexT, 1, 1, 1, 4>);
-  }
   if (vectors) {
-    unpermute_backward_kernel<T, P, IndexT, kVec><<<blocks, kBackwardThreads, 0, stream>>>(
-        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs);
+    unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 1, 4, 2><<<blocks, kBackwardThreads, 0, stream>>>(
+        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs, named);
   } else {
-    unpermute_backward_kernel<T, P, IndexT, 1><<<blocks, kBackwardThreads, 0, stream>>>(
-        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs);
+    unpermute_backward_sparse_kernel<T, P, IndexT, 1, 1, 1, 4><<<blocks, kBackwardThreads, 0, stream>>>(
+        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs, named);
   }
   return cudaGetLastError();
 }
@@ -753,21 +644,14 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
                                           bool probs_are_float32, int64_t num_tokens, int64_t topk,
                                           void* grad_permuted, void* grad_probs, int32_t* inverse,
                                           cudaStream_t stream) {
-  const int variant = routing_variant("MOE_EXT_UNPERMUTE_BWD", 6);
-  cudaError_t status = cudaSuccess;
-  if (variant > 0) {
-    // `inverse` (int32 [num_rows]) serves as the bitmask of named rows: ceil(num_rows / 32) words.
-    if (num_rows > 0) {
-      status = cudaMemsetAsync(inverse, 0, static_cast<size_t>(named_words(num_rows)) * sizeof(uint32_t), stream);
-      if (status != cudaSuccess) return status;
-    }
-  } else {
-    status = launch_build_inverse(row_idx, row_idx_is_int64, num_tokens * topk, num_rows, inverse,
-                                  InverseUser::kUnpermuteBackward, stream);
+  // `inverse` (int32 [num_rows]) holds the bitmask of named rows: ceil(num_rows / 32) words.
+  if (num_rows > 0) {
+    const cudaError_t status =
+        cudaMemsetAsync(inverse, 0, static_cast<size_t>(named_words(num_rows)) * sizeof(uint32_t), stream);
     if (status != cudaSuccess) return status;
   }
   if (num_tokens > 0) {
-    status = dispatch_float(type, [&](auto type_tag) {
+    const cudaError_t status = dispatch_float(type, [&](auto type_tag) {
       using T = typename decltype(type_tag)::type;
       return dispatch_probs_and_index<T>(probs_are_float32, row_idx_is_int64, [&](auto probs_tag, auto index_tag) {
         using P = typename decltype(probs_tag)::type;
@@ -775,20 +659,18 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
         return launch_backward(static_cast<const T*>(grad_out), static_cast<const T*>(permuted), num_rows,
                                hidden_size, static_cast<const IndexT*>(row_idx), static_cast<const P*>(probs),
                                num_tokens, topk, static_cast<T*>(grad_permuted), static_cast<P*>(grad_probs),
-                               reinterpret_cast<uint32_t*>(inverse), variant, stream);
+                               reinterpret_cast<uint32_t*>(inverse), stream);
       });
     });
     if (status != cudaSuccess) return status;
   }
+  // Rows no entry names are left unwritten (the useful bytes only, see launchers.h), except in the
+  // padded layout of an aligned moe_permute (more rows than entries), whose pad rows sit inside the
+  // grouped GEMM's groups: zeros there.
+  if (num_rows <= num_tokens * topk) return cudaSuccess;
   const int64_t element_bytes = type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
-  if (variant > 0) {
-    // Rows no entry names are left unwritten, except in the padded layout of an aligned moe_permute
-    // (more rows than entries), whose pad rows sit inside the grouped GEMM's groups: zeros there.
-    if (num_rows <= num_tokens * topk) return cudaSuccess;
-    return launch_zero_unmarked_rows(grad_permuted, num_rows, hidden_size * element_bytes,
-                                     reinterpret_cast<const uint32_t*>(inverse), stream);
-  }
-  return launch_zero_unnamed_rows(grad_permuted, num_rows, hidden_size * element_bytes, inverse, stream);
+  return launch_zero_unmarked_rows(grad_permuted, num_rows, hidden_size * element_bytes,
+                                   reinterpret_cast<const uint32_t*>(inverse), stream);
 }
 
 }  // namespace moe_ext::cuda
