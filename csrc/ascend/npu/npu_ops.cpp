@@ -22,6 +22,8 @@
 //     through OpCommand::RunOpApi, the pattern of op-plugin's cpp_extension
 //     example, so that the launch is ordered with torch_npu's own task queue,
 //   - the host-to-device copy of the tiling words (pinned, non-blocking),
+//   - the core count and UB size from PlatformAscendCManager (the plans are
+//     tested with the A2 values and with smaller ones),
 //   - output allocation on the input's device, and freeing the workspaces
 //     (inverse index, tiling words, ...) when the op returns while its launches
 //     may still be queued: safe under torch_npu's caching allocator as long as
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "core/ascend/launch_plan.h"
+#include "tiling/platform/platform_ascendc.h"
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 #include "torch_npu/csrc/framework/OpCommand.h"
 
@@ -185,10 +188,23 @@ auto planned(Body&& body) {
   }
 }
 
+// The device's vector cores and UB per core, asked once from CANN's PlatformAscendCManager (the
+// documented way for kernels launched directly); the plans size every launch from them.
 plan::AscendTarget target() {
-  // 40 vector cores and 192 KiB of UB per core: the Atlas A2 values the plans are tested with.
-  // A device with fewer cores still runs every launch (blocks are scheduled over the cores).
-  return plan::AscendTarget{};
+  static const plan::AscendTarget cached = [] {
+    const auto* platform = platform_ascendc::PlatformAscendCManager::GetInstance();
+    TORCH_CHECK(platform != nullptr, "moe_ext: CANN's PlatformAscendCManager gave no platform");
+    uint64_t ub_bytes = 0;
+    platform->GetCoreMemSize(platform_ascendc::CoreMemType::UB, ub_bytes);
+    plan::AscendTarget found;
+    found.vector_cores = static_cast<int64_t>(platform->GetCoreNumAiv());
+    found.ub_bytes = static_cast<int64_t>(ub_bytes);
+    TORCH_CHECK(found.vector_cores >= 1 && found.ub_bytes >= 32 * 1024,
+                "moe_ext: unexpected Ascend platform: ", found.vector_cores, " vector cores, ", found.ub_bytes,
+                " bytes of UB per core");
+    return found;
+  }();
+  return cached;
 }
 
 void* ptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
