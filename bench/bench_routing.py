@@ -306,6 +306,77 @@ def histogram_case(name, num_tokens, topk, num_experts, device):
                    lambda i: torch.bincount(i.reshape(-1), minlength=num_experts), (ids,), device)
 
 
+# ---------------------------------------------------------------- aligned and fp8 variants (issue 20, 4 and 5)
+
+def seed_permute_padded(hidden, topk_ids, expert_map, num_local, alignment, scales):
+    """The plain-torch path: seed_permute, then the usual padding step (a second copy of the rows into a
+    zeroed buffer at padded offsets, as torchtitan-style code does); scales gathered with their rows."""
+    rows, sorted_tokens, counts = seed_permute(hidden.view(torch.uint8) if hidden.element_size() == 1 else hidden,
+                                               topk_ids, expert_map, num_local)
+    padded = (counts + alignment - 1) // alignment * alignment
+    ends = torch.cumsum(counts, 0)
+    position = torch.arange(rows.shape[0], device=rows.device)
+    expert = torch.searchsorted(ends, position, right=True).clamp_max(num_local - 1)
+    bound = topk_ids.numel() + num_local * (alignment - 1)
+    moved = position - (ends - counts)[expert] + (torch.cumsum(padded, 0) - padded)[expert]
+    destination = torch.where(position < ends[-1], moved, torch.full_like(position, bound))
+    out = rows.new_zeros((bound + 1, rows.shape[1]))
+    out.index_copy_(0, destination, rows)
+    out_scales = None
+    if scales is not None:
+        out_scales = scales.new_zeros((bound + 1, scales.shape[1]))
+        out_scales.index_copy_(0, destination, scales[sorted_tokens])
+    return out, out_scales, padded
+
+
+def permute_variant_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, device, dtype, *,
+                         alignment=1, fp8=False):
+    """moe_permute with alignment and / or float8 rows with per-128-column-block fp32 scales, on EP rank 0.
+    Useful bytes: needed token rows (and their scales) read once, valid and pad rows written once, ids read."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(dtype)
+    scales = None
+    if fp8:
+        hidden = hidden.float().to(torch.float8_e4m3fn)
+        scales = (torch.rand(num_tokens, -(-hidden_size // 128), generator=generator) + 0.5).to(device)
+    hidden = hidden.to(device)
+    ids = routing(generator, num_tokens, topk, num_experts, device)
+    active = rank0_range(num_experts, ep_size)
+    local = active[1]
+    expert_map = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
+    expert_map[:local] = torch.arange(local, dtype=torch.int32, device=device)
+    result = moe_permute(hidden, ids, num_experts=num_experts, active_expert_range=active, alignment=alignment,
+                         scales=scales)
+    padded_rows = int(result.expert_tokens.sum())
+    needed_tokens = int((result.expanded_row_idx.view(num_tokens, topk) >= 0).any(1).sum())
+    row_bytes = hidden_size * hidden.element_size() + (scales.shape[1] * 4 if fp8 else 0)
+    moved = needed_tokens * row_bytes + padded_rows * row_bytes + ids.numel() * ids.element_size()
+    inputs = (hidden, ids) + ((scales,) if fp8 else ())
+    return measure(name, moved,
+                   lambda h, i, *s: moe_permute(h, i, num_experts=num_experts, active_expert_range=active,
+                                                alignment=alignment, scales=s[0] if s else None),
+                   lambda h, i, *s: seed_permute_padded(h, i, expert_map, local, alignment, s[0] if s else None),
+                   inputs, device)
+
+
+def variant_cases(device: str, small: bool, dtype: torch.dtype):
+    if small:
+        yield permute_variant_case("permute aligned A=128 T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype,
+                                   alignment=128)
+        yield permute_variant_case("permute fp8+scales T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype,
+                                   fp8=True)
+        return
+    for ep in (1, 8):
+        yield permute_variant_case(f"permute aligned A=128 T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep,
+                                   device, dtype, alignment=128)
+        yield permute_variant_case(f"permute fp8+scales T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep,
+                                   device, dtype, fp8=True)
+        yield permute_variant_case(f"permute fp8+scales A=128 T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep,
+                                   device, dtype, alignment=128, fp8=True)
+    yield permute_variant_case("permute fp8+scales A=128 T=256 H=7168 K=8 EP8", 256, 7168, 8, 256, 8, device,
+                               dtype, alignment=128, fp8=True)
+
+
 EP_SIZES = (1, 2, 4, 8, 32)
 
 
@@ -317,6 +388,7 @@ def cases(device: str, small: bool, dtype: torch.dtype):
         yield regroup_case("group_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, device, dtype)
         yield regroup_case("ungroup_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, device, dtype, True)
         yield histogram_case("expert_histogram T=256 K=8 E=64", 256, 8, 64, device)
+        yield from variant_cases(device, small, dtype)
         return
     for ep in EP_SIZES:
         yield permute_case(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
@@ -337,6 +409,7 @@ def cases(device: str, small: bool, dtype: torch.dtype):
                        device, dtype)
     yield regroup_case("ungroup_by_local_expert (same)", 64, 32, 8, 7168, 128, device, dtype, True)
     yield histogram_case("expert_histogram T=8192 K=8 E=256", 8192, 8, 256, device)
+    yield from variant_cases(device, small, dtype)
 
 
 def main() -> None:

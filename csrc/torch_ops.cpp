@@ -34,6 +34,16 @@ STABLE_TORCH_LIBRARY(moe_ext, m) {
       "moe_permute(Tensor hidden_states, Tensor topk_ids, int num_experts, int active_start, "
       "int active_end, Tensor? expert_map, bool counts_cumsum) -> (Tensor permuted, "
       "Tensor expanded_row_idx, Tensor expert_tokens)");
+  // moe_permute for grouped GEMMs and fp8 dispatch: each active expert's block padded to a
+  // multiple of `alignment` (pad rows zero, rows past the padded total unwritten; the row
+  // count is the static bound T*K + (end - start)*(alignment - 1)); hidden_states may be
+  // float8, moved with its optional fp32 row scales ([T], [T,1] or [T, ceil(H/128)];
+  // permuted_scales is empty without them); counts padded and unpadded.
+  m.def(
+      "moe_permute_padded(Tensor hidden_states, Tensor? scales, Tensor topk_ids, int num_experts, "
+      "int active_start, int active_end, Tensor? expert_map, bool counts_cumsum, int alignment) -> "
+      "(Tensor permuted, Tensor permuted_scales, Tensor expanded_row_idx, Tensor expert_tokens, "
+      "Tensor expert_tokens_unpadded)");
   // out[t] = sum_k probs[t,k] * permuted[expanded_row_idx[t*topk+k]], -1 skipped, fp32 sums.
   m.def("moe_unpermute(Tensor permuted, Tensor expanded_row_idx, Tensor? probs, int topk) -> Tensor");
   // Gradients of moe_unpermute: grad_permuted[row] = probs[t,k] * grad_output[t] (zeros for
@@ -53,6 +63,7 @@ STABLE_TORCH_LIBRARY(moe_ext, m) {
 STABLE_TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("generate_permute_indices", TORCH_BOX(&moe_ext::cpu::generate_permute_indices));
   m.impl("moe_permute", TORCH_BOX(&moe_ext::cpu::moe_permute));
+  m.impl("moe_permute_padded", TORCH_BOX(&moe_ext::cpu::moe_permute_padded));
   m.impl("moe_unpermute", TORCH_BOX(&moe_ext::cpu::moe_unpermute));
   m.impl("moe_unpermute_backward", TORCH_BOX(&moe_ext::cpu::moe_unpermute_backward));
   m.impl("expert_histogram", TORCH_BOX(&moe_ext::cpu::expert_histogram));
@@ -64,6 +75,7 @@ STABLE_TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
 STABLE_TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
   m.impl("generate_permute_indices", TORCH_BOX(&moe_ext::cuda::generate_permute_indices));
   m.impl("moe_permute", TORCH_BOX(&moe_ext::cuda::moe_permute));
+  m.impl("moe_permute_padded", TORCH_BOX(&moe_ext::cuda::moe_permute_padded));
   m.impl("moe_unpermute", TORCH_BOX(&moe_ext::cuda::moe_unpermute));
   m.impl("moe_unpermute_backward", TORCH_BOX(&moe_ext::cuda::moe_unpermute_backward));
   m.impl("expert_histogram", TORCH_BOX(&moe_ext::cuda::expert_histogram));

@@ -277,8 +277,8 @@ def test_expert_histogram_skips_ids_outside_the_range(device):
      TypeError, "topk_ids must be torch.int32 or torch.int64, got torch.float32"),
     (lambda d: moe_permute(torch.zeros(3, 4, dtype=torch.int32, device=d),
                            torch.zeros(3, 2, dtype=torch.int32, device=d), num_experts=4),
-     TypeError, "hidden_states must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, "
-                "got torch.int32"),
+     TypeError, "hidden_states must be torch.float32, torch.float16, torch.bfloat16, torch.float64, "
+                "torch.float8_e4m3fn or torch.float8_e5m2, got torch.int32"),
     (lambda d: moe_permute(torch.randn(3, 4, device=d), torch.zeros(3, 2, dtype=torch.int32, device=d),
                            num_experts=4, active_expert_range=(3, 5)),
      ValueError, r"0 <= start <= end <= num_experts = 4, got \(3, 5\)"),
@@ -292,7 +292,15 @@ def test_expert_histogram_skips_ids_outside_the_range(device):
                            num_experts=4), ValueError, "K >= 1"),
     (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d),
                              torch.rand(3, 3, device=d)), ValueError,
-     r"probs must be \[T, K\] = \[2, 3\] to match expanded_row_idx \(T \* K = 6\)"),
+     # K comes from probs here: the message names probs, never a topk the caller did not pass.
+     r"probs must be \[T, K\] with T \* K = 6 \(the entries of expanded_row_idx\), got shape \(3, 3\) "
+     r"\(T \* K = 9\)"),
+    (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d),
+                             torch.rand(4, 4, device=d)), ValueError,
+     r"probs has shape \(4, 4\), so K = 4, but expanded_row_idx has 6 entries, not a multiple of 4"),
+    (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d),
+                             torch.rand(2, 2, device=d), topk=3), ValueError,
+     r"probs must be \[T, K\] = \[2, 3\] to match expanded_row_idx \(6 entries\) and topk = 3"),
     (lambda d: moe_unpermute(torch.randn(6, 4, device=d), torch.zeros(6, dtype=torch.int32, device=d),
                              torch.rand(2, 3, device=d, dtype=torch.float64)), TypeError,
      "probs must be torch.float32 or the dtype of permuted"),

@@ -32,6 +32,51 @@ inline void check_permute_args(const Tensor& hidden_states, const Tensor& topk_i
                             active_end);
 }
 
+// Checks of moe_permute_padded beyond moe_permute's: hidden_states may also be
+// float8 (e4m3fn / e5m2: rows are moved as bytes); scales, when given, are
+// float32 [T], [T, 1] (per token) or [T, ceil(H / 128)] (per 128-column block);
+// alignment >= 1 with a padded bound that fits int32 positions. Returns the
+// padded bound T * K + (active_end - active_start) * (alignment - 1).
+inline int64_t check_permute_padded_args(const Tensor& hidden_states, const std::optional<Tensor>& scales,
+                                         const Tensor& topk_ids, int64_t num_experts,
+                                         int64_t active_start, int64_t active_end,
+                                         const std::optional<Tensor>& expert_map, int64_t alignment) {
+  constexpr const char* op = "moe_permute";
+  check_dim(hidden_states, op, "hidden_states", 2);
+  check_dtype(hidden_states, op, "hidden_states",
+              {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16, ScalarType::Double,
+               ScalarType::Float8_e4m3fn, ScalarType::Float8_e5m2});
+  check_dim(topk_ids, op, "topk_ids", 2);
+  check_index(topk_ids, op, "topk_ids");
+  check_same_device(topk_ids, hidden_states, op, "topk_ids", "hidden_states");
+  MOE_CHECK_VALUE(topk_ids.size(0) == hidden_states.size(0), op,
+                  ": topk_ids and hidden_states must have the same number of tokens, got ",
+                  topk_ids.size(0), " and ", hidden_states.size(0));
+  if (expert_map.has_value()) {
+    check_dim(*expert_map, op, "expert_map", 1);
+    check_index(*expert_map, op, "expert_map");
+    check_same_device(*expert_map, hidden_states, op, "expert_map", "hidden_states");
+  }
+  core::check_routing_shape(topk_ids.size(0), topk_ids.size(1), num_experts,
+                            expert_map.has_value() ? expert_map->numel() : -1, active_start,
+                            active_end);
+  if (scales.has_value()) {
+    check_dtype(*scales, op, "scales", {ScalarType::Float});
+    check_same_device(*scales, hidden_states, op, "scales", "hidden_states");
+    const int64_t blocks = (hidden_states.size(1) + 127) / 128;
+    const bool per_token = (scales->dim() == 1 && scales->size(0) == hidden_states.size(0)) ||
+                           (scales->dim() == 2 && scales->size(0) == hidden_states.size(0) &&
+                            scales->size(1) == 1);
+    const bool per_block = scales->dim() == 2 && scales->size(0) == hidden_states.size(0) &&
+                           scales->size(1) == blocks;
+    MOE_CHECK_VALUE(per_token || per_block, op, ": scales must be [T], [T, 1] or [T, ceil(H / 128)] = [",
+                    hidden_states.size(0), ", ", blocks, "] for hidden_states of shape ",
+                    shape_str(hidden_states), ", got ", shape_str(*scales));
+  }
+  return core::padded_rows_bound(topk_ids.size(0), topk_ids.size(1), active_end - active_start,
+                                 alignment);
+}
+
 // Returns the number of tokens T = expanded_row_idx.numel() / topk.
 inline int64_t check_unpermute_args(const Tensor& permuted, const Tensor& expanded_row_idx,
                                     const std::optional<Tensor>& probs, int64_t topk,

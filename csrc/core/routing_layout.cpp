@@ -62,20 +62,24 @@ void check_routing_shape(int64_t num_tokens, int64_t topk, int64_t num_experts,
                 num_experts, ", got (", active_start, ", ", active_end, ")");
 }
 
+namespace {
+
+// The counting sort behind both layouts. alignment 1 gives the unpadded one.
 template <typename IdT, typename MapT>
-int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t topk,
-                             int64_t num_experts, const MapT* expert_map, int64_t active_start,
-                             int64_t active_end, bool cumulative_counts, int32_t* expanded_row_idx,
-                             int64_t* expert_tokens) {
+int64_t build_layout(const IdT* topk_ids, int64_t num_tokens, int64_t topk, int64_t num_experts,
+                     const MapT* expert_map, int64_t active_start, int64_t active_end,
+                     int64_t alignment, bool cumulative_counts, int32_t* expanded_row_idx,
+                     int64_t* padded_counts, int64_t* counts, int64_t* block_starts) {
   check_routing_shape(num_tokens, topk, num_experts, expert_map ? num_experts : -1, active_start,
                       active_end);
+  const int64_t range = active_end - active_start;
+  padded_rows_bound(num_tokens, topk, range, alignment);
   const int64_t rows = num_tokens * topk;
   check_ids_in_range(topk_ids, rows, topk, num_experts, "moe_permute");
   if (expert_map != nullptr)
     check_looked_up_map_values(topk_ids, rows, num_experts, expert_map, "moe_permute");
 
   // Counting sort on the local key: histogram, exclusive scan, stable placement.
-  const int64_t range = active_end - active_start;
   // Compare before subtracting: key - active_start is only formed for a key
   // inside [active_start, active_end), so it can neither overflow nor index
   // outside [0, range) whatever the map holds.
@@ -90,19 +94,62 @@ int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t to
     const int64_t local = local_key(f);
     if (local >= 0) ++next_position[static_cast<size_t>(local)];
   }
-  int64_t valid = 0;
+  // Block e starts at the padded running sum; its size is count rounded up
+  // (every partial sum is <= the checked bound, so nothing overflows).
+  int64_t padded = 0, valid = 0;
   for (int64_t e = 0; e < range; ++e) {
     const int64_t count = next_position[static_cast<size_t>(e)];
-    next_position[static_cast<size_t>(e)] = valid;
+    const int64_t block = (count + alignment - 1) / alignment * alignment;
+    if (block_starts != nullptr) block_starts[e] = padded;
+    next_position[static_cast<size_t>(e)] = padded;
+    padded += block;
     valid += count;
-    expert_tokens[e] = cumulative_counts ? valid : count;
+    counts[e] = cumulative_counts ? valid : count;
+    if (padded_counts != nullptr) padded_counts[e] = cumulative_counts ? padded : block;
   }
+  if (block_starts != nullptr) block_starts[range] = padded;
   for (int64_t f = 0; f < rows; ++f) {
     const int64_t local = local_key(f);
     expanded_row_idx[f] =
         local >= 0 ? static_cast<int32_t>(next_position[static_cast<size_t>(local)]++) : -1;
   }
-  return valid;
+  return padded;
+}
+
+}  // namespace
+
+int64_t padded_rows_bound(int64_t num_tokens, int64_t topk, int64_t active_experts, int64_t alignment) {
+  MOE_CHECK_ARG(alignment >= 1 && alignment <= kInt32Max,
+                "moe_permute: alignment must be in [1, 2^31 - 1], got ", alignment);
+  // num_tokens * topk <= 2^31 was checked (check_routing_shape); active_experts < 2^31.
+  const int64_t rows = num_tokens * topk;
+  const int64_t room = (kInt32Max + 1) - rows;  // >= 0
+  MOE_CHECK_ARG(alignment == 1 || active_experts <= room / (alignment - 1),
+                "moe_permute: the padded layout needs up to T * K + num_active_experts * (alignment - 1) = ",
+                rows, " + ", active_experts, " * ", alignment - 1,
+                " rows, more than 2^31 (expanded_row_idx is int32)");
+  return rows + active_experts * (alignment - 1);
+}
+
+template <typename IdT, typename MapT>
+int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t topk,
+                             int64_t num_experts, const MapT* expert_map, int64_t active_start,
+                             int64_t active_end, bool cumulative_counts, int32_t* expanded_row_idx,
+                             int64_t* expert_tokens) {
+  return build_layout(topk_ids, num_tokens, topk, num_experts, expert_map, active_start, active_end,
+                      1, cumulative_counts, expanded_row_idx, nullptr, expert_tokens, nullptr);
+}
+
+template <typename IdT, typename MapT>
+int64_t build_padded_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t topk,
+                                    int64_t num_experts, const MapT* expert_map,
+                                    int64_t active_start, int64_t active_end, int64_t alignment,
+                                    bool cumulative_counts, int32_t* expanded_row_idx,
+                                    int64_t* padded_counts, int64_t* counts,
+                                    int64_t* block_starts) {
+  return build_layout(topk_ids, num_tokens, topk, num_experts, expert_map, active_start, active_end,
+                      alignment, cumulative_counts, expanded_row_idx, padded_counts, counts,
+                      block_starts);
 }
 
 template <typename IdT>
@@ -144,7 +191,10 @@ void build_inverse_index(const IndexT* indices, int64_t count, int64_t num_rows,
 #define MOE_INSTANTIATE_LAYOUT(IdT, MapT)                                                       \
   template int64_t build_routing_layout<IdT, MapT>(const IdT*, int64_t, int64_t, int64_t,      \
                                                    const MapT*, int64_t, int64_t, bool, int32_t*, \
-                                                   int64_t*);
+                                                   int64_t*);    \
+  template int64_t build_padded_routing_layout<IdT, MapT>(                                      \
+      const IdT*, int64_t, int64_t, int64_t, const MapT*, int64_t, int64_t, int64_t, bool,     \
+      int32_t*, int64_t*, int64_t*, int64_t*);
 MOE_INSTANTIATE_LAYOUT(int32_t, int32_t)
 MOE_INSTANTIATE_LAYOUT(int32_t, int64_t)
 MOE_INSTANTIATE_LAYOUT(int64_t, int32_t)

@@ -43,6 +43,28 @@ int64_t build_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t to
 
 // counts[e] = number of entries of ids equal to e, for e in [0, num_experts).
 // Ids outside [0, num_experts) (e.g. -1 padding) are not counted.
+// The padded layout of moe_permute_padded (grouped GEMMs): the same order, but
+// each active expert's block starts at a multiple of `alignment` (>= 1): block
+// sizes are the counts rounded up to a multiple of alignment (an expert with no
+// rows keeps an empty block, as TransformerEngine's padded permute does; not
+// torchtitan's clamp to at least one aligned block). expanded_row_idx holds the
+// padded positions; padded_counts / counts get the padded / unpadded block sizes
+// (or their inclusive cumsums). block_starts (optional, [range + 1] entries)
+// receives each block's first padded row and the padded total. Returns the
+// padded total, which is at most num_tokens * topk + range * (alignment - 1).
+template <typename IdT, typename MapT>
+int64_t build_padded_routing_layout(const IdT* topk_ids, int64_t num_tokens, int64_t topk,
+                                    int64_t num_experts, const MapT* expert_map,
+                                    int64_t active_start, int64_t active_end, int64_t alignment,
+                                    bool cumulative_counts, int32_t* expanded_row_idx,
+                                    int64_t* padded_counts, int64_t* counts,
+                                    int64_t* block_starts);
+
+// Rows of the padded layout's upper bound: num_tokens * topk + active_experts *
+// (alignment - 1). Refuses (std::invalid_argument) a bound that does not fit
+// int32 positions, or alignment < 1.
+int64_t padded_rows_bound(int64_t num_tokens, int64_t topk, int64_t active_experts, int64_t alignment);
+
 template <typename IdT>
 void expert_histogram(const IdT* ids, int64_t count, int64_t num_experts, int64_t* counts);
 

@@ -20,6 +20,10 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(
     const Tensor& hidden_states, const Tensor& topk_ids, int64_t num_experts,
     int64_t active_start, int64_t active_end, const std::optional<Tensor>& expert_map,
     bool counts_cumsum);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute_padded(
+    const Tensor& hidden_states, const std::optional<Tensor>& scales, const Tensor& topk_ids,
+    int64_t num_experts, int64_t active_start, int64_t active_end,
+    const std::optional<Tensor>& expert_map, bool counts_cumsum, int64_t alignment);
 Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
                          const std::optional<Tensor>& probs, int64_t topk);
 std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_output,

@@ -48,6 +48,38 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
                                void* permuted, int32_t* expanded_row_idx, int64_t* expert_tokens,
                                void* workspace, cudaStream_t stream);
 
+// The index build of launch_moe_permute alone (expanded_row_idx, expert_tokens).
+cudaError_t launch_permute_index(const void* topk_ids, bool ids_are_int64, int64_t num_tokens,
+                                 int64_t topk, int64_t num_experts, const void* expert_map,
+                                 bool map_is_int64, int64_t active_start, int64_t active_end,
+                                 bool counts_cumsum, int32_t* expanded_row_idx,
+                                 int64_t* expert_tokens, void* workspace, cudaStream_t stream);
+
+// The row copy of launch_moe_permute alone: token t's row (row_bytes bytes of
+// `source`) goes to row expanded_row_idx[t*K+k] of `destination` for each k with a
+// position (>= 0, written by the index build).
+cudaError_t launch_permute_copy_rows(const void* source, int64_t row_bytes, int64_t num_tokens,
+                                     int64_t topk, const int32_t* expanded_row_idx,
+                                     void* destination, cudaStream_t stream);
+
+// Workspace moe_permute_padded needs (bytes, 16-aligned).
+size_t permute_padded_workspace_bytes(int64_t num_rows, int64_t active_experts);
+
+// moe_permute_padded: the index build, then positions moved to per-expert
+// blocks padded to a multiple of `alignment`, then one row copy of the hidden
+// rows (and of the scale rows, if scales is not null) straight to the padded
+// positions, and the pad rows zeroed. expert_tokens gets the padded counts,
+// expert_tokens_unpadded the unpadded ones (each as counts or inclusive cumsum).
+cudaError_t launch_moe_permute_padded(const void* hidden, int64_t row_bytes, const void* scales,
+                                      int64_t scale_row_bytes, const void* topk_ids,
+                                      bool ids_are_int64, int64_t num_tokens, int64_t topk,
+                                      int64_t num_experts, const void* expert_map, bool map_is_int64,
+                                      int64_t active_start, int64_t active_end, int64_t alignment,
+                                      bool counts_cumsum, void* permuted, void* permuted_scales,
+                                      int32_t* expanded_row_idx, int64_t* expert_tokens,
+                                      int64_t* expert_tokens_unpadded, void* workspace,
+                                      cudaStream_t stream);
+
 // expert_histogram: counts[e] = entries of ids equal to e (int64).
 cudaError_t launch_expert_histogram(const void* ids, bool ids_are_int64, int64_t count,
                                     int64_t num_experts, int64_t* counts, cudaStream_t stream);

@@ -69,6 +69,56 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(
   return {permuted, expanded_row_idx, expert_tokens};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute_padded(
+    const Tensor& hidden_states, const std::optional<Tensor>& scales, const Tensor& topk_ids,
+    int64_t num_experts, int64_t active_start, int64_t active_end,
+    const std::optional<Tensor>& expert_map, bool counts_cumsum, int64_t alignment) {
+  constexpr const char* op = "moe_permute";
+  const int64_t bound = ops::check_permute_padded_args(hidden_states, scales, topk_ids, num_experts,
+                                                       active_start, active_end, expert_map, alignment);
+  MOE_CHECK_VALUE(active_end - active_start <= permute_max_active_experts(), op,
+                  ": the CUDA kernel supports at most ", permute_max_active_experts(),
+                  " experts in the active range, got ", active_end - active_start);
+  const DeviceGuard device(hidden_states);
+  const Tensor hidden = ops::make_contiguous(hidden_states);
+  const Tensor ids = ops::make_contiguous(topk_ids);
+  std::optional<Tensor> map;
+  if (expert_map.has_value()) map = ops::make_contiguous(*expert_map);
+  std::optional<Tensor> row_scales;
+  if (scales.has_value()) row_scales = ops::make_contiguous(*scales);
+  const int64_t num_tokens = ids.size(0), topk = ids.size(1), rows = num_tokens * topk;
+  const int64_t range = active_end - active_start;
+
+  Tensor permuted = torch::stable::new_empty(hidden, {bound, hidden.size(1)});
+  Tensor permuted_scales =
+      row_scales.has_value()
+          ? (row_scales->dim() == 1 ? torch::stable::new_empty(*row_scales, {bound})
+                                    : torch::stable::new_empty(*row_scales, {bound, row_scales->size(1)}))
+          : torch::stable::new_empty(ids, {0}, ScalarType::Float);
+  Tensor expanded_row_idx = torch::stable::new_empty(ids, {rows}, ScalarType::Int);
+  Tensor expert_tokens = torch::stable::new_empty(ids, {range}, ScalarType::Long);
+  Tensor expert_tokens_unpadded = torch::stable::new_empty(ids, {range}, ScalarType::Long);
+  Tensor workspace = torch::stable::new_empty(
+      ids, {static_cast<int64_t>(permute_padded_workspace_bytes(rows, range))}, ScalarType::Byte);
+  const int64_t scale_row_bytes =
+      row_scales.has_value()
+          ? (row_scales->dim() == 1 ? 1 : row_scales->size(1)) * static_cast<int64_t>(row_scales->element_size())
+          : 0;
+  MOE_CUDA_CHECK(op, launch_moe_permute_padded(
+                         hidden.data_ptr(), row_bytes(hidden),
+                         row_scales.has_value() ? row_scales->data_ptr() : nullptr, scale_row_bytes,
+                         ids.data_ptr(), ids.scalar_type() == ScalarType::Long, num_tokens, topk,
+                         num_experts, map.has_value() ? map->data_ptr() : nullptr,
+                         map.has_value() && map->scalar_type() == ScalarType::Long, active_start,
+                         active_end, alignment, counts_cumsum, permuted.data_ptr(),
+                         row_scales.has_value() ? permuted_scales.data_ptr() : nullptr,
+                         expanded_row_idx.mutable_data_ptr<int32_t>(),
+                         expert_tokens.mutable_data_ptr<int64_t>(),
+                         expert_tokens_unpadded.mutable_data_ptr<int64_t>(), workspace.data_ptr(),
+                         device.stream()));
+  return {permuted, permuted_scales, expanded_row_idx, expert_tokens, expert_tokens_unpadded};
+}
+
 Tensor moe_unpermute(const Tensor& permuted, const Tensor& expanded_row_idx,
                          const std::optional<Tensor>& probs, int64_t topk) {
   constexpr const char* op = "moe_unpermute";

@@ -515,6 +515,56 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   });
 }
 
+// The two halves of launch_moe_permute, for the padded permute
+// (csrc/cuda/routing_permute_padded.cu), which remaps positions between them.
+cudaError_t launch_permute_index(const void* topk_ids, bool ids_are_int64, int64_t num_tokens,
+                                 int64_t topk, int64_t num_experts, const void* expert_map,
+                                 bool map_is_int64, int64_t active_start, int64_t active_end,
+                                 bool counts_cumsum, int32_t* expanded_row_idx,
+                                 int64_t* expert_tokens, void* workspace, cudaStream_t stream) {
+  const int64_t rows = num_tokens * topk;
+  const int64_t range = active_end - active_start;
+  if (range < 0 || range > kMaxActiveExperts) return cudaErrorInvalidValue;
+  if (rows == 0) {
+    if (range == 0) return cudaSuccess;
+    return cudaMemsetAsync(expert_tokens, 0, static_cast<size_t>(range) * sizeof(int64_t), stream);
+  }
+  auto* table = static_cast<int32_t*>(workspace);
+  const auto range32 = static_cast<int32_t>(range);
+  return ids_are_int64
+             ? launch_index_for_ids(static_cast<const int64_t*>(topk_ids), expert_map, map_is_int64,
+                                    rows, num_experts, active_start, range32, counts_cumsum,
+                                    expanded_row_idx, expert_tokens, table, stream)
+             : launch_index_for_ids(static_cast<const int32_t*>(topk_ids), expert_map, map_is_int64,
+                                    rows, num_experts, active_start, range32, counts_cumsum,
+                                    expanded_row_idx, expert_tokens, table, stream);
+}
+
+cudaError_t launch_permute_copy_rows(const void* source, int64_t row_bytes, int64_t num_tokens,
+                                     int64_t topk, const int32_t* expanded_row_idx,
+                                     void* destination, cudaStream_t stream) {
+  const int64_t rows = num_tokens * topk;
+  if (rows == 0 || row_bytes == 0) return cudaSuccess;
+  const int unit = copy_unit_bytes(row_bytes, {source, destination});
+  const int64_t vectors = row_bytes / unit;
+  const int threads = threads_per_row(vectors);
+  const unsigned blocks = grid_for_rows(num_tokens, threads);
+  const bool per_row = blocks < kMinScatterBlocks && topk > 1;
+  return dispatch_unit(unit, [&](auto unit_tag) {
+    constexpr int kBytes = decltype(unit_tag)::value;
+    if (per_row) {
+      row_copy_kernel<kBytes><<<grid_for_rows(rows, threads), kBlockThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(source), rows, topk, vectors, threads, expanded_row_idx,
+          static_cast<uint8_t*>(destination));
+      return cudaGetLastError();
+    }
+    scatter_copy_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(source), num_tokens, topk, vectors, threads, expanded_row_idx,
+        static_cast<uint8_t*>(destination));
+    return cudaGetLastError();
+  });
+}
+
 cudaError_t launch_expert_histogram(const void* ids, bool ids_are_int64, int64_t count,
                                     int64_t num_experts, int64_t* counts, cudaStream_t stream) {
   if (num_experts <= 0) return cudaErrorInvalidValue;

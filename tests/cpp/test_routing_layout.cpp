@@ -151,3 +151,68 @@ TEST(RoutingLayout, HistogramAndInverse) {
 }
 
 }  // namespace
+
+namespace {
+
+struct PaddedLayout {
+  std::vector<int32_t> row_idx;
+  std::vector<int64_t> padded, counts, starts;
+  int64_t total = 0;
+};
+
+PaddedLayout run_padded(const std::vector<int32_t>& ids, int64_t topk, int64_t experts, int64_t start,
+                        int64_t end, int64_t alignment, bool cumulative = false) {
+  PaddedLayout out;
+  out.row_idx.assign(ids.size(), 12345);
+  out.padded.assign(static_cast<size_t>(end - start), 12345);
+  out.counts.assign(static_cast<size_t>(end - start), 12345);
+  out.starts.assign(static_cast<size_t>(end - start) + 1, 12345);
+  out.total = moe_ext::core::build_padded_routing_layout<int32_t, int32_t>(
+      ids.data(), static_cast<int64_t>(ids.size()) / topk, topk, experts, nullptr, start, end, alignment,
+      cumulative, out.row_idx.data(), out.padded.data(), out.counts.data(), out.starts.data());
+  return out;
+}
+
+}  // namespace
+
+TEST(RoutingLayout, PaddedHandWorkedExample) {
+  // T=4, K=2, ids 0 1 | 1 -1 | 0 3 | 0 -1; A = 4: counts 3 2 0 1 -> blocks 4 4 0 4 at 0 4 8 8.
+  const PaddedLayout got = run_padded({0, 1, 1, -1, 0, 3, 0, -1}, 2, 4, 0, 4, 4);
+  EXPECT_EQ(got.row_idx, (std::vector<int32_t>{0, 4, 5, -1, 1, 8, 2, -1}));
+  EXPECT_EQ(got.padded, (std::vector<int64_t>{4, 4, 0, 4}));
+  EXPECT_EQ(got.counts, (std::vector<int64_t>{3, 2, 0, 1}));
+  EXPECT_EQ(got.starts, (std::vector<int64_t>{0, 4, 8, 8, 12}));
+  EXPECT_EQ(got.total, 12);
+  const PaddedLayout cumulative = run_padded({0, 1, 1, -1, 0, 3, 0, -1}, 2, 4, 0, 4, 4, true);
+  EXPECT_EQ(cumulative.padded, (std::vector<int64_t>{4, 8, 8, 12}));
+  EXPECT_EQ(cumulative.counts, (std::vector<int64_t>{3, 5, 5, 6}));
+}
+
+TEST(RoutingLayout, PaddedWithAlignmentOneIsTheUnpaddedLayout) {
+  std::mt19937 rng(5);
+  std::vector<int32_t> ids(600);
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % 33) - 1;  // -1 .. 31
+  const Layout plain = run(ids, 4, 32, nullptr, 3, 29);
+  const PaddedLayout padded = run_padded(ids, 4, 32, 3, 29, 1);
+  EXPECT_EQ(plain.row_idx, padded.row_idx);
+  EXPECT_EQ(plain.tokens, padded.padded);
+  EXPECT_EQ(plain.tokens, padded.counts);
+  EXPECT_EQ(plain.valid, padded.total);
+  // Any alignment: each block starts at a multiple of A, rows keep their order within it.
+  const PaddedLayout aligned = run_padded(ids, 4, 32, 3, 29, 16);
+  for (size_t f = 0; f < ids.size(); ++f) {
+    if (plain.row_idx[f] < 0) { EXPECT_EQ(aligned.row_idx[f], -1); continue; }
+    const int64_t e = ids[f] - 3;
+    EXPECT_EQ(aligned.starts[static_cast<size_t>(e)] % 16, 0);
+    EXPECT_GE(aligned.row_idx[f], aligned.starts[static_cast<size_t>(e)]);
+    EXPECT_LT(aligned.row_idx[f], aligned.starts[static_cast<size_t>(e)] + aligned.counts[static_cast<size_t>(e)]);
+  }
+  EXPECT_LE(aligned.total, 600 + 26 * 15);
+}
+
+TEST(RoutingLayout, PaddedBoundRefusesOverflow) {
+  EXPECT_EQ(moe_ext::core::padded_rows_bound(10, 8, 256, 128), 80 + 256 * 127);
+  EXPECT_THROW(moe_ext::core::padded_rows_bound(10, 8, 1024, (int64_t{1} << 21) + 1), std::invalid_argument);
+  EXPECT_THROW(moe_ext::core::padded_rows_bound(10, 8, 4, 0), std::invalid_argument);
+  EXPECT_EQ(moe_ext::core::padded_rows_bound(int64_t{1} << 28, 8, 0, 1 << 30), int64_t{1} << 31);
+}

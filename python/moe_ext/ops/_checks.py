@@ -25,6 +25,8 @@ from moe_ext.errors import ArgumentError, check_int
 INT32_MAX = 2**31 - 1
 FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX = (torch.int32, torch.int64)
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_BLOCK = 128  # columns per block scale (DeepSeek-V3's 1x128 activation blocks)
 
 
 def dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -111,7 +113,8 @@ def permute_range(num_experts: Any, active_expert_range: Any) -> tuple[int, int,
     return num_experts, start, end
 
 
-def permute_tensors(hidden_states: Any, topk_ids: Any, num_experts: int, expert_map: Any) -> None:
+def permute_tensors(hidden_states: Any, topk_ids: Any, num_experts: int, expert_map: Any,
+                    hidden_dtypes: Sequence[torch.dtype] = FLOATING) -> None:
     """Types, dtypes, shapes and devices of moe_permute (the wrapper and the fake kernel)."""
     op = "moe_permute"
     tensor(op, "hidden_states", hidden_states)
@@ -119,7 +122,7 @@ def permute_tensors(hidden_states: Any, topk_ids: Any, num_experts: int, expert_
     tensor(op, "expert_map", expert_map, optional=True)
     same_device(op, [("hidden_states", hidden_states), ("topk_ids", topk_ids), ("expert_map", expert_map)])
     dim(op, "hidden_states", hidden_states, 2, " [T, H]")
-    dtype(op, "hidden_states", hidden_states, FLOATING)
+    dtype(op, "hidden_states", hidden_states, hidden_dtypes)
     dim(op, "topk_ids", topk_ids, 2, " [T, K]")
     dtype(op, "topk_ids", topk_ids, INDEX)
     if topk_ids.shape[0] != hidden_states.shape[0]:
@@ -140,27 +143,76 @@ def permute_tensors(hidden_states: Any, topk_ids: Any, num_experts: int, expert_
                                 f"{expert_map.shape[0]}")
 
 
+def permute_padded_tensors(hidden_states: Any, scales: Any, topk_ids: Any, num_experts: int,
+                           expert_map: Any, active_experts: int, alignment: Any) -> tuple[int, int]:
+    """Checks of moe_permute_padded (wrapper and fake kernel); returns
+    ``(alignment, bound)`` with ``bound = T*K + active_experts*(alignment-1)``, the
+    static row count of ``permuted``."""
+    op = "moe_permute"
+    alignment = int_arg(op, "alignment", alignment, minimum=1, maximum=INT32_MAX)
+    tensor(op, "hidden_states", hidden_states)
+    tensor(op, "scales", scales, optional=True)
+    permute_tensors(hidden_states, topk_ids, num_experts, expert_map, hidden_dtypes=FLOATING + FLOAT8)
+    if scales is not None:
+        same_device(op, [("hidden_states", hidden_states), ("scales", scales)])
+        if scales.dtype != torch.float32:
+            raise TypeError(f"{op}: scales must be torch.float32, got {scales.dtype}")
+        num_tokens, hidden_size = hidden_states.shape
+        blocks = -(-hidden_size // SCALE_BLOCK)
+        shape = tuple(scales.shape)
+        if shape not in ((num_tokens,), (num_tokens, 1), (num_tokens, blocks)):
+            raise ArgumentError(
+                f"{op}: scales must be [T] or [T, 1] (per token) or [T, ceil(H / {SCALE_BLOCK})] = "
+                f"[{num_tokens}, {blocks}] (per {SCALE_BLOCK}-column block) for hidden_states of shape "
+                f"{tuple(hidden_states.shape)}, got shape {shape}")
+    rows = topk_ids.shape[0] * topk_ids.shape[1]
+    bound = rows + active_experts * (alignment - 1)
+    if bound > INT32_MAX + 1:
+        raise ArgumentError(f"{op}: the padded layout needs up to T * K + num_active_experts * (alignment - 1) = "
+                            f"{rows} + {active_experts} * {alignment - 1} = {bound} rows, more than 2^31 "
+                            "(expanded_row_idx is int32)")
+    return alignment, bound
+
+
 # ---------------------------------------------------------------- moe_unpermute
 
-def unpermute_tensors(op: str, permuted: Any, expanded_row_idx: Any, probs: Any, topk: int) -> int:
-    """Checks of moe_unpermute (and its backward); returns T. ``topk`` is a checked int."""
+def unpermute_tensors(op: str, permuted: Any, expanded_row_idx: Any, probs: Any, topk: int,
+                      topk_from: str = "topk") -> int:
+    """Checks of moe_unpermute (and its backward); returns T. ``topk`` is a checked int;
+    ``topk_from`` says where it came from (``"topk"`` when passed, ``"probs"`` when
+    read from ``probs.shape[1]``), so that messages name what the caller passed."""
     tensor(op, "permuted", permuted)
     tensor(op, "expanded_row_idx", expanded_row_idx)
     tensor(op, "probs", probs, optional=True)
     same_device(op, [("permuted", permuted), ("expanded_row_idx", expanded_row_idx), ("probs", probs)])
     dim(op, "permuted", permuted, 2, " [R, H]")
+    if permuted.dtype in FLOAT8:
+        raise TypeError(f"{op}: permuted is {permuted.dtype}; unpermute combines expert outputs in "
+                        f"{dtype_names(FLOATING)} (fp8 rows are a dispatch format: dequantise, or pass the "
+                        "experts' bf16/fp16/fp32 output)")
     dtype(op, "permuted", permuted, FLOATING)
     dim(op, "expanded_row_idx", expanded_row_idx, 1, " [T * K]")
     dtype(op, "expanded_row_idx", expanded_row_idx, INDEX)
     entries = expanded_row_idx.shape[0]
+    if probs is not None:
+        dim(op, "probs", probs, 2, " [T, K]")
     if entries % topk:
+        if topk_from == "probs":
+            raise ArgumentError(f"{op}: probs has shape {tuple(probs.shape)}, so K = {topk}, but expanded_row_idx "
+                                f"has {entries} entries, not a multiple of {topk}: probs must be [T, K] with "
+                                f"T * K = {entries}")
         raise ArgumentError(f"{op}: expanded_row_idx has {entries} entries, not a multiple of topk = {topk}")
     num_tokens = entries // topk
     if probs is not None:
-        dim(op, "probs", probs, 2, " [T, K]")
         if tuple(probs.shape) != (num_tokens, topk):
-            raise ArgumentError(f"{op}: probs must be [T, K] = [{num_tokens}, {topk}] to match "
-                                f"expanded_row_idx (T * K = {entries}), got shape {tuple(probs.shape)}")
+            if topk_from == "probs":
+                raise ArgumentError(f"{op}: probs must be [T, K] with T * K = {entries} (the entries of "
+                                    f"expanded_row_idx), got shape {tuple(probs.shape)} "
+                                    f"(T * K = {probs.shape[0] * probs.shape[1]})")
+            source = (f"expanded_row_idx ({entries} entries) and topk = {topk}" if topk_from == "topk"
+                      else f"expanded_row_idx of shape [T, K] = [{num_tokens}, {topk}]")
+            raise ArgumentError(f"{op}: probs must be [T, K] = [{num_tokens}, {topk}] to match {source}, got "
+                                f"shape {tuple(probs.shape)}")
         if probs.dtype not in (torch.float32, permuted.dtype):
             raise TypeError(f"{op}: probs must be torch.float32 or the dtype of permuted ({permuted.dtype}), "
                             f"got {probs.dtype}")

@@ -128,17 +128,98 @@ def hccl_comm_name(runtime: NpuRuntime, process_group: Any, global_rank: Optiona
 
 # -- routing: npu_moe_init_routing_v2 / npu_moe_token_unpermute -------------------------------
 def init_routing(runtime: NpuRuntime, hidden_states: torch.Tensor, expert_ids: torch.Tensor,
-                 num_experts: int, active_expert_range: tuple[int, int]):
-    """Dropless routing over the active range: (permuted, expanded_row_idx gather form, counts int64)."""
+                 num_experts: int, active_expert_range: tuple[int, int], *, alignment: int = 1,
+                 scales: Optional[torch.Tensor] = None):
+    """Dropless routing over the active range, the NPU form of :func:`moe_ext.ops.moe_permute`.
+
+    Returns a :class:`moe_ext.ops.PermuteResult` (unpacks as ``permuted,
+    expanded_row_idx (gather form), expert_tokens (counts, int64)``; attributes
+    ``expert_tokens_unpadded`` and ``permuted_scales``).
+
+    ``npu_moe_init_routing_v2`` (torch_npu 7.x / 26.1.0) has neither an
+    alignment nor block scales, and documents ``x`` as float16 / bfloat16 /
+    float32 / int8. What this path does with each variant (issue 20, item 7):
+
+    - **float8 rows**: moved as their bytes: ``x.view(torch.int8)`` through the
+      operator in non-quantised mode (``quant_mode=-1``, which copies int8 rows
+      unchanged), viewed back. Needs a torch_npu that holds float8 tensors.
+    - **per-token scales** ``[T]`` / ``[T, 1]``: the operator's own ``scale``
+      input (documented for non-quantised mode as 1-D ``(NUM_ROWS,)``; its
+      ``expanded_scale`` output carries each row's token scale).
+    - **per-128-column-block scales** ``[T, ceil(H/128)]``: composed with torch
+      operators: one ``index_copy_`` of the scale rows to the positions of
+      ``expanded_row_idx`` (the scales are ~1/128 of the row bytes).
+    - **alignment** ``A > 1``: composed with torch operators, no host sync:
+      padded block starts from the counts (``cumsum``), each valid row's
+      padded position by ``searchsorted``, then **one extra copy** of the
+      permuted rows into a zeroed buffer of the static bound ``T*K + L*(A-1)``
+      rows (pad rows and the tail past the padded total zero). So on NPU the
+      aligned permute is two passes over the rows, not one: a native AscendC
+      kernel could fuse it (the AscendC issue inherits this answer).
+
+    Ids: ``-1`` ("no expert") is dropped, as by ``moe_permute``; any other id
+    outside the active range is dropped too (the operator's contract: remote
+    slots mapped outside the range by the caller).
+    """
+    from moe_ext.ops import _checks
+    from moe_ext.ops.routing import PermuteResult
+
+    num_tokens, topk = expert_ids.shape
+    start, end = int(active_expert_range[0]), int(active_expert_range[1])
+    alignment, bound = _checks.permute_padded_tensors(hidden_states, scales, expert_ids, num_experts, None,
+                                                      end - start, alignment)
+    is_float8 = hidden_states.dtype in _checks.FLOAT8
+    x = hidden_states.view(torch.int8) if is_float8 else hidden_states
+    per_token = scales is not None and (scales.dim() == 1 or scales.shape[1] == 1)
     num_rows = expert_ids.numel()
-    permuted, expanded_row_idx, expert_tokens, _ = runtime.ops.npu_moe_init_routing_v2(
-        hidden_states, expert_ids.to(torch.int32),
+    # -1 = "no expert" (padding slots, as moe_permute): the operator takes ids in [0, expert_num], and
+    # num_experts lies outside every active range, so those rows are dropped like remote ones.
+    ids = expert_ids.to(torch.int32)
+    ids = torch.where(ids == -1, torch.full_like(ids, num_experts), ids)
+    permuted, expanded_row_idx, expert_tokens, expanded_scale = runtime.ops.npu_moe_init_routing_v2(
+        x, ids,
+        scale=scales.reshape(-1) if per_token else None,
         active_num=num_rows, expert_num=num_experts,
         expert_tokens_num_type=1,  # counts, the group_list_type=1 of the grouped matmul
         expert_tokens_num_flag=True,
-        active_expert_range=[int(active_expert_range[0]), int(active_expert_range[1])],
+        active_expert_range=[start, end],
         quant_mode=-1)
-    return permuted, expanded_row_idx, expert_tokens
+    if is_float8:
+        permuted = permuted.view(hidden_states.dtype)
+    permuted_scales = None
+    if per_token:
+        permuted_scales = expanded_scale.reshape((num_rows,) + tuple(scales.shape[1:]))
+    elif scales is not None:  # block scales: rows follow expanded_row_idx; dropped rows go to a scratch row
+        target = torch.where(expanded_row_idx >= 0, expanded_row_idx.to(torch.int64),
+                             torch.full_like(expanded_row_idx, num_rows, dtype=torch.int64))
+        rows = scales.new_zeros((num_rows + 1, scales.shape[1]))
+        rows.index_copy_(0, target, scales.repeat_interleave(topk, dim=0))
+        permuted_scales = rows[:num_rows]
+    if alignment == 1:
+        return PermuteResult(permuted, expanded_row_idx, expert_tokens, None, permuted_scales)
+
+    counts = expert_tokens.to(torch.int64)
+    padded = (counts + alignment - 1) // alignment * alignment
+    block_start = torch.cumsum(padded, 0) - padded
+    ends = torch.cumsum(counts, 0)
+    valid = ends[-1] if counts.numel() else counts.new_zeros(())
+    # Row p < valid of the unpadded layout belongs to the expert whose count range holds it.
+    position = torch.arange(num_rows, device=counts.device)
+    expert = torch.searchsorted(ends, position, right=True).clamp_max(max(end - start - 1, 0))
+    moved = position - (ends - counts)[expert] + block_start[expert] if counts.numel() else position
+    destination = torch.where(position < valid, moved, torch.full_like(position, bound))  # tail: scratch row
+    out = permuted.new_zeros((bound + 1, permuted.shape[1])) if not is_float8 else \
+        x.new_zeros((bound + 1, permuted.shape[1]))
+    out.index_copy_(0, destination, permuted.view(torch.int8) if is_float8 else permuted)
+    out = out[:bound].view(hidden_states.dtype) if is_float8 else out[:bound]
+    row_idx = expanded_row_idx.to(torch.int64)
+    new_row_idx = torch.where(row_idx >= 0, destination[row_idx.clamp_min(0)], row_idx).to(torch.int32)
+    if permuted_scales is not None:
+        scale_rows = permuted_scales.reshape(num_rows, -1) if num_rows else permuted_scales.reshape(0, 1)
+        padded_scales = scale_rows.new_zeros((bound + 1, scale_rows.shape[1]))
+        padded_scales.index_copy_(0, destination, scale_rows)
+        permuted_scales = padded_scales[:bound].reshape((bound,) + tuple(scales.shape[1:]))
+    return PermuteResult(out, new_row_idx, padded, counts, permuted_scales)
 
 
 def token_unpermute(runtime: NpuRuntime, permuted: torch.Tensor, sorted_indices: torch.Tensor,

@@ -68,7 +68,8 @@ _V2_A2_FULLMESH_WORLD_SIZES = set(range(2, 9)) | {16, 32, 64, 128, 256}
 def _unwritten(shape, dtype, device=None) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, -(2 ** 31) + 7, dtype=dtype, device=device)  # an implausible value for int rows
+    # an implausible value for int rows (int8 rows too: fp8 dispatch moves its bytes as int8)
+    return torch.full(shape, torch.iinfo(dtype).min + 7, dtype=dtype, device=device)
 
 
 def _same_tensor(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
@@ -206,8 +207,16 @@ class EmulatedTorchNpu:
                                  drop_pad_mode, expert_tokens_num_type, expert_tokens_num_flag, quant_mode,
                                  active_expert_range, row_idx_type, x_dtype):
         op = "npu_moe_init_routing_v2"
-        self._only_defaults(op, dict(scale=scale, offset=offset, expert_capacity=expert_capacity,
+        self._only_defaults(op, dict(offset=offset, expert_capacity=expert_capacity,
                                      drop_pad_mode=drop_pad_mode, quant_mode=quant_mode, x_dtype=x_dtype))
+        # Non-quantised mode (quant_mode -1) with a scale: torch_npu 7.0.0 docs, "scale ... 非量化场景下
+        # ... 如果输入则要求为1D的Tensor, shape为(NUM_ROWS,)"; the meta function gives expanded_scale
+        # [expanded rows] float32: each row's token scale follows the row.
+        if scale is not None:
+            _require_dtype(op, "scale", scale, (torch.float32,))
+            if scale.dim() != 1 or scale.shape[0] != x.shape[0]:
+                _refuse(op, f"scale must be 1-D (NUM_ROWS,) = ({x.shape[0]},) in non-quantised mode, got "
+                            f"{tuple(scale.shape)}")
         _require_dtype(op, "x", x, (torch.float16, torch.bfloat16, torch.float32, torch.int8))
         _require_dtype(op, "expert_idx", expert_idx, (torch.int32,))
         if x.dim() != 2 or expert_idx.dim() != 2 or x.shape[0] != expert_idx.shape[0]:
@@ -249,7 +258,10 @@ class EmulatedTorchNpu:
         else:
             row_idx = order.to(torch.int32)
         counts = torch.bincount(flat[in_range] - start, minlength=end - start).to(torch.int64)
-        expanded_scale = _unwritten((num_tokens,), torch.float32)  # meaningless without scale (documented)
+        # [expanded rows] (torch_npu's meta function); values undefined without scale (documented).
+        expanded_scale = _unwritten((out_rows,), torch.float32)
+        if scale is not None:
+            expanded_scale[:valid] = scale[order[:valid] // top_k]
         return expanded_x, row_idx, counts, expanded_scale
 
     # -- npu_moe_token_unpermute ---------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["generate_permute_indices_reference", "generate_permute_indices_vectorized",
-           "moe_permute_reference", "moe_unpermute_reference", "expert_histogram_reference",
+           "moe_permute_reference", "moe_permute_padded_reference", "moe_unpermute_reference", "expert_histogram_reference",
            "group_by_local_expert_reference", "ungroup_by_local_expert_reference"]
 
 
@@ -108,6 +108,54 @@ def moe_permute_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, n
     if counts == "cumsum":
         expert_tokens = torch.cumsum(expert_tokens, 0)
     return permuted, expanded_row_idx, expert_tokens
+
+
+def moe_permute_padded_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                                 active_expert_range=None, expert_map=None, counts: str = "count",
+                                 alignment: int = 1, scales=None):
+    """:func:`moe_ext.ops.moe_permute` with ``alignment`` / ``scales`` in torch ops (any device).
+
+    Returns ``(permuted, permuted_scales, expanded_row_idx, expert_tokens,
+    expert_tokens_unpadded)``: the unpadded layout of
+    :func:`moe_permute_reference`, then each expert's block moved to start at
+    the padded running sum (blocks rounded up to a multiple of ``alignment``,
+    an empty expert keeps an empty block). ``permuted`` has ``T*K +
+    (end - start) * (alignment - 1)`` rows; pad rows and rows past the padded
+    total are zero here (the op zeroes the pad rows and leaves the tail
+    unwritten). ``permuted_scales`` is ``None`` without scales. float8 rows
+    are moved as their bytes (``view(torch.uint8)``).
+    """
+    num_tokens, topk = topk_ids.shape
+    start, end = (0, num_experts) if active_expert_range is None else active_expert_range
+    as_bytes = hidden_states.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    rows_in = hidden_states.view(torch.uint8) if as_bytes else hidden_states
+    _, row_idx, unpadded = moe_permute_reference(rows_in, topk_ids, num_experts, (start, end), expert_map)
+    padded = (unpadded + alignment - 1) // alignment * alignment
+    block_start = torch.cumsum(padded, 0) - padded            # padded first row of each expert
+    first_row = torch.cumsum(unpadded, 0) - unpadded          # unpadded first row of each expert
+    row = row_idx.to(torch.int64)
+    kept = row >= 0
+    # The expert of each kept row: the number of experts whose unpadded block starts at or before it, less one
+    # among the non-empty ones (searchsorted on the starts of non-empty experts).
+    nonempty = torch.nonzero(unpadded > 0).flatten()
+    expert = nonempty[torch.searchsorted(first_row[nonempty], row[kept], right=True) - 1]
+    new_row = row.clone()
+    new_row[kept] = row[kept] - first_row[expert] + block_start[expert]
+    bound = num_tokens * topk + (end - start) * (alignment - 1)
+    source = (torch.arange(num_tokens * topk, device=row.device) // topk)[kept]
+    permuted = rows_in.new_zeros((bound, rows_in.shape[1]))
+    permuted[new_row[kept]] = rows_in[source]
+    if as_bytes:
+        permuted = permuted.view(hidden_states.dtype)
+    permuted_scales = None
+    if scales is not None:
+        scale_rows = scales.reshape(num_tokens, scales.shape[1] if scales.dim() == 2 else 1)
+        permuted_scales = scale_rows.new_zeros((bound, scale_rows.shape[1]))
+        permuted_scales[new_row[kept]] = scale_rows[source]
+        permuted_scales = permuted_scales.reshape((bound,) + tuple(scales.shape[1:]))
+    if counts == "cumsum":
+        padded, unpadded = torch.cumsum(padded, 0), torch.cumsum(unpadded, 0)
+    return permuted, permuted_scales, new_row.to(torch.int32), padded, unpadded
 
 
 def moe_unpermute_reference(permuted: torch.Tensor, expanded_row_idx: torch.Tensor, probs=None,
