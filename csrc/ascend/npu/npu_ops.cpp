@@ -449,6 +449,8 @@ std::tuple<Tensor, Tensor, Tensor> generate_permute_indices(const Tensor& counts
 }  // namespace moe_ext::npu
 
 // The schemas are defined once, by _C.so (csrc/torch_ops.cpp), which moe_ext's loader opens first.
+// moe_permute_padded has no AscendC kernel: moe_ext/_npu_composites.py registers a torch composite
+// for this key (built on moe_permute) when the loader opens this library.
 TORCH_LIBRARY_IMPL(moe_ext, PrivateUse1, m) {
   m.impl("generate_permute_indices", TORCH_FN(moe_ext::npu::generate_permute_indices));
   m.impl("moe_permute", TORCH_FN(moe_ext::npu::moe_permute));
