@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/eplb/placement.h"
+#include "core/eplb/slot_state.h"
 
 namespace {
 
@@ -302,7 +303,6 @@ TEST(EplbPlacement, CountMovesRespectStrictHierarchy) {
   }
 }
 
-}  // namespace
 
 // plan_placement_into writes every entry of caller buffers full of garbage,
 // exactly as plan_placement fills its own vectors (threads or not).
@@ -386,3 +386,45 @@ TEST(EplbPlacement, MigrationMovesFewInEveryLayerAfterDrift) {
   }
   EXPECT_LE(total_moves, layers * shape.num_replicas / 10);
 }
+
+// The planner's greedy replica counts (a head start for every key above
+// total/extra, a heap cut to the candidates that can still win) against the
+// plain one-slot-at-a-time greedy: equal on random inputs, ties included.
+TEST(EplbPlacement, GreedyCountsEqualThePlainGreedy) {
+  using moe_ext::core::eplb::detail::greedy_replica_counts;
+  auto plain = [](const std::vector<double>& load, int64_t slots, int64_t cap) {
+    const int64_t experts = static_cast<int64_t>(load.size());
+    if (cap > 0 && experts * cap < slots) cap = 0;
+    std::vector<int32_t> counts(load.size(), 1);
+    for (int64_t extra = experts; extra < slots; ++extra) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < experts; ++e) {
+        if (cap > 0 && counts[e] >= cap) continue;
+        if (best < 0) { best = e; continue; }
+        const double a = load[e] / counts[e], b = load[best] / counts[best];
+        if (a > b || (a == b && counts[e] < counts[best])) best = e;
+      }
+      counts[best] += 1;
+    }
+    return counts;
+  };
+  std::mt19937_64 random(7);
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int64_t experts = 1 + static_cast<int64_t>(random() % 40);
+    const int64_t slots = experts + static_cast<int64_t>(random() % 100);
+    const int64_t cap = random() % 3 == 0 ? 0 : 1 + static_cast<int64_t>(random() % 10);
+    const int kind = static_cast<int>(random() % 4);
+    std::vector<double> load(static_cast<size_t>(experts));
+    for (double& x : load) {
+      x = kind == 0 ? static_cast<double>(random() % 5)
+          : kind == 1 ? 1.0
+          : kind == 2 ? std::exp(static_cast<double>(random() % 1000) / 200.0)
+                      : static_cast<double>(random() % 1000000) / 7.0;
+    }
+    std::vector<int32_t> counts(load.size());
+    greedy_replica_counts(load.data(), experts, slots, counts.data(), cap);
+    ASSERT_EQ(counts, plain(load, slots, cap)) << "experts " << experts << " slots " << slots << " cap " << cap;
+  }
+}
+
+}  // namespace

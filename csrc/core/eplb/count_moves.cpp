@@ -27,11 +27,10 @@ class CountMover {
 
   // One best move (fewest changed slots against current, then lowest peak);
   // false when none lowers the hottest GPU.
-  bool move_once(const int64_t* current, int64_t move_budget, int64_t* moves, double eps,
+  bool move_once(int64_t hot, const int64_t* current, int64_t move_budget, int64_t* moves, double eps,
                  int64_t* peak_moves) {
     rebuild_index();  // swaps in between moved replicas around
     const int64_t per_gpu = state_.slots_per_gpu;
-    const int64_t hot = state_.hottest_gpu();
     const double hot_load = state_.gpu_load[hot];
     int64_t best_cost = std::numeric_limits<int64_t>::max();
     double best_peak = hot_load - eps;
@@ -191,8 +190,11 @@ int64_t refine_by_count_moves(SlotState& state, const double* expert_load, int64
   const double eps = 1e-12 * std::max(scale, 1e-300);
   CountMover mover(state, expert_load, num_experts, confine_to_node);
   int64_t made = 0;
-  while (made < max_count_moves && state.gpu_load[state.hottest_gpu()] > stop_load &&
-         mover.move_once(current, move_budget, moves, eps, peak_moves)) {
+  while (made < max_count_moves) {
+    const int64_t hot = state.hottest_gpu();
+    if (!(state.gpu_load[hot] > stop_load) || !mover.move_once(hot, current, move_budget, moves, eps, peak_moves)) {
+      break;
+    }
     ++made;
   }
   return made;
@@ -202,10 +204,19 @@ void refine_placement(SlotState& state, const double* expert_load, int64_t num_e
                       const int32_t* confine_to_node, double stop_load, const int64_t* current,
                       int64_t move_budget, int64_t* moves, int64_t max_iterations,
                       int64_t max_count_moves, int64_t* peak_moves) {
+  // From scratch swaps come first (they keep the greedy counts). Against a
+  // current map count moves do: one changed slot can lower every GPU holding
+  // a hot expert's replicas (a drifted-up expert's GPUs rise together), where
+  // a swap changes two slots to fix one GPU (10% drift, 512 slots on 256
+  // GPUs: 21% -> 13% of slots moved, at equal balance and half the time).
+  int64_t count_moves_left = max_count_moves;
+  if (current != nullptr) {
+    count_moves_left -= refine_by_count_moves(state, expert_load, num_experts, confine_to_node, stop_load,
+                                              current, move_budget, moves, count_moves_left, peak_moves);
+  }
   refine_by_swaps(state, stop_load, current, move_budget, moves, max_iterations, peak_moves);
   // Count moves until none helps, then swaps until none helps, again while
   // either side changed something (swaps are the expensive scan).
-  int64_t count_moves_left = max_count_moves;
   while (count_moves_left > 0) {
     const int64_t made = refine_by_count_moves(state, expert_load, num_experts, confine_to_node,
                                                stop_load, current, move_budget, moves,

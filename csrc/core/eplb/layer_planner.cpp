@@ -627,27 +627,52 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
   }
 
   // Grants: one slot at a time to the neediest expert (missing ones first),
-  // taken from the expert that loses least by giving one up.
+  // taken from the expert that loses least by giving one up. Strict
+  // hierarchy: from a donor with a replica in the receiver's node, whose slot
+  // there is freed (the new replica then stays in its node; a receiver with
+  // no such donor gets nothing, unless it is missing altogether).
+  const bool strict_nodes = !home.empty() && !options.allow_cross_node;
+  const int64_t slots_per_node = geometry.slots_per_gpu * geometry.gpus_per_node;
+  std::vector<char> blocked(static_cast<size_t>(num_experts), 0), in_node;
   std::vector<int32_t> freed_slots, receivers;
   while (static_cast<int64_t>(freed_slots.size()) < budget) {
     int64_t receiver = -1;
     for (int64_t e = 0; e < num_experts; ++e) {
-      if (counts[e] >= needed[e]) continue;
+      if (counts[e] >= needed[e] || blocked[e]) continue;
       if (receiver < 0) { receiver = e; continue; }
       const bool missing = counts[e] == 0, best_missing = counts[receiver] == 0;
       if (missing != best_missing) { if (missing) receiver = e; continue; }
       if (!missing && load[e] / counts[e] > load[receiver] / counts[receiver]) receiver = e;
     }
     if (receiver < 0) break;
+    int64_t node = -1;  // strict: the node the freed slot must be in
+    if (strict_nodes) {
+      node = home[receiver];
+      in_node.assign(static_cast<size_t>(num_experts), 0);
+      for (int64_t p = node * slots_per_node; p < (node + 1) * slots_per_node; ++p) {
+        if (state.expert[p] >= 0) in_node[state.expert[p]] = 1;
+      }
+    }
     int64_t donor = -1;
     for (int64_t e = 0; e < num_experts; ++e) {
-      if (counts[e] <= needed[e]) continue;
+      if (counts[e] <= needed[e] || (node >= 0 && !in_node[e])) continue;
       if (donor < 0 || load[e] / (counts[e] - 1) < load[donor] / (counts[donor] - 1)) donor = e;
+    }
+    if (donor < 0 && node >= 0) {
+      if (counts[receiver] > 0) {
+        blocked[receiver] = 1;
+        continue;
+      }
+      node = -1;  // a missing expert takes a slot wherever one can be spared
+      for (int64_t e = 0; e < num_experts; ++e) {
+        if (counts[e] <= needed[e]) continue;
+        if (donor < 0 || load[e] / (counts[e] - 1) < load[donor] / (counts[donor] - 1)) donor = e;
+      }
     }
     MOE_INTERNAL_ASSERT(donor >= 0, "no donor of a replica in layer ", layer_index);
     int64_t give_up = -1;  // the donor's replica on the hottest GPU, unpinned if possible
     for (int64_t p = 0; p < num_slots; ++p) {
-      if (state.expert[p] != donor) continue;
+      if (state.expert[p] != donor || (node >= 0 && node_of_slot(p) != node)) continue;
       if (give_up < 0) { give_up = p; continue; }
       const bool pinned = state.home_node[p] >= 0, best_pinned = state.home_node[give_up] >= 0;
       if (pinned != best_pinned) { if (!pinned) give_up = p; continue; }
@@ -683,7 +708,8 @@ LayerPlan plan_layer_from_current(const LayerGeometry& geometry, const double* l
       const bool twin = state.gpu_holds(gpu, e);
       const bool at_home = !home.empty() && home[e] == node_of_slot(p);
       bool better = best < 0;
-      if (!better && twin != best_twin) better = !twin;
+      if (!better && strict_nodes && at_home != best_home) better = at_home;  // home first (strict)
+      else if (!better && twin != best_twin) better = !twin;
       else if (!better && at_home != best_home) better = at_home && !options.allow_cross_node;
       else if (!better) {
         const int64_t best_gpu = freed_slots[best] / geometry.slots_per_gpu;
