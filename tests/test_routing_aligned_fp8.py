@@ -441,3 +441,20 @@ def test_huge_alignment_zeroes_every_pad_row(device):
     scales = torch.rand(4, 1, generator=generator)
     got, total = check_against_reference(device, hidden, ids, 2, alignment=300_001, scales=scales)
     assert total == 600_002 and got.permuted.shape == (4 + 2 * 300_000, 8)
+
+
+def test_torch_compile_dynamic_token_count():
+    # The padded row bound is an expression of T: one dynamic graph serves every token count.
+    def layer(x, ids, scales):
+        result = moe_permute(x, ids, num_experts=8, alignment=16, scales=scales)
+        rows = result.permuted.float() * result.permuted_scales[:, :1]
+        return moe_unpermute(rows, result.expanded_row_idx, topk=2), result.expert_tokens
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(13)
+    for num_tokens in (5, 9, 17):
+        x = torch.randn(num_tokens, 130, generator=generator).to(FP8)
+        ids = torch.randint(-1, 8, (num_tokens, 2), generator=generator, dtype=torch.int32)
+        scales = torch.rand(num_tokens, 2, generator=generator)
+        for got, want in zip(compiled(x, ids, scales), layer(x, ids, scales)):
+            assert torch.equal(got, want)

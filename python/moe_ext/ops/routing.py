@@ -157,7 +157,10 @@ def moe_permute(
         so nothing is written out of bounds.
         Non-contiguous inputs are accepted (copied to contiguous first).
         The CUDA kernel supports an active range of at most 8192 experts
-        (``ValueError`` beyond).
+        (``ValueError`` beyond). ``alignment`` outside ``[1, 2^31)``, a padded
+        bound ``T*K + (end - start) * (alignment - 1)`` above ``2^31`` rows,
+        ``scales`` of another shape than above or not float32 are refused
+        before dispatch (``ArgumentError`` / ``TypeError``).
 
     Autograd: the gradient of ``hidden_states`` is
     ``moe_unpermute(grad_permuted, expanded_row_idx, topk=K)`` (a per-token
