@@ -208,9 +208,13 @@ def permute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, devi
     row_bytes = hidden_size * hidden.element_size()
     # useful bytes: each needed token row read once, each valid row written once, the ids read
     moved = needed_tokens * row_bytes + valid_rows * row_bytes + ids.numel() * ids.element_size()
-    return measure(name, moved,
-                   lambda h, i: moe_permute(h, i, num_experts=num_experts, active_expert_range=active),
-                   lambda h, i: seed_permute(h, i, expert_map, local), (hidden, ids), device)
+    yield measure(name, moved,
+                  lambda h, i: moe_permute(h, i, num_experts=num_experts, active_expert_range=active),
+                  lambda h, i: seed_permute(h, i, expert_map, local), (hidden, ids), device)
+    if num_tokens * topk > 2048:  # the index alone (H=0: no row copied), to split the time; same bytes column
+        yield measure(f"  (index only, H=0) {name.split(' ', 1)[1]}", moved,
+                      lambda h, i: moe_permute(h[:, :0], i, num_experts=num_experts, active_expert_range=active),
+                      None, (hidden, ids), device)
 
 
 def unpermute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, device, dtype):
@@ -382,7 +386,7 @@ EP_SIZES = (1, 2, 4, 8, 32)
 
 def cases(device: str, small: bool, dtype: torch.dtype):
     if small:
-        yield permute_case("permute T=256 H=512 K=8 E=64 EP4", 256, 512, 8, 64, 4, device, dtype)
+        yield from permute_case("permute T=256 H=512 K=8 E=64 EP4", 256, 512, 8, 64, 4, device, dtype)
         yield unpermute_case("unpermute T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype)
         yield unpermute_backward_case("unpermute bwd T=256 H=512 K=8", 256, 512, 8, 64, 1, device, dtype)
         yield regroup_case("group_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, device, dtype)
@@ -391,18 +395,19 @@ def cases(device: str, small: bool, dtype: torch.dtype):
         yield from variant_cases(device, small, dtype)
         return
     for ep in EP_SIZES:
-        yield permute_case(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
-    yield permute_case("permute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
+        yield from permute_case(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
+    yield from permute_case("permute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
     for ep in EP_SIZES:
         yield unpermute_case(f"unpermute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
     yield unpermute_case("unpermute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
     for ep in EP_SIZES:
         yield unpermute_backward_case(f"unpermute bwd T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep,
                                       device, dtype)
+    yield unpermute_backward_case("unpermute bwd T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
     for tokens in (16, 256):
         for ep in (1, 8):
-            yield permute_case(f"permute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
-                               device, dtype)
+            yield from permute_case(f"permute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
+                                    device, dtype)
             yield unpermute_case(f"unpermute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
                                  device, dtype)
     yield regroup_case("group_by_local_expert 8 ranks x 32 experts, 16k rows H=7168", 64, 32, 8, 7168, 128,

@@ -37,8 +37,9 @@ if(MOE_EXT_BUILD_NPU_OPS AND MOE_EXT_ASCEND_KERNELS_BUILT)
     target_compile_definitions(moe_ext_C_npu PRIVATE _GLIBCXX_USE_CXX11_ABI=${_moe_ext_cxx11_abi})
     target_link_directories(moe_ext_C_npu PRIVATE "${MOE_EXT_TORCH_ROOT}/lib" "${_moe_ext_torch_npu_root}/lib"
                             "${ASCEND_CANN_PACKAGE_PATH}/lib64")
+    # tiling_api + platform: PlatformAscendCManager (core count, UB size), as CANN documents it.
     target_link_libraries(moe_ext_C_npu PRIVATE moe_ext_core moe_ext_ascend_kernels torch torch_cpu c10 torch_npu
-                          ascendcl)
+                          ascendcl tiling_api platform)
     set(MOE_EXT_NPU_OPS_BUILT ON)
     message(STATUS "moe_ext: torch_npu at ${_moe_ext_torch_npu_root}: building _C_npu.so")
   else()

@@ -46,8 +46,9 @@ STABLE_TORCH_LIBRARY(moe_ext, m) {
       "Tensor expert_tokens_unpadded)");
   // out[t] = sum_k probs[t,k] * permuted[expanded_row_idx[t*topk+k]], -1 skipped, fp32 sums.
   m.def("moe_unpermute(Tensor permuted, Tensor expanded_row_idx, Tensor? probs, int topk) -> Tensor");
-  // Gradients of moe_unpermute: grad_permuted[row] = probs[t,k] * grad_output[t] (zeros for
-  // unnamed rows); grad_probs[t,k] = dot(grad_output[t], permuted[row]) when
+  // Gradients of moe_unpermute: grad_permuted[row] = probs[t,k] * grad_output[t] (unnamed rows
+  // unspecified: unwritten on CUDA, zeros on CPU; zeros everywhere when permuted has more rows than
+  // expanded_row_idx has entries, the aligned layout, whose pad rows sit inside GEMM groups); grad_probs[t,k] = dot(grad_output[t], permuted[row]) when
   // compute_grad_probs (zeros otherwise, empty without probs).
   m.def(
       "moe_unpermute_backward(Tensor grad_output, Tensor permuted, Tensor expanded_row_idx, "

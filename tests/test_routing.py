@@ -102,6 +102,9 @@ def test_permute_large_cases(device, num_tokens, topk, num_experts, active, hidd
                       active_expert_range=active,
                       expert_map=None if expert_map is None else expert_map.to(device))
     assert_permute_matches(got, want)
+    cumulative = moe_permute(hidden.to(device), ids.to(device), num_experts=num_experts, active_expert_range=active,
+                             expert_map=None if expert_map is None else expert_map.to(device), counts="cumsum")
+    assert torch.equal(cumulative.expert_tokens.cpu(), torch.cumsum(want[2], 0))
 
 
 def test_permute_is_stable_and_matches_the_npu_example():
@@ -225,16 +228,60 @@ def test_backward_matches_reference(device, dtype):
                                    atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_unpermute_backward_zeroes_unnamed_rows_and_dropped_probs(device):
+def test_unpermute_backward_named_rows_and_dropped_probs(device):
     row_idx = torch.tensor([2, -1, 0, 3], dtype=torch.int32, device=device)  # T=2, K=2; row 1, 4 unnamed
     permuted = torch.randn(5, 3, device=device, requires_grad=True)
     probs = torch.rand(2, 2, device=device, requires_grad=True)
     grad_out = torch.randn(2, 3, device=device)
     moe_unpermute(permuted, row_idx, probs).backward(grad_out)
-    assert torch.count_nonzero(permuted.grad[1]) == 0 and torch.count_nonzero(permuted.grad[4]) == 0
+    if device == "cpu":  # unnamed rows are unspecified; the CPU kernel writes zeros, CUDA leaves them unwritten
+        assert torch.count_nonzero(permuted.grad[1]) == 0 and torch.count_nonzero(permuted.grad[4]) == 0
     torch.testing.assert_close(permuted.grad[2], probs[0, 0].detach() * grad_out[0])
+    torch.testing.assert_close(permuted.grad[0], probs[1, 0].detach() * grad_out[1])
+    torch.testing.assert_close(permuted.grad[3], probs[1, 1].detach() * grad_out[1])
     assert probs.grad[0, 1].item() == 0.0
     torch.testing.assert_close(probs.grad[1, 1], (grad_out[1] * permuted[3].detach()).sum())
+
+
+# Shapes that take the CUDA unpermute's tiled kernel (rows of >= 256 16-byte packs, >= 2048 tokens,
+# K <= 32) and its fallbacks (K = 33, a row size that is no multiple of 16 bytes), at EP 1 / 8 / 32
+# sizes, with -1 ids; the unwritten tail of permuted is NaN and must never be read.
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens,topk,num_experts,active,hidden_size,dtype,index_dtype", [
+    (2304, 8, 64, (0, 64), 2048, torch.bfloat16, torch.int32),
+    (2304, 8, 64, (0, 8), 2048, torch.bfloat16, torch.int32),
+    (2304, 8, 64, (0, 2), 2048, torch.bfloat16, torch.int64),
+    (2048, 2, 16, (4, 12), 1024, torch.float32, torch.int32),
+    (2048, 32, 64, (0, 16), 2048, torch.float16, torch.int32),
+    (2048, 33, 64, (0, 16), 2048, torch.bfloat16, torch.int32),
+    (2304, 8, 64, (0, 8), 2052, torch.bfloat16, torch.int32),
+])
+def test_cuda_unpermute_and_backward_large_rows(num_tokens, topk, num_experts, active, hidden_size, dtype,
+                                                index_dtype):
+    generator = torch.Generator().manual_seed(num_tokens + topk + hidden_size)
+    ids = random_routing(generator, num_tokens, topk, num_experts, skewed=False)
+    ids[::7, 0] = -1  # padding tokens' "no expert"
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(dtype)
+    permuted, row_idx, _ = moe_permute_reference(hidden, ids, num_experts, active)
+    valid = int((row_idx >= 0).sum())
+    permuted[valid:] = float("nan")
+    row_idx = row_idx.to(index_dtype)
+    probs = torch.rand(num_tokens, topk, generator=generator)
+    grad_out = torch.randn(num_tokens, hidden_size, generator=generator).to(dtype)
+    want = moe_unpermute_reference(permuted, row_idx, probs, topk)
+    got = moe_unpermute(permuted.cuda(), row_idx.cuda(), probs.cuda(), topk=topk).cpu()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tolerance)
+    assert not torch.isnan(got).any()
+    want_grad, want_probs = torch.ops.moe_ext.moe_unpermute_backward(grad_out, permuted, row_idx, probs, topk,
+                                                                      True)
+    got_grad, got_probs = torch.ops.moe_ext.moe_unpermute_backward(grad_out.cuda(), permuted.cuda(),
+                                                                    row_idx.cuda(), probs.cuda(), topk, True)
+    named = row_idx[row_idx >= 0].long()
+    torch.testing.assert_close(got_grad.cpu()[named], want_grad[named], rtol=0, atol=0)
+    torch.testing.assert_close(got_probs.cpu(), want_probs, rtol=1e-4, atol=1e-4)
+    assert (got_probs.cpu().view(-1)[(row_idx < 0).view(-1)] == 0).all()
 
 
 def test_backward_is_deterministic(device):
@@ -379,7 +426,10 @@ def test_opcheck(device):
                  (permuted.double(), row_idx.long(), probs.double(), 3)]:
         torch.library.opcheck(torch.ops.moe_ext.moe_unpermute.default, args)
     grad = torch.randn(12, 8, generator=generator).to(device)
-    for args in [(grad, permuted, row_idx, probs, 3, True), (grad, permuted, row_idx, None, 3, False)]:
+    # Every row named: the CUDA backward leaves unnamed rows unwritten (as moe_permute leaves its tail).
+    full_permuted, full_row_idx, _ = moe_permute(hidden, ids, num_experts=6)
+    for args in [(grad, full_permuted, full_row_idx, probs, 3, True), (grad, full_permuted, full_row_idx, None, 3,
+                                                                         False)]:
         torch.library.opcheck(torch.ops.moe_ext.moe_unpermute_backward.default, args)
     for args in [(ids, 6), (ids.long(), 10), (ids[:0], 3)]:
         torch.library.opcheck(torch.ops.moe_ext.expert_histogram.default, args)
@@ -457,3 +507,11 @@ def test_cuda_offsets_beyond_int32():
     torch.testing.assert_close(out[last_tokens.cuda()].float().cpu(),
                                (topk * (last_tokens % 251)).float()[:, None].expand(-1, hidden_size)
                                .bfloat16().float())
+    del out
+    # The backward writes rows past 2^31 elements too: grad_permuted[row] = grad_out[token of row].
+    grad_out = (torch.arange(num_tokens, dtype=torch.float32) % 241)[:, None].expand(-1, hidden_size)
+    grad_permuted, _ = torch.ops.moe_ext.moe_unpermute_backward(grad_out.to(torch.bfloat16).cuda(), permuted,
+                                                                row_idx, None, topk, False)
+    del permuted
+    torch.testing.assert_close(grad_permuted[last_rows.cuda()].float().cpu(),
+                               (source_token % 241).float()[:, None].expand(-1, hidden_size))

@@ -10,13 +10,13 @@
 #include "kernels/gather_rows.h"
 #include "kernels/permute_indices.h"
 #include "kernels/permute_layout.h"
+#include "kernels/permute_rows.h"
 #include "kernels/row_inverse.h"
 #include "kernels/unpermute.h"
 
 using moe_ext::ascend::ExpertHistogramPartial;
 using moe_ext::ascend::FillKernel;
-using moe_ext::ascend::InverseVerify;
-using moe_ext::ascend::InverseWrite;
+using moe_ext::ascend::InverseBuildKernel;
 using moe_ext::ascend::UnpermuteBackwardKernel;
 using moe_ext::ascend::ZeroUnnamedRowsKernel;
 using moe_ext::ascend::ExpertHistogramReduce;
@@ -24,6 +24,7 @@ using moe_ext::ascend::GatherRowsKernel;
 using moe_ext::ascend::PermuteIndicesKernel;
 using moe_ext::ascend::PermuteKeyCount;
 using moe_ext::ascend::PermutePlace;
+using moe_ext::ascend::PermuteRowsKernel;
 using moe_ext::ascend::PermuteScan;
 using moe_ext::ascend::UnpermuteKernel;
 
@@ -88,36 +89,25 @@ MOE_EXT_UNPERMUTE_ENTRIES(bf16_pf32_i64, bfloat16_t, float, int64_t)
 MOE_EXT_UNPERMUTE_ENTRIES(bf16_pbf16_i32, bfloat16_t, bfloat16_t, int32_t)
 MOE_EXT_UNPERMUTE_ENTRIES(bf16_pbf16_i64, bfloat16_t, bfloat16_t, int64_t)
 
-// The inverse index of scatter_rows and the unpermute backward (kernels/row_inverse.h): fill with
-// -1, write, verify; op = 0 (scatter_rows) or 1 (moe_unpermute_backward) picks the check's wording.
-extern "C" __global__ __aicore__ void moe_ext_fill_i32(GM_ADDR out, GM_ADDR tiling, int32_t value) {
-  FillKernel<int32_t> kernel;
-  kernel.Init(out, tiling, value);
-  kernel.Process();
-}
-
-extern "C" __global__ __aicore__ void moe_ext_fill_b2(GM_ADDR out, GM_ADDR tiling) {  // zeros, 2-byte words
-  FillKernel<uint16_t> kernel;
-  kernel.Init(out, tiling, 0);
-  kernel.Process();
-}
-
-#define MOE_EXT_INVERSE_ENTRIES(SUFFIX, IndexT)                                                               \
-  extern "C" __global__ __aicore__ void moe_ext_inverse_write_##SUFFIX(GM_ADDR indices, GM_ADDR inverse,       \
+// The inverse index of scatter_rows and the unpermute backward (kernels/row_inverse.h), one launch;
+// op = 0 (scatter_rows) or 1 (moe_unpermute_backward) picks the wording of the device checks.
+#define MOE_EXT_INVERSE_ENTRY(SUFFIX, IndexT)                                                                \
+  extern "C" __global__ __aicore__ void moe_ext_inverse_build_##SUFFIX(GM_ADDR indices, GM_ADDR inverse,      \
                                                                       GM_ADDR tiling, int64_t op) {          \
-    InverseWrite<IndexT> kernel;                                                                             \
-    kernel.Init(indices, inverse, tiling, op);                                                               \
-    kernel.Process();                                                                                        \
-  }                                                                                                          \
-  extern "C" __global__ __aicore__ void moe_ext_inverse_verify_##SUFFIX(GM_ADDR indices, GM_ADDR inverse,      \
-                                                                       GM_ADDR tiling, int64_t op) {         \
-    InverseVerify<IndexT> kernel;                                                                            \
+    InverseBuildKernel<IndexT> kernel;                                                                       \
     kernel.Init(indices, inverse, tiling, op);                                                               \
     kernel.Process();                                                                                        \
   }
 
-MOE_EXT_INVERSE_ENTRIES(i32, int32_t)
-MOE_EXT_INVERSE_ENTRIES(i64, int64_t)
+MOE_EXT_INVERSE_ENTRY(i32, int32_t)
+MOE_EXT_INVERSE_ENTRY(i64, int64_t)
+
+// Zeros in 2-byte words (grad_probs when they are not computed).
+extern "C" __global__ __aicore__ void moe_ext_fill_b2(GM_ADDR out, GM_ADDR tiling) {
+  FillKernel<uint16_t> kernel;
+  kernel.Init(out, tiling, 0);
+  kernel.Process();
+}
 
 // Rows no index names become zeros (the row's bytes as 2-byte words).
 extern "C" __global__ __aicore__ void moe_ext_zero_unnamed_rows(GM_ADDR out, GM_ADDR inverse, GM_ADDR tiling,
@@ -138,7 +128,7 @@ extern "C" __global__ __aicore__ void moe_ext_zero_unnamed_rows(GM_ADDR out, GM_
 MOE_EXT_PERMUTE_INDICES_ENTRY(moe_ext_generate_permute_indices_i32, int32_t)
 MOE_EXT_PERMUTE_INDICES_ENTRY(moe_ext_generate_permute_indices_i64, int64_t)
 
-// moe_permute: key count -> scan -> place -> row copy (gather_rows of sorted_token up to the valid count).
+// moe_permute: key count -> scan -> place -> row copy (each token's row to its K positions).
 #define MOE_EXT_PERMUTE_ENTRIES(SUFFIX, IdT, MapT)                                                         \
   extern "C" __global__ __aicore__ void moe_ext_permute_key_count_##SUFFIX(GM_ADDR ids, GM_ADDR expert_map,  \
                                                                           GM_ADDR workspace, GM_ADDR tiling) { \
@@ -147,10 +137,9 @@ MOE_EXT_PERMUTE_INDICES_ENTRY(moe_ext_generate_permute_indices_i64, int64_t)
     kernel.Process();                                                                                      \
   }                                                                                                        \
   extern "C" __global__ __aicore__ void moe_ext_permute_place_##SUFFIX(                                     \
-      GM_ADDR ids, GM_ADDR expert_map, GM_ADDR workspace, GM_ADDR expanded_row_idx, GM_ADDR sorted_token,   \
-      GM_ADDR tiling, int64_t topk) {                                                                      \
+      GM_ADDR ids, GM_ADDR expert_map, GM_ADDR workspace, GM_ADDR expanded_row_idx, GM_ADDR tiling) {       \
     PermutePlace<IdT, MapT> kernel;                                                                        \
-    kernel.Init(ids, expert_map, workspace, expanded_row_idx, sorted_token, tiling, topk);                 \
+    kernel.Init(ids, expert_map, workspace, expanded_row_idx, tiling);                                     \
     kernel.Process();                                                                                      \
   }
 
@@ -159,18 +148,18 @@ MOE_EXT_PERMUTE_ENTRIES(i32_m64, int32_t, int64_t)
 MOE_EXT_PERMUTE_ENTRIES(i64_m32, int64_t, int32_t)
 MOE_EXT_PERMUTE_ENTRIES(i64_m64, int64_t, int64_t)
 
-extern "C" __global__ __aicore__ void moe_ext_permute_scan(GM_ADDR workspace, GM_ADDR expert_tokens,
-                                                           GM_ADDR valid_rows, GM_ADDR tiling, int64_t cumulative) {
+extern "C" __global__ __aicore__ void moe_ext_permute_scan(GM_ADDR workspace, GM_ADDR expert_tokens, GM_ADDR tiling,
+                                                           int64_t cumulative) {
   PermuteScan kernel;
-  kernel.Init(workspace, expert_tokens, valid_rows, tiling, cumulative);
+  kernel.Init(workspace, expert_tokens, tiling, cumulative);
   kernel.Process();
 }
 
 #define MOE_EXT_PERMUTE_ROWS_ENTRY(NAME, T)                                                                \
-  extern "C" __global__ __aicore__ void NAME(GM_ADDR hidden, GM_ADDR sorted_token, GM_ADDR permuted,       \
-                                             GM_ADDR tiling, int64_t rows, GM_ADDR valid_rows) {           \
-    GatherRowsKernel<T, int32_t> kernel;                                                                   \
-    kernel.Init(hidden, sorted_token, permuted, tiling, rows, valid_rows);                                 \
+  extern "C" __global__ __aicore__ void NAME(GM_ADDR hidden, GM_ADDR expanded_row_idx, GM_ADDR permuted,   \
+                                             GM_ADDR tiling, int64_t num_tokens) {                         \
+    PermuteRowsKernel<T> kernel;                                                                           \
+    kernel.Init(hidden, expanded_row_idx, permuted, tiling, num_tokens);                                   \
     kernel.Process();                                                                                      \
   }
 

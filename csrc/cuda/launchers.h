@@ -93,9 +93,10 @@ cudaError_t launch_moe_unpermute(FloatType type, const void* permuted, int64_t n
                                  int64_t topk, void* out, cudaStream_t stream);
 
 // Backward of moe_unpermute. grad_permuted[row] = probs[t,k] * grad_out[t] for
-// row = row_idx[t*K+k], zero for rows no entry names; grad_probs (may be null)
-// [t,k] = dot(grad_out[t], permuted[row]) or 0. inverse is int32 scratch
-// [num_rows]. Each row is written by one thread group: no atomics on data.
+// row = row_idx[t*K+k]; rows no entry names are NOT written; grad_probs (may be
+// null) [t,k] = dot(grad_out[t], permuted[row]) or 0. inverse is int32 scratch
+// [num_rows] (its first ceil(num_rows / 32) words hold the named-row bitmask that
+// refuses a row named twice). Each row is written by one block: no atomics on data.
 cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, const void* permuted,
                                           int64_t num_rows, int64_t hidden_size, const void* row_idx,
                                           bool row_idx_is_int64, const void* probs,

@@ -141,8 +141,5 @@ cudaError_t launch_build_inverse(const void* indices, bool indices_are_int64, in
                                  int64_t num_rows, int32_t* inverse, InverseUser user,
                                  cudaStream_t stream);
 
-// Zeroes every row r of out (num_rows x row_bytes) with inverse[r] < 0.
-cudaError_t launch_zero_unnamed_rows(void* out, int64_t num_rows, int64_t row_bytes,
-                                     const int32_t* inverse, cudaStream_t stream);
 
 }  // namespace moe_ext::cuda::routing

@@ -4,14 +4,17 @@
 // keys: a radix sort over 32 bits would be wasted work), stable because every
 // warp walks its own contiguous segment of rows in order, 32 rows a step,
 // ranking equal keys inside a step with __match_any_sync:
-//   - small inputs (<= kSingleBlockRows rows, decode sizes): one block counts
-//     per warp, scans the counts and places every row: one launch;
-//   - larger inputs: count per block -> scan (one block) -> recount and place
-//     per block: three short launches.
-// Row copy: scatter form, one thread group per source token: the token row is
-// read once (16-byte vectors where alignment allows) and written to each of
-// its K destinations; only valid rows are written. Inputs too small to fill
-// the GPU that way (decode sizes) copy per routed row instead.
+//   - decode sizes (<= 2048 routed rows, with a row to copy): index AND copy in
+//     one launch - every block builds the whole index in shared memory, block 0
+//     writes it, each block copies its share of the valid rows;
+//   - <= kSingleBlockRows rows: one block counts per warp, scans, places;
+//   - larger inputs: count per block -> scan (one block: a coalesced scan of
+//     each expert's row of the [experts][blocks] table for large tables) ->
+//     recount and place per block: three short launches.
+// Row copy: one block per source token reads its K destinations in one step,
+// then its row once (16-byte vectors where alignment allows) and writes it to
+// each destination; only valid rows are written. Inputs too small to fill the
+// GPU that way copy per routed row instead.
 //
 // An id outside [0, num_experts) fires a device-side assert and its row is
 // treated as dropped: no id is ever used as an address unchecked.
@@ -251,7 +254,8 @@ template <typename IdT, typename MapT>
 __global__ void __launch_bounds__(kIndexThreads)
 place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
              int64_t rows_per_block, int warps, int64_t num_experts, int64_t start, int32_t range,
-             const int32_t* __restrict__ block_offsets, int32_t* __restrict__ expanded_row_idx) {
+             const int32_t* __restrict__ block_offsets, const int32_t* __restrict__ expert_base,
+             int32_t* __restrict__ expanded_row_idx) {
   extern __shared__ int32_t counters[];
   const int64_t block_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t block_end = std::min(rows, block_begin + rows_per_block);
@@ -259,7 +263,7 @@ place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
   count_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
                    counters);
   for (int64_t e = threadIdx.x; e < range; e += blockDim.x) {
-    int32_t run = block_offsets[e * gridDim.x + blockIdx.x];
+    int32_t run = block_offsets[e * gridDim.x + blockIdx.x] + (expert_base != nullptr ? expert_base[e] : 0);
     for (int w = 0; w < warps; ++w) {
       const int32_t count = counters[w * range + e];
       counters[w * range + e] = run;
@@ -269,6 +273,86 @@ place_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t 
   __syncthreads();
   place_block_rows(ids, map, block_begin, block_end, warp_rows, warps, num_experts, start, range,
                    counters, expanded_row_idx);
+}
+
+// Step 2, coalesced (replaces scan_kernel): warp w scans the rows e = w, w + 32,
+// ... of the [range][blocks] table in place (each row's blocks in order,
+// kScanRows rows' loads in flight together, 4 contiguous entries a lane), then
+// one block-wide scan of the row totals gives each expert's first position,
+// written to expert_base (added by place_kernel) and expert_tokens. The old
+// kernel walked thread-contiguous runs of the table (every warp load touching
+// 32 lines): at EP 1 (32k entries) it alone cost ~60 µs on an H200.
+constexpr int kScanRows = 4;
+constexpr int64_t kSmallScanEntries = 4096;
+
+__global__ void __launch_bounds__(kScanThreads)
+scan_rows_kernel(int32_t* __restrict__ block_counts, int64_t blocks, int32_t range, bool cumulative,
+                 int64_t* __restrict__ expert_tokens, int32_t* __restrict__ expert_base) {
+  using BlockScan = cub::BlockScan<int32_t, kScanThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  __shared__ int32_t totals[kMaxActiveExperts];
+  constexpr int kWarps = kScanThreads / 32;
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const unsigned lanes_before = (1u << lane) - 1u;
+  for (int64_t e0 = warp; e0 < range; e0 += static_cast<int64_t>(kWarps) * kScanRows) {
+    int32_t running[kScanRows];
+#pragma unroll
+    for (int r = 0; r < kScanRows; ++r) running[r] = 0;
+    for (int64_t c = 0; c < blocks; c += 32 * 4) {
+      int32_t v[kScanRows][4];
+#pragma unroll
+      for (int r = 0; r < kScanRows; ++r) {
+        const int64_t e = e0 + static_cast<int64_t>(r) * kWarps;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t b = c + lane * 4 + i;
+          v[r][i] = e < range && b < blocks ? block_counts[e * blocks + b] : 0;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kScanRows; ++r) {
+        const int64_t e = e0 + static_cast<int64_t>(r) * kWarps;
+        const int32_t local = v[r][0] + v[r][1] + v[r][2] + v[r][3];
+        int32_t inclusive = local;
+#pragma unroll
+        for (int offset = 1; offset < 32; offset *= 2) {
+          const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+          if (lane >= offset) inclusive += other;
+        }
+        int32_t run = running[r] + inclusive - local;
+        if (e < range) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t b = c + lane * 4 + i;
+            if (b < blocks) block_counts[e * blocks + b] = run;
+            run += v[r][i];
+          }
+        }
+        running[r] += __shfl_sync(0xffffffffu, inclusive, 31);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kScanRows; ++r) {
+      const int64_t e = e0 + static_cast<int64_t>(r) * kWarps;
+      if (lane == 0 && e < range) totals[e] = running[r];
+    }
+  }
+  (void)lanes_before;
+  __syncthreads();
+  // Exclusive scan of the totals over the experts (rows < 2^31: int32 is exact).
+  const int64_t per_thread = ceil_div(range, kScanThreads);
+  const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(range, first + per_thread);
+  int32_t local_sum = 0;
+  for (int64_t e = first; e < last; ++e) local_sum += totals[e];
+  int32_t prefix = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix);
+  for (int64_t e = first; e < last; ++e) {
+    expert_base[e] = prefix;
+    write_expert_tokens(expert_tokens, e, prefix, totals[e], cumulative);
+    prefix += totals[e];
+  }
 }
 
 // Scatter-form copy: a group of threads_per_row threads per source token.
@@ -309,6 +393,57 @@ scatter_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int6
   }
 }
 
+// Scatter-form copy, tiled: kTile tokens per block, the whole block on one
+// token at a time. Warp w loads token w's K (<= 32) destinations in one step
+// (not K dependent loads) and compacts the valid ones into shared memory; a
+// token with none is not read. The token row is read kUnroll vectors a thread
+// (all in flight) and written to each destination.
+constexpr int kMaxTileTopk = 32;
+
+template <int kBytes, int kTile>
+__global__ void __launch_bounds__(kBlockThreads)
+scatter_copy_tile_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens, int64_t topk,
+                         int64_t vectors_per_row, const int32_t* __restrict__ expanded_row_idx,
+                         uint8_t* __restrict__ permuted) {
+  using V = typename Unit<kBytes>::type;
+  __shared__ int32_t tile_destination[kTile][kMaxTileTopk];
+  __shared__ int tile_count[kTile];
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (warp < tokens) {
+    // written by the index kernels: -1 or a valid row
+    const int32_t position = lane < topk ? expanded_row_idx[(first_token + warp) * topk + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
+    if (position >= 0) tile_destination[warp][__popc(present & ((1u << lane) - 1u))] = position;
+    if (lane == 0) tile_count[warp] = __popc(present);
+  }
+  __syncthreads();
+  for (int t = 0; t < tokens; ++t) {
+    const int n = tile_count[t];
+    if (n == 0) continue;
+    const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + (first_token + t) * vectors_per_row;
+    for (int64_t first = threadIdx.x; first < vectors_per_row;
+         first += static_cast<int64_t>(kBlockThreads) * kUnroll) {
+      V values[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
+        if (v < vectors_per_row) values[u] = source[v];
+      }
+      for (int j = 0; j < n; ++j) {
+        V* __restrict__ row = reinterpret_cast<V*>(permuted) + static_cast<int64_t>(tile_destination[t][j]) * vectors_per_row;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
+          if (v < vectors_per_row) row[v] = values[u];
+        }
+      }
+    }
+  }
+}
+
 // Row-form copy (small inputs): a group of threads_per_row threads per routed
 // row f copies token f / K to its position, if it has one.
 template <int kBytes>
@@ -341,6 +476,123 @@ row_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_rows, int64_t to
   }
 }
 
+// Decode sizes (<= kFusedDecodeRows routed rows): index and copy in ONE launch.
+// Every block builds the whole stable index itself (the single-block kernel's
+// count / scan / place, into shared memory: a few KB of ids, L2 hits after the
+// first block), block 0 writes expanded_row_idx and expert_tokens, and each
+// block copies its share of the valid destination rows. Two dependent launches
+// (index, then copy) cost more than the redundant index work at these sizes.
+constexpr int64_t kFusedDecodeRows = 2048;
+constexpr int kFusedCounterBudgetBytes = 16 * 1024;  // + ~24 KiB static: under the 48 KiB default
+constexpr int64_t kFusedDecodeMaxBlocks = 128;
+
+int fused_decode_warps(int64_t range) {
+  const int64_t fit = kFusedCounterBudgetBytes / (std::max<int64_t>(range, 1) * 4);
+  return static_cast<int>(std::min<int64_t>(kSingleBlockThreads / 32, fit));
+}
+
+template <typename IdT, typename MapT, int kBytes>
+__global__ void __launch_bounds__(kSingleBlockThreads)
+decode_permute_kernel(const uint8_t* __restrict__ hidden, int64_t vectors_per_row, int threads_per_row_,
+                      const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows, int64_t topk,
+                      int warps, int64_t num_experts, int64_t start, int32_t range, bool cumulative,
+                      int64_t* __restrict__ expert_tokens, int32_t* __restrict__ expanded_row_idx,
+                      uint8_t* __restrict__ permuted) {
+  using V = typename Unit<kBytes>::type;
+  using BlockScan = cub::BlockScan<long long, kSingleBlockThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  __shared__ int32_t position[kFusedDecodeRows];
+  __shared__ int32_t source_token[kFusedDecodeRows];
+  extern __shared__ int32_t counters[];  // [warps][range]
+  const int64_t warp_rows = rows_per_warp(rows, warps);
+  count_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters);
+  const int64_t per_thread = ceil_div(range, kSingleBlockThreads);
+  const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
+  const int64_t last = std::min<int64_t>(range, first + per_thread);
+  long long local_sum = 0;
+  for (int64_t e = first; e < last; ++e)
+    for (int w = 0; w < warps; ++w) local_sum += counters[w * range + e];
+  long long prefix = 0, valid = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix, valid);
+  for (int64_t e = first; e < last; ++e) {
+    long long run = prefix;
+    for (int w = 0; w < warps; ++w) {
+      const int32_t count = counters[w * range + e];
+      counters[w * range + e] = static_cast<int32_t>(run);
+      run += count;
+    }
+    if (blockIdx.x == 0) write_expert_tokens(expert_tokens, e, prefix, run - prefix, cumulative);
+    prefix = run;
+  }
+  __syncthreads();
+  place_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters, position);
+  __syncthreads();
+  for (int64_t f = threadIdx.x; f < rows; f += blockDim.x) {
+    const int32_t p = position[f];
+    if (blockIdx.x == 0) expanded_row_idx[f] = p;
+    if (p >= 0) source_token[p] = static_cast<int32_t>(f / topk);
+  }
+  __syncthreads();
+  // This block's share of the valid destination rows, a group of threads_per_row threads a row.
+  const int64_t share = ceil_div(valid, gridDim.x);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * share;
+  const int64_t end = std::min<int64_t>(valid, begin + share);
+  const int rows_per_step = kSingleBlockThreads / threads_per_row_;
+  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
+  for (int64_t p = begin + threadIdx.x / threads_per_row_; p < end; p += rows_per_step) {
+    const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + source_token[p] * vectors_per_row;
+    V* __restrict__ destination = reinterpret_cast<V*>(permuted) + p * vectors_per_row;
+    const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
+    for (int64_t v0 = lane; v0 < vectors_per_row; v0 += stride) {
+      V values[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * threads_per_row_;
+        if (v < vectors_per_row) values[u] = source[v];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * threads_per_row_;
+        if (v < vectors_per_row) destination[v] = values[u];
+      }
+    }
+  }
+}
+
+template <typename IdT, typename MapT>
+cudaError_t launch_decode_permute(const void* hidden, int64_t row_bytes, const IdT* ids, const MapT* map,
+                                  int64_t rows, int64_t topk, int64_t num_experts, int64_t start, int32_t range,
+                                  bool cumulative, int64_t* expert_tokens, int32_t* expanded_row_idx,
+                                  void* permuted, cudaStream_t stream) {
+  const int unit = copy_unit_bytes(row_bytes, {hidden, permuted});
+  const int64_t vectors = row_bytes / unit;
+  const int threads = threads_per_row(vectors);
+  const int warps = fused_decode_warps(range);
+  const size_t shared = static_cast<size_t>(warps) * static_cast<size_t>(range) * sizeof(int32_t);
+  // Enough blocks that the copy is spread wide (each builds the index itself: a few µs of shared-memory work).
+  const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(kFusedDecodeMaxBlocks, rows)));
+  return dispatch_unit(unit, [&](auto unit_tag) {
+    constexpr int kBytes = decltype(unit_tag)::value;
+    decode_permute_kernel<IdT, MapT, kBytes><<<grid, kSingleBlockThreads, shared, stream>>>(
+        static_cast<const uint8_t*>(hidden), vectors, threads, ids, map, rows, topk, warps, num_experts, start, range,
+        cumulative, expert_tokens, expanded_row_idx, static_cast<uint8_t*>(permuted));
+    return cudaGetLastError();
+  });
+}
+
+template <typename IdT>
+cudaError_t launch_decode_permute_for_ids(const void* hidden, int64_t row_bytes, const IdT* ids, const void* map,
+                                          bool map_is_int64, int64_t rows, int64_t topk, int64_t num_experts,
+                                          int64_t start, int32_t range, bool cumulative, int64_t* expert_tokens,
+                                          int32_t* expanded_row_idx, void* permuted, cudaStream_t stream) {
+  if (map != nullptr && map_is_int64) {
+    return launch_decode_permute(hidden, row_bytes, ids, static_cast<const int64_t*>(map), rows, topk, num_experts,
+                                 start, range, cumulative, expert_tokens, expanded_row_idx, permuted, stream);
+  }
+  return launch_decode_permute(hidden, row_bytes, ids, static_cast<const int32_t*>(map), rows, topk, num_experts,
+                               start, range, cumulative, expert_tokens, expanded_row_idx, permuted, stream);
+}
+
 template <typename IdT, typename MapT>
 cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t num_experts,
                          int64_t start, int32_t range, bool cumulative, int32_t* expanded_row_idx,
@@ -360,11 +612,21 @@ cudaError_t launch_index(const IdT* ids, const MapT* map, int64_t rows, int64_t 
                                                           num_experts, start, range, workspace);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
+  // Measured on an H200 (docs/PERFORMANCE.md): the coalesced row scan wins from ~8k table entries
+  // (EP 1: 75.8 -> 17.7 us for the whole index), the thread-contiguous scan on small tables (EP 32,
+  // K=2: ~1 us faster).
+  int32_t* expert_base = nullptr;
+  if (static_cast<int64_t>(range) * grid.blocks > kSmallScanEntries) {
+    expert_base = workspace + grid.blocks * range;
+    scan_rows_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens,
+                                                     expert_base);
+  } else {
+    scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, grid.blocks, range, cumulative, expert_tokens);
+  }
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   place_kernel<<<blocks, kIndexThreads, shared, stream>>>(ids, map, rows, grid.rows_per_block, warps,
-                                                          num_experts, start, range, workspace,
+                                                          num_experts, start, range, workspace, expert_base,
                                                           expanded_row_idx);
   return cudaGetLastError();
 }
@@ -466,7 +728,9 @@ int64_t permute_max_active_experts() { return kMaxActiveExperts; }
 
 size_t permute_workspace_bytes(int64_t num_rows, int64_t active_experts) {
   if (num_rows <= kSingleBlockRows) return 16;
-  const int64_t entries = index_grid(num_rows, active_experts).blocks * std::max<int64_t>(active_experts, 1);
+  // The [experts][blocks] count table, then each expert's first position.
+  const int64_t entries =
+      (index_grid(num_rows, active_experts).blocks + 1) * std::max<int64_t>(active_experts, 1);
   return static_cast<size_t>(ceil_div(entries * 4, 16) * 16);
 }
 
@@ -485,6 +749,17 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   }
   auto* table = static_cast<int32_t*>(workspace);
   const auto range32 = static_cast<int32_t>(range);
+  {
+    if (row_bytes > 0 && rows <= kFusedDecodeRows && fused_decode_warps(range) >= 1) {
+      return ids_are_int64
+                 ? launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int64_t*>(topk_ids), expert_map,
+                                                 map_is_int64, rows, topk, num_experts, active_start, range32,
+                                                 counts_cumsum, expert_tokens, expanded_row_idx, permuted, stream)
+                 : launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int32_t*>(topk_ids), expert_map,
+                                                 map_is_int64, rows, topk, num_experts, active_start, range32,
+                                                 counts_cumsum, expert_tokens, expanded_row_idx, permuted, stream);
+    }
+  }
   cudaError_t status =
       ids_are_int64
           ? launch_index_for_ids(static_cast<const int64_t*>(topk_ids), expert_map, map_is_int64, rows,
@@ -505,6 +780,14 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
     if (per_row) {
       row_copy_kernel<kBytes><<<grid_for_rows(rows, threads), kBlockThreads, 0, stream>>>(
           static_cast<const uint8_t*>(hidden), rows, topk, vectors, threads, expanded_row_idx,
+          static_cast<uint8_t*>(permuted));
+      return cudaGetLastError();
+    }
+    // Measured on an H200: one token a block with its K destinations read in one step beats one
+    // token a block reading them one by one (4-17%) and 4 or 8 tokens a block (docs/PERFORMANCE.md).
+    if (topk <= kMaxTileTopk && vectors >= kBlockThreads) {
+      scatter_copy_tile_kernel<kBytes, 1><<<static_cast<unsigned>(num_tokens), kBlockThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(hidden), num_tokens, topk, vectors, expanded_row_idx,
           static_cast<uint8_t*>(permuted));
       return cudaGetLastError();
     }

@@ -1,5 +1,4 @@
-// Row moves on CUDA: gather_rows, scatter_rows, and the inverse-index and
-// zero-fill steps shared with moe_unpermute's backward.
+// Row moves on CUDA: gather_rows, scatter_rows and their inverse-index step.
 //
 // scatter_rows is a gather through the inverse index: every output row is
 // written exactly once (its source row, or zeros), so no output needs a
@@ -79,20 +78,6 @@ build_inverse_kernel(const IndexT* __restrict__ indices, int64_t count, int64_t 
   }
 }
 
-template <int kBytes>
-__global__ void __launch_bounds__(kBlockThreads)
-zero_unnamed_rows_kernel(uint8_t* __restrict__ out, int64_t num_rows, int64_t vectors_per_row,
-                         int threads_per_row_, const int32_t* __restrict__ inverse) {
-  using V = typename Unit<kBytes>::type;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlockThreads / threads_per_row_) +
-                    threadIdx.x / threads_per_row_;
-  if (r >= num_rows || inverse[r] >= 0) return;
-  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
-  V* __restrict__ row = reinterpret_cast<V*>(out) + r * vectors_per_row;
-  const V zero{};
-  for (int64_t v = lane; v < vectors_per_row; v += threads_per_row_) row[v] = zero;
-}
-
 template <typename IndexT>
 cudaError_t launch_gather(const void* x, int64_t num_rows, int64_t row_bytes, const IndexT* indices,
                           int64_t count, void* out, cudaStream_t stream) {
@@ -131,21 +116,6 @@ cudaError_t launch_build_inverse(const void* indices, bool indices_are_int64, in
         static_cast<const int32_t*>(indices), count, num_rows, inverse, user);
   }
   return cudaGetLastError();
-}
-
-cudaError_t launch_zero_unnamed_rows(void* out, int64_t num_rows, int64_t row_bytes,
-                                     const int32_t* inverse, cudaStream_t stream) {
-  if (num_rows == 0 || row_bytes == 0) return cudaSuccess;
-  const int unit = copy_unit_bytes(row_bytes, {out});
-  const int64_t vectors = row_bytes / unit;
-  const int threads = threads_per_row(vectors);
-  const unsigned blocks = grid_for_rows(num_rows, threads);
-  return dispatch_unit(unit, [&](auto unit_tag) {
-    constexpr int kBytes = decltype(unit_tag)::value;
-    zero_unnamed_rows_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(
-        static_cast<uint8_t*>(out), num_rows, vectors, threads, inverse);
-    return cudaGetLastError();
-  });
 }
 
 }  // namespace routing

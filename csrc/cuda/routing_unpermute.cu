@@ -1,22 +1,27 @@
 // moe_unpermute and its backward on CUDA.
 //
-// Forward: one thread group per token gathers its K rows and sums them with
-// the probs in fp32 (fp64 for fp64), in order k = 0..K-1, and writes the
-// token row once: deterministic, no atomics, and rows no index names (the
-// unwritten tail of moe_permute) are never read.
+// Forward: each token's K rows are summed with the probs in fp32 (fp64 for
+// fp64), in order k = 0..K-1, and the token row is written once:
+// deterministic, no atomics, and rows no index names (the unwritten tail of
+// moe_permute) are never read. Large rows: tiles of 4 or 8 tokens a block,
+// one index step per tile, a token with no row here writes only zeros (under
+// expert parallelism most tokens; memset speed). Small grids (decode) and
+// K > 32: one thread group per token, rows split over grid.y.
 //
-// Backward: (1) an int32 inverse index row -> (t, k), which also proves every
-// row is named at most once (device assert otherwise); (2) one block per
-// token writes grad_permuted[row] = probs[t,k] * grad_out[t] for each of its
-// rows (each row has one writer) and reduces grad_probs[t,k] =
-// dot(grad_out[t], permuted[row]) in a fixed order; (3) rows no entry names
-// are zeroed. Every output element is written exactly once.
+// Backward: a bitmask of named rows (memset, then atomicOr per entry) refuses
+// a row named twice (device assert); grad_permuted[row] = probs[t,k] *
+// grad_out[t] for each named row (one writer), grad_probs[t,k] =
+// dot(grad_out[t], permuted[row]) in a fixed order; a token with no row here
+// never reads its grad_out row. Rows no entry names are NOT written (they are
+// unspecified, like moe_permute's tail: see docs/DESIGN.md), except in the
+// padded layout of an aligned moe_permute, where they are zeroed.
 #include <algorithm>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
 #include "cuda/routing_common.cuh"
+#include "cuda/routing_geometry.h"
 
 namespace moe_ext::cuda {
 namespace {
@@ -136,13 +141,103 @@ unpermute_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidde
   }
 }
 
-// Backward, one block per token. The grad_out row is held in registers
-// (kCachedPacks packs a thread per pass over the row) and reused for all K
-// rows; per (pass, k) each warp reduces its dot with shuffles and adds it to
-// its own shared slot, so no block barrier sits inside the k loop. grad_probs
-// is reduced over the warps in a fixed order at the end of each window of
-// kProbWindow k's: deterministic.
-constexpr int kCachedPacks = 4;
+// Forward, large rows: kTile tokens per block, the whole block on one token at
+// a time. Warp w reads token w's K (<= 32) indices and weights in one
+// coalesced step (one memory latency for the tile instead of one per token)
+// and compacts the present rows in k order into shared memory; then each
+// token's row is summed with kPacks packs a thread and kRowsInFlight rows'
+// loads in flight together (kPacks * kRowsInFlight independent 16-byte
+// loads), in order k = 0..K-1. A token with no row here only writes zeros:
+// under expert parallelism most tokens are such, and they now cost a
+// memset-speed write instead of a latency-bound block.
+constexpr int kMaxTileTopk = 32;
+
+template <typename T, typename P, typename IndexT, int kVec, int kTile, int kPacks, int kRowsInFlight,
+          int kMinBlocks>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocks)
+unpermute_tile_kernel(const T* __restrict__ permuted, int64_t num_rows, int64_t hidden_size,
+                      const IndexT* __restrict__ row_idx, const P* __restrict__ probs, int64_t num_tokens,
+                      int64_t topk, T* __restrict__ out) {
+  static_assert(kTile <= kBlockThreads / 32, "one warp per token of the tile");
+  using A = typename Acc<T>::type;
+  using PackT = Pack<T, kVec>;
+  __shared__ int64_t tile_row[kTile][kMaxTileTopk];
+  __shared__ A tile_weight[kTile][kMaxTileTopk];
+  __shared__ int tile_rows[kTile];
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (warp < tokens) {
+    const int64_t entry = (first_token + warp) * topk + lane;
+    int64_t row = -1;
+    A weight = A(0);
+    if (lane < topk) {
+      const int64_t r = static_cast<int64_t>(row_idx[entry]);
+      // The weight is loaded together with the index (not after it): one latency, not two.
+      const A w = probs != nullptr ? static_cast<A>(to_acc(probs[entry])) : A(1);
+      const bool in_range = r >= -1 && r < num_rows;
+      MOE_DEVICE_CHECK(in_range, "moe_unpermute: expanded_row_idx out of range [-1, rows of permuted)");
+      if (in_range && r >= 0) {
+        row = r;
+        weight = w;
+      }
+    }
+    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+    if (row >= 0) {
+      const int j = __popc(present & ((1u << lane) - 1u));
+      tile_row[warp][j] = row;
+      tile_weight[warp][j] = weight;
+    }
+    if (lane == 0) tile_rows[warp] = __popc(present);
+  }
+  __syncthreads();
+  const int64_t packs = hidden_size / kVec;
+  const PackT* __restrict__ source = reinterpret_cast<const PackT*>(permuted);
+  for (int t = 0; t < tokens; ++t) {
+    const int n = tile_rows[t];
+    PackT* __restrict__ destination = reinterpret_cast<PackT*>(out) + (first_token + t) * packs;
+    for (int64_t base = threadIdx.x; base < packs; base += static_cast<int64_t>(kBlockThreads) * kPacks) {
+      A sum[kPacks][kVec];
+#pragma unroll
+      for (int u = 0; u < kPacks; ++u)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) sum[u][i] = A(0);
+      for (int j0 = 0; j0 < n; j0 += kRowsInFlight) {
+        PackT x[kRowsInFlight][kPacks];
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          if (j0 + r >= n) continue;
+          const PackT* __restrict__ row = source + tile_row[t][j0 + r] * packs;
+#pragma unroll
+          for (int u = 0; u < kPacks; ++u) {
+            const int64_t v = base + static_cast<int64_t>(u) * kBlockThreads;
+            if (v < packs) x[r][u] = row[v];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          if (j0 + r >= n) continue;
+          const A w = tile_weight[t][j0 + r];
+#pragma unroll
+          for (int u = 0; u < kPacks; ++u)
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) sum[u][i] += w * static_cast<A>(to_acc(x[r][u].value[i]));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kPacks; ++u) {
+        const int64_t v = base + static_cast<int64_t>(u) * kBlockThreads;
+        if (v >= packs) continue;
+        PackT y;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) y.value[i] = store_acc<T>(sum[u][i]);
+        destination[v] = y;
+      }
+    }
+  }
+}
+
 constexpr int kProbWindow = 64;
 constexpr int kBackwardWarps = kBackwardThreads / 32;
 
@@ -153,80 +248,277 @@ __device__ __forceinline__ A warp_sum(A value) {
   return value;
 }
 
-template <typename T, typename P, typename IndexT, int kVec>
-__global__ void __launch_bounds__(kBackwardThreads)
-unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
-                          int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
-                          const P* __restrict__ probs, int64_t topk, T* __restrict__ grad_permuted,
-                          P* __restrict__ grad_probs) {
+// Backward that scales with the useful bytes. One block per token; warp 0
+// reads the token's K indices (a window of kProbWindow at a time), checks the
+// range, marks each named row in a bitmask (a row named twice fires the device
+// assert and its second naming is not written through) and compacts the
+// present rows in k order into shared memory. A token with no row here writes
+// its grad_probs zeros and never reads its grad_out row. Otherwise the
+// grad_out row is held in registers (kCached packs a thread a pass) and
+// each present row gets grad_permuted[row] = w * grad_out[t]; with grad_probs,
+// kRowsInFlight permuted rows are loaded together for the dots, each warp's
+// partial in its own shared slot, summed over warps in a fixed order:
+// deterministic. Rows no entry names are NOT written (see launch_backward).
+template <typename T, typename P, typename IndexT, int kVec, int kRowsInFlight, int kMinBlocks, int kCached>
+__global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
+unpermute_backward_sparse_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
+                                 int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
+                                 const P* __restrict__ probs, int64_t topk, T* __restrict__ grad_permuted,
+                                 P* __restrict__ grad_probs, uint32_t* __restrict__ named) {
   using A = typename Acc<T>::type;
   using PackT = Pack<T, kVec>;
   __shared__ A partial[kBackwardWarps][kProbWindow];
+  __shared__ int64_t window_row[kProbWindow];  // present rows of the window, in k order
+  __shared__ A window_weight[kProbWindow];
+  __shared__ int window_slot[kProbWindow];     // k - window -> index into window_row, or -1
+  __shared__ int window_rows;
   const int64_t token = blockIdx.x;
   const int64_t packs = hidden_size / kVec;
   const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
   const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + token * packs;
-  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCachedPacks;
+  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCached;
   for (int64_t window = 0; window < topk; window += kProbWindow) {
-    const int64_t window_end = window + kProbWindow < topk ? window + kProbWindow : topk;
-    for (int64_t base = 0; base < packs; base += pass_packs) {
-      PackT g[kCachedPacks];
+    const int width = static_cast<int>(window + kProbWindow < topk ? kProbWindow : topk - window);
+    __syncthreads();  // the previous window's shared state has been consumed
+    if (warp == 0) {
+      int count = 0;
+      for (int c = 0; c < width; c += 32) {
+        const int kk = c + lane;
+        int64_t row = -1;
+        A weight = A(1);
+        if (kk < width) {
+          const int64_t entry = token * topk + window + kk;
+          const int64_t r = static_cast<int64_t>(row_idx[entry]);
+          if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));
+          const bool in_range = r >= -1 && r < num_rows;
+          MOE_DEVICE_CHECK(in_range,
+                           "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
+          if (in_range && r >= 0) {
+            const uint32_t bit = 1u << static_cast<uint32_t>(r & 31);
+            const uint32_t before = atomicOr(named + (r >> 5), bit);
+            MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
+            if ((before & bit) == 0) row = r;
+          }
+        }
+        const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+        const int j = count + __popc(present & ((1u << lane) - 1u));
+        if (kk < width) window_slot[kk] = row >= 0 ? j : -1;
+        if (row >= 0) {
+          window_row[j] = row;
+          window_weight[j] = weight;
+        }
+        count += __popc(present);
+      }
+      if (lane == 0) window_rows = count;
+    }
+    __syncthreads();
+    const int n = window_rows;
+    for (int64_t base = 0; n > 0 && base < packs; base += pass_packs) {
+      PackT g[kCached];
 #pragma unroll
-      for (int u = 0; u < kCachedPacks; ++u) {
+      for (int u = 0; u < kCached; ++u) {
         const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
         if (v < packs) g[u] = gradient[v];
       }
-      for (int64_t k = window; k < window_end; ++k) {
-        const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
-        // Range and uniqueness were asserted while building the inverse; skip, never write, if broken.
-        const bool valid = row >= 0 && row < num_rows;  // uniform over the block
-        A dot = A(0);
-        if (valid) {
-          const A weight = probs != nullptr ? static_cast<A>(to_acc(probs[token * topk + k])) : A(1);
-          PackT* __restrict__ out = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
-          const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
-          PackT xv[kCachedPacks];
-          if (grad_probs != nullptr) {
+      for (int j0 = 0; j0 < n; j0 += kRowsInFlight) {
+        PackT xv[kRowsInFlight][kCached];
+        if (grad_probs != nullptr) {
 #pragma unroll
-            for (int u = 0; u < kCachedPacks; ++u) {
+          for (int r = 0; r < kRowsInFlight; ++r) {
+            if (j0 + r >= n) continue;
+            const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + window_row[j0 + r] * packs;
+#pragma unroll
+            for (int u = 0; u < kCached; ++u) {
               const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-              if (v < packs) xv[u] = x[v];
+              if (v < packs) xv[r][u] = x[v];
             }
           }
+        }
 #pragma unroll
-          for (int u = 0; u < kCachedPacks; ++u) {
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          if (j0 + r >= n) continue;  // uniform over the block
+          const A weight = window_weight[j0 + r];
+          PackT* __restrict__ destination = reinterpret_cast<PackT*>(grad_permuted) + window_row[j0 + r] * packs;
+          A dot = A(0);
+#pragma unroll
+          for (int u = 0; u < kCached; ++u) {
             const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
             if (v >= packs) continue;
             PackT o;
 #pragma unroll
             for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
-            out[v] = o;
+            destination[v] = o;
             if (grad_probs != nullptr) {
 #pragma unroll
               for (int i = 0; i < kVec; ++i)
-                dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[u].value[i]));
+                dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[r][u].value[i]));
             }
           }
-        }
-        if (grad_probs != nullptr) {
-          dot = warp_sum(dot);
-          if ((threadIdx.x & 31) == 0) {
-            A& slot = partial[warp][k - window];
-            slot = base == 0 ? dot : slot + dot;
+          if (grad_probs != nullptr) {
+            dot = warp_sum(dot);
+            if (lane == 0) {
+              A& slot = partial[warp][j0 + r];
+              slot = base == 0 ? dot : slot + dot;
+            }
           }
         }
       }
     }
     if (grad_probs == nullptr) continue;
     __syncthreads();
-    for (int64_t k = window + threadIdx.x; k < window_end; k += kBackwardThreads) {
-      const int64_t row = static_cast<int64_t>(row_idx[token * topk + k]);
+    for (int kk = static_cast<int>(threadIdx.x); kk < width; kk += kBackwardThreads) {
+      const int j = window_slot[kk];
       A total = A(0);
-      for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][k - window];
-      grad_probs[token * topk + k] = to_prob<P>(row >= 0 && row < num_rows ? total : A(0));
+      if (j >= 0)
+        for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][j];
+      grad_probs[token * topk + window + kk] = to_prob<P>(total);
     }
-    __syncthreads();  // partial is reused by the next window
   }
+}
+
+// Backward, large rows: kTile tokens per block (as the tiled forward). Warp w
+// reads token w's K (<= 32) indices and weights in one step, marks the named
+// rows in the bitmask and compacts the present ones into shared memory; then
+// the block walks its tokens: a token with no row here only writes its
+// grad_probs zeros (its grad_out row is never read); otherwise the grad_out
+// row is held in registers, kCached packs a thread a pass, and each present
+// row gets grad_permuted[row] = w * grad_out[t] and, with grad_probs, its dot
+// with permuted[row] (per-warp partials summed over the warps in a fixed
+// order: deterministic). Rows no entry names are not written.
+template <typename T, typename P, typename IndexT, int kVec, int kTile, int kCached, int kMinBlocks>
+__global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
+unpermute_backward_tile_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
+                               int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
+                               const P* __restrict__ probs, int64_t num_tokens, int64_t topk,
+                               T* __restrict__ grad_permuted, P* __restrict__ grad_probs,
+                               uint32_t* __restrict__ named) {
+  static_assert(kTile <= kBackwardWarps, "one warp per token of the tile");
+  using A = typename Acc<T>::type;
+  using PackT = Pack<T, kVec>;
+  __shared__ A partial[kBackwardWarps][kMaxTileTopk];
+  __shared__ int64_t tile_row[kTile][kMaxTileTopk];
+  __shared__ A tile_weight[kTile][kMaxTileTopk];
+  __shared__ int tile_slot[kTile][kMaxTileTopk];
+  __shared__ int tile_rows[kTile];
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  if (warp < tokens) {
+    const int64_t entry = (first_token + warp) * topk + lane;
+    int64_t row = -1;
+    A weight = A(1);
+    if (lane < topk) {
+      const int64_t r = static_cast<int64_t>(row_idx[entry]);
+      if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));
+      const bool in_range = r >= -1 && r < num_rows;
+      MOE_DEVICE_CHECK(in_range, "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
+      if (in_range && r >= 0) {
+        const uint32_t bit = 1u << static_cast<uint32_t>(r & 31);
+        const uint32_t before = atomicOr(named + (r >> 5), bit);
+        MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
+        if ((before & bit) == 0) row = r;
+      }
+    }
+    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+    const int j = __popc(present & ((1u << lane) - 1u));
+    tile_slot[warp][lane] = row >= 0 ? j : -1;
+    if (row >= 0) {
+      tile_row[warp][j] = row;
+      tile_weight[warp][j] = weight;
+    }
+    if (lane == 0) tile_rows[warp] = __popc(present);
+  }
+  __syncthreads();
+  const int64_t packs = hidden_size / kVec;
+  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCached;
+  for (int t = 0; t < tokens; ++t) {
+    const int n = tile_rows[t];
+    const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + (first_token + t) * packs;
+    for (int64_t base = 0; n > 0 && base < packs; base += pass_packs) {
+      PackT g[kCached];
+#pragma unroll
+      for (int u = 0; u < kCached; ++u) {
+        const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+        if (v < packs) g[u] = gradient[v];
+      }
+      for (int j = 0; j < n; ++j) {
+        const int64_t row = tile_row[t][j];
+        const A weight = tile_weight[t][j];
+        PackT xv[kCached];
+        if (grad_probs != nullptr) {
+          const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
+#pragma unroll
+          for (int u = 0; u < kCached; ++u) {
+            const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+            if (v < packs) xv[u] = x[v];
+          }
+        }
+        PackT* __restrict__ destination = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
+        A dot = A(0);
+#pragma unroll
+        for (int u = 0; u < kCached; ++u) {
+          const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
+          if (v >= packs) continue;
+          PackT o;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
+          destination[v] = o;
+          if (grad_probs != nullptr) {
+#pragma unroll
+            for (int i = 0; i < kVec; ++i)
+              dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[u].value[i]));
+          }
+        }
+        if (grad_probs != nullptr) {
+          dot = warp_sum(dot);
+          if (lane == 0) partial[warp][j] = base == 0 ? dot : partial[warp][j] + dot;
+        }
+      }
+    }
+    if (grad_probs == nullptr) continue;
+    __syncthreads();  // every warp's partials of token t are in
+    if (threadIdx.x < topk) {
+      const int j = tile_slot[t][threadIdx.x];
+      A total = A(0);
+      if (j >= 0)
+        for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][j];
+      grad_probs[(first_token + t) * topk + threadIdx.x] = to_prob<P>(total);
+    }
+    __syncthreads();  // partial is reused by the next token
+  }
+}
+
+// Zeroes the rows of out that the named-row bitmask does not mark (the padded
+// layout of an aligned moe_permute: its pad rows sit inside grouped-GEMM groups).
+template <int kBytes>
+__global__ void __launch_bounds__(kBlockThreads)
+zero_unmarked_rows_kernel(uint8_t* __restrict__ out, int64_t num_rows, int64_t vectors_per_row,
+                          int threads_per_row_, const uint32_t* __restrict__ named) {
+  using V = typename Unit<kBytes>::type;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlockThreads / threads_per_row_) +
+                    threadIdx.x / threads_per_row_;
+  if (r >= num_rows || ((named[r >> 5] >> (r & 31)) & 1u) != 0) return;
+  const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
+  V* __restrict__ row = reinterpret_cast<V*>(out) + r * vectors_per_row;
+  const V zero{};
+  for (int64_t v = lane; v < vectors_per_row; v += threads_per_row_) row[v] = zero;
+}
+
+cudaError_t launch_zero_unmarked_rows(void* out, int64_t num_rows, int64_t row_bytes, const uint32_t* named,
+                                      cudaStream_t stream) {
+  if (num_rows == 0 || row_bytes == 0) return cudaSuccess;
+  const int unit = copy_unit_bytes(row_bytes, {out});
+  const int64_t vectors = row_bytes / unit;
+  const int threads = threads_per_row(vectors);
+  const unsigned blocks = grid_for_rows(num_rows, threads);
+  return dispatch_unit(unit, [&](auto unit_tag) {
+    constexpr int kBytes = decltype(unit_tag)::value;
+    zero_unmarked_rows_kernel<kBytes><<<blocks, kBlockThreads, 0, stream>>>(static_cast<uint8_t*>(out), num_rows,
+                                                                            vectors, threads, named);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -239,6 +531,26 @@ template <typename T, typename P, typename IndexT>
 cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_size, const IndexT* row_idx,
                            const P* probs, int64_t num_tokens, int64_t topk, T* out, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  {
+    // Measured on an H200 (bf16, docs/PERFORMANCE.md): rows of more than 512 packs (H=7168) run best
+    // 4 tokens a block, 4 packs a thread, at >= 3 blocks per SM (1.05-1.15x the floor at EP 1-32);
+    // rows of <= 512 packs (H=4096) 8 tokens a block, 2 packs a thread, at >= 4 blocks per SM (1.06x).
+    // Two rows' loads in flight were slower than one (fewer blocks per SM).
+    const int64_t row_packs = hidden_size / kVec;
+    const bool wide = row_packs > 2 * kBlockThreads;
+    const int tile = wide ? 4 : 8;
+    if (tile_applies(use_vectors<T>(hidden_size, {permuted, out}), row_packs, topk, num_tokens, tile)) {
+      const auto grid = static_cast<unsigned>(ceil_div(num_tokens, tile));
+      if (wide) {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 4, 4, 1, 3><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      } else {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 1, 4><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      }
+      return cudaGetLastError();
+    }
+  }
   const bool vectors = use_vectors<T>(hidden_size, {permuted, out});
   const int64_t packs = vectors ? hidden_size / kVec : hidden_size;
   // A thread sums one pack at a time, with up to 4 of its K row loads in flight.
@@ -274,16 +586,26 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
 template <typename T, typename P, typename IndexT>
 cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_rows, int64_t hidden_size,
                             const IndexT* row_idx, const P* probs, int64_t num_tokens, int64_t topk,
-                            T* grad_permuted, P* grad_probs, cudaStream_t stream) {
+                            T* grad_permuted, P* grad_probs, uint32_t* named, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vectors = use_vectors<T>(hidden_size, {grad_out, permuted, grad_permuted});
+  // Measured on an H200 (bf16, docs/PERFORMANCE.md): 4 tokens a block, 2 cached packs a thread, >= 4
+  // blocks per SM beat one token a block (by 4-13%), 8 tokens a block and 4 cached packs at 2 blocks per SM.
+  constexpr int kTile = 4;
+  if (tile_applies(vectors, hidden_size / kVec, topk, num_tokens, kTile)) {
+    unpermute_backward_tile_kernel<T, P, IndexT, kVec, kTile, 2, 4>
+        <<<static_cast<unsigned>(ceil_div(num_tokens, kTile)), kBackwardThreads, 0, stream>>>(
+            grad_out, permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, grad_permuted, grad_probs,
+            named);
+    return cudaGetLastError();
+  }
   const auto blocks = static_cast<unsigned>(num_tokens);
   if (vectors) {
-    unpermute_backward_kernel<T, P, IndexT, kVec><<<blocks, kBackwardThreads, 0, stream>>>(
-        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs);
+    unpermute_backward_sparse_kernel<T, P, IndexT, kVec, 1, 4, 2><<<blocks, kBackwardThreads, 0, stream>>>(
+        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs, named);
   } else {
-    unpermute_backward_kernel<T, P, IndexT, 1><<<blocks, kBackwardThreads, 0, stream>>>(
-        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs);
+    unpermute_backward_sparse_kernel<T, P, IndexT, 1, 1, 1, 4><<<blocks, kBackwardThreads, 0, stream>>>(
+        grad_out, permuted, num_rows, hidden_size, row_idx, probs, topk, grad_permuted, grad_probs, named);
   }
   return cudaGetLastError();
 }
@@ -322,11 +644,14 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
                                           bool probs_are_float32, int64_t num_tokens, int64_t topk,
                                           void* grad_permuted, void* grad_probs, int32_t* inverse,
                                           cudaStream_t stream) {
-  cudaError_t status = launch_build_inverse(row_idx, row_idx_is_int64, num_tokens * topk, num_rows, inverse,
-                                            InverseUser::kUnpermuteBackward, stream);
-  if (status != cudaSuccess) return status;
+  // `inverse` (int32 [num_rows]) holds the bitmask of named rows: ceil(num_rows / 32) words.
+  if (num_rows > 0) {
+    const cudaError_t status =
+        cudaMemsetAsync(inverse, 0, static_cast<size_t>(named_words(num_rows)) * sizeof(uint32_t), stream);
+    if (status != cudaSuccess) return status;
+  }
   if (num_tokens > 0) {
-    status = dispatch_float(type, [&](auto type_tag) {
+    const cudaError_t status = dispatch_float(type, [&](auto type_tag) {
       using T = typename decltype(type_tag)::type;
       return dispatch_probs_and_index<T>(probs_are_float32, row_idx_is_int64, [&](auto probs_tag, auto index_tag) {
         using P = typename decltype(probs_tag)::type;
@@ -334,13 +659,18 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
         return launch_backward(static_cast<const T*>(grad_out), static_cast<const T*>(permuted), num_rows,
                                hidden_size, static_cast<const IndexT*>(row_idx), static_cast<const P*>(probs),
                                num_tokens, topk, static_cast<T*>(grad_permuted), static_cast<P*>(grad_probs),
-                               stream);
+                               reinterpret_cast<uint32_t*>(inverse), stream);
       });
     });
     if (status != cudaSuccess) return status;
   }
+  // Rows no entry names are left unwritten (the useful bytes only, see launchers.h), except in the
+  // padded layout of an aligned moe_permute (more rows than entries), whose pad rows sit inside the
+  // grouped GEMM's groups: zeros there.
+  if (num_rows <= num_tokens * topk) return cudaSuccess;
   const int64_t element_bytes = type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
-  return launch_zero_unnamed_rows(grad_permuted, num_rows, hidden_size * element_bytes, inverse, stream);
+  return launch_zero_unmarked_rows(grad_permuted, num_rows, hidden_size * element_bytes,
+                                   reinterpret_cast<const uint32_t*>(inverse), stream);
 }
 
 }  // namespace moe_ext::cuda

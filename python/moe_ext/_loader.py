@@ -10,7 +10,8 @@ they were compiled against, only to a minimum release:
   torch is a CUDA build, so a CPU-only torch never touches it;
 - ``_C_npu.so`` (built only with CANN and torch_npu; not on the stable ABI, tied
   to the torch / torch_npu it was built with) registers the AscendC kernels for
-  the NPU key. It is loaded only when the build made it and torch_npu imports.
+  the NPU key. It is loaded only when the build made it and torch_npu imports;
+  ``_npu_composites`` then registers torch composites for the ops without one.
 
 Both load on any torch from ``build_info()["torch_min_version"]`` on; an older
 torch is refused here with a clear message rather than by the dynamic loader.
@@ -105,6 +106,8 @@ def load_native_ops() -> None:
         _load(os.path.join(package, "_C_cuda.so"), "CUDA op library")
     if info.get("npu_dispatch_built") and _torch_npu_imports():
         _load(os.path.join(package, "_C_npu.so"), "NPU op library (AscendC kernels)")
+        from moe_ext import _npu_composites  # the ops without an AscendC kernel, for the same key
+        _npu_composites.register()
     _loaded = True
 
 

@@ -34,8 +34,8 @@ using BackwardFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR
 using InverseFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 using Stream3Fn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR);
 using KeyCountFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
-using PlaceFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
-using RowsFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t, GM_ADDR);
+using PlaceFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
+using RowsFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 using IndicesFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
 
 #define DECLARE_GATHER(N) void N(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
@@ -44,7 +44,7 @@ using IndicesFn = void (*)(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
   void moe_ext_unpermute_backward_##S(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 #define DECLARE_PERMUTE(S)                                                      \
   void moe_ext_permute_key_count_##S(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);       \
-  void moe_ext_permute_place_##S(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+  void moe_ext_permute_place_##S(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
 extern "C" {
 DECLARE_GATHER(moe_ext_gather_rows_b2_i32)
 DECLARE_GATHER(moe_ext_gather_rows_b2_i64)
@@ -62,12 +62,9 @@ DECLARE_UNPERMUTE(bf16_pf32_i32)
 DECLARE_UNPERMUTE(bf16_pf32_i64)
 DECLARE_UNPERMUTE(bf16_pbf16_i32)
 DECLARE_UNPERMUTE(bf16_pbf16_i64)
-void moe_ext_fill_i32(GM_ADDR, GM_ADDR, int32_t);
 void moe_ext_fill_b2(GM_ADDR, GM_ADDR);
-void moe_ext_inverse_write_i32(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
-void moe_ext_inverse_write_i64(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
-void moe_ext_inverse_verify_i32(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
-void moe_ext_inverse_verify_i64(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_inverse_build_i32(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_inverse_build_i64(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 void moe_ext_zero_unnamed_rows(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 void moe_ext_expert_histogram_partial_i32(GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_expert_histogram_partial_i64(GM_ADDR, GM_ADDR, GM_ADDR);
@@ -76,10 +73,10 @@ DECLARE_PERMUTE(i32_m32)
 DECLARE_PERMUTE(i32_m64)
 DECLARE_PERMUTE(i64_m32)
 DECLARE_PERMUTE(i64_m64)
-void moe_ext_permute_scan(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
-void moe_ext_permute_rows_b2(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t, GM_ADDR);
-void moe_ext_permute_rows_b4(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t, GM_ADDR);
-void moe_ext_permute_rows_b8(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t, GM_ADDR);
+void moe_ext_permute_scan(GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_permute_rows_b2(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_permute_rows_b4(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
+void moe_ext_permute_rows_b8(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, int64_t);
 void moe_ext_generate_permute_indices_i32(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
 void moe_ext_generate_permute_indices_i64(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
 }
@@ -103,9 +100,8 @@ const std::map<std::string, BackwardFn> kBackward = {
     BACKWARD_PAIR(f16_pf32_i64), BACKWARD_PAIR(f16_pf16_i32), BACKWARD_PAIR(f16_pf16_i64),
     BACKWARD_PAIR(bf16_pf32_i32), BACKWARD_PAIR(bf16_pf32_i64), BACKWARD_PAIR(bf16_pbf16_i32),
     BACKWARD_PAIR(bf16_pbf16_i64)};
-const std::map<std::string, InverseFn> kInverse = {ENTRY(moe_ext_inverse_write_i32), ENTRY(moe_ext_inverse_write_i64),
-                                                   ENTRY(moe_ext_inverse_verify_i32),
-                                                   ENTRY(moe_ext_inverse_verify_i64)};
+const std::map<std::string, InverseFn> kInverse = {ENTRY(moe_ext_inverse_build_i32),
+                                                   ENTRY(moe_ext_inverse_build_i64)};
 const std::map<std::string, Stream3Fn> kHistogram = {ENTRY(moe_ext_expert_histogram_partial_i32),
                                                      ENTRY(moe_ext_expert_histogram_partial_i64),
                                                      ENTRY(moe_ext_expert_histogram_reduce)};
@@ -231,12 +227,8 @@ template <typename IndexT>
 void run_scatter(const ascend::ScatterRowsPlan& plan, std::vector<uint8_t>& x, std::vector<IndexT>& indices,
                  std::vector<uint8_t>& out) {
   std::vector<int32_t> inverse(static_cast<size_t>(plan.out_rows), 777);
-  if (plan.inverse.fill.blocks > 0)
-    run(plan.inverse.fill, [&](GM_ADDR w) { moe_ext_fill_i32(gm(inverse), w, -1); });
-  if (plan.inverse.write.blocks > 0) {
-    run(plan.inverse.write, [&](GM_ADDR w) { lookup(kInverse, plan.inverse.write.kernel)(gm(indices), gm(inverse), w, 0); });
-    run(plan.inverse.verify, [&](GM_ADDR w) { lookup(kInverse, plan.inverse.verify.kernel)(gm(indices), gm(inverse), w, 0); });
-  }
+  if (plan.inverse.build.blocks > 0)
+    run(plan.inverse.build, [&](GM_ADDR w) { lookup(kInverse, plan.inverse.build.kernel)(gm(indices), gm(inverse), w, 0); });
   if (plan.gather.blocks > 0)
     run(plan.gather, [&](GM_ADDR w) { lookup(kGather, plan.gather.kernel)(gm(x), gm(inverse), gm(out), w, plan.out_rows); });
 }
@@ -271,6 +263,13 @@ TEST(AscendPlans, ScatterRowsMatchesTheContract) {
       }
     }
   }
+  // a tiny target: the inverse in 8 chunks of 128 rows over 3 cores, several chunks per core
+  const ascend::AscendTarget tiny{3, 1024};
+  check_scatter<int32_t>(rng, 900, 1000, 3, Dtype::kFloat32, tiny);
+  check_scatter<int64_t>(rng, 1000, 1000, 5, Dtype::kFloat16, tiny);
+  const auto plan = ascend::plan_scatter_rows({Dtype::kFloat32, {900, 3}}, {Dtype::kInt32, {900}}, 1000, tiny);
+  EXPECT_EQ(plan.inverse.chunk, 128);
+  EXPECT_EQ(plan.inverse.build.blocks, 3);
 }
 
 TEST(AscendPlans, ScatterRowsRefusesARowNamedTwiceAndIndicesOutOfRange) {
@@ -350,11 +349,8 @@ void check_unpermute_case(const UnpermuteCase& c, std::mt19937_64& rng, int64_t 
   std::vector<uint8_t> grad_permuted(static_cast<size_t>(rows * hidden * kind.bytes), 0xEE);
   std::vector<uint8_t> grad_probs(c.probs ? static_cast<size_t>(tokens * topk * c.probs->bytes) : 0, 0xEE);
   std::vector<int32_t> inverse(static_cast<size_t>(rows), 777);
-  if (back.inverse.fill.blocks > 0) run(back.inverse.fill, [&](GM_ADDR w) { moe_ext_fill_i32(gm(inverse), w, -1); });
-  if (back.inverse.write.blocks > 0) {
-    run(back.inverse.write, [&](GM_ADDR w) { lookup(kInverse, back.inverse.write.kernel)(gm(row_idx), gm(inverse), w, 1); });
-    run(back.inverse.verify, [&](GM_ADDR w) { lookup(kInverse, back.inverse.verify.kernel)(gm(row_idx), gm(inverse), w, 1); });
-  }
+  if (back.inverse.build.blocks > 0)
+    run(back.inverse.build, [&](GM_ADDR w) { lookup(kInverse, back.inverse.build.kernel)(gm(row_idx), gm(inverse), w, 1); });
   if (back.backward.blocks > 0)
     run(back.backward, [&](GM_ADDR w) {
       lookup(kBackward, back.backward.kernel)(gm(grad_out), gm(permuted), gm(row_idx), c.probs ? gm(probs) : nullptr,
@@ -425,10 +421,8 @@ TEST(AscendPlans, UnpermuteBackwardRefusesARowNamedTwice) {
   const TensorDesc pd{Dtype::kFloat32, {4, 8}}, id{Dtype::kInt32, {4}}, gd{Dtype::kFloat32, {2, 8}},
       prd{Dtype::kFloat32, {2, 2}};
   const auto back = ascend::plan_moe_unpermute_backward(gd, pd, id, &prd, 2, true, kA2);
-  run(back.inverse.fill, [&](GM_ADDR w) { moe_ext_fill_i32(gm(inverse), w, -1); });
-  run(back.inverse.write, [&](GM_ADDR w) { lookup(kInverse, back.inverse.write.kernel)(gm(row_idx), gm(inverse), w, 1); });
   try {
-    run(back.inverse.verify, [&](GM_ADDR w) { lookup(kInverse, back.inverse.verify.kernel)(gm(row_idx), gm(inverse), w, 1); });
+    run(back.inverse.build, [&](GM_ADDR w) { lookup(kInverse, back.inverse.build.kernel)(gm(row_idx), gm(inverse), w, 1); });
     FAIL() << "a row named twice was accepted";
   } catch (const RuleViolation& error) {
     EXPECT_NE(std::string(error.what()).find("moe_unpermute_backward: expanded_row_idx names a row twice"),
@@ -486,23 +480,21 @@ TEST(AscendPlans, GatherHistogramPermuteAndIndicesRunFromTheirPlans) {
                                                experts, start, end, &map_d, kSmallUb);
     std::vector<uint16_t> hidden_states(static_cast<size_t>(tokens * hidden));
     for (auto& v : hidden_states) v = static_cast<uint16_t>(rng());
-    std::vector<int64_t> workspace(static_cast<size_t>(plan.workspace_elements), -3), expert_tokens(end - start, -3),
-        valid_rows(1, -3);
-    std::vector<int32_t> row_idx(ids.size(), 555), sorted_token(ids.size(), -1);
+    std::vector<int64_t> workspace(static_cast<size_t>(plan.workspace_elements), -3), expert_tokens(end - start, -3);
+    std::vector<int32_t> row_idx(ids.size(), 555);
     std::vector<uint16_t> permuted(static_cast<size_t>(tokens * topk * hidden), 0xEEEE);
     run(plan.key_count, [&](GM_ADDR w) { lookup(kKeyCount, plan.key_count.kernel)(gm(ids), gm(map), gm(workspace), w); });
-    run(plan.scan, [&](GM_ADDR w) { moe_ext_permute_scan(gm(workspace), gm(expert_tokens), gm(valid_rows), w, 1); });
+    run(plan.scan, [&](GM_ADDR w) { moe_ext_permute_scan(gm(workspace), gm(expert_tokens), w, 1); });
     run(plan.place, [&](GM_ADDR w) {
-      lookup(kPlace, plan.place.kernel)(gm(ids), gm(map), gm(workspace), gm(row_idx), gm(sorted_token), w, topk);
+      lookup(kPlace, plan.place.kernel)(gm(ids), gm(map), gm(workspace), gm(row_idx), w);
     });
     if (plan.row_copy.blocks > 0)
       run(plan.row_copy, [&](GM_ADDR w) {
-        lookup(kRows, plan.row_copy.kernel)(gm(hidden_states), gm(sorted_token), gm(permuted), w, tokens * topk,
-                                            gm(valid_rows));
+        lookup(kRows, plan.row_copy.kernel)(gm(hidden_states), gm(row_idx), gm(permuted), w, tokens);
       });
     ASSERT_EQ(row_idx, expected_idx);
     ASSERT_EQ(expert_tokens, expected_tokens);
-    ASSERT_EQ(valid_rows[0], valid);
+    for (size_t i = static_cast<size_t>(valid * hidden); i < permuted.size(); ++i) ASSERT_EQ(permuted[i], 0xEEEE);
     for (size_t f = 0; f < ids.size(); ++f) {
       if (expected_idx[f] < 0) continue;
       for (int64_t h = 0; h < hidden; ++h) {
@@ -625,4 +617,61 @@ TEST(AscendTwin, ReduceSumAddsInTheDocumentedA2Order) {
     AscendC::ReduceSum(dst.Get<float>(), s, work.Get<float>(), 130);
     EXPECT_EQ(dst.Get<float>().GetValue(0), expected);
   });
+}
+
+TEST(AscendTwin, ScalarGmWritesFollowTheDataCacheRules) {
+  std::vector<int32_t> gm_data(64, 0);
+  auto tensor = [&] {
+    AscendC::GlobalTensor<int32_t> t;
+    t.SetGlobalBuffer(gm_data.data(), 64);
+    return t;
+  };
+  constexpr auto kEntire = AscendC::CacheLine::ENTIRE_DATA_CACHE;
+  constexpr auto kOut = AscendC::DcciDst::CACHELINE_OUT;
+  // a SetValue never written out
+  EXPECT_THROW(AscendC::twin::launch(1, 1024, [&] { tensor().SetValue(3, 1); }), RuleViolation);
+  // written out: fine
+  EXPECT_NO_THROW(AscendC::twin::launch(1, 1024, [&] {
+    auto t = tensor();
+    t.SetValue(3, 1);
+    AscendC::DataCacheCleanAndInvalid<int32_t, kEntire, kOut>(t);
+  }));
+  // two blocks SetValue into one 64-byte line (elements 0..15), even when each cleans its own
+  EXPECT_THROW(AscendC::twin::launch(2, 1024, [&] {
+                 auto t = tensor();
+                 t.SetValue(AscendC::GetBlockIdx(), 7);
+                 AscendC::DataCacheCleanAndInvalid<int32_t, kEntire, kOut>(t);
+               }),
+               RuleViolation);
+  // ... but a line apart they may
+  EXPECT_NO_THROW(AscendC::twin::launch(2, 1024, [&] {
+    auto t = tensor();
+    t.SetValue(16 * AscendC::GetBlockIdx(), 7);
+    AscendC::DataCacheCleanAndInvalid<int32_t, kEntire, kOut>(t);
+  }));
+  // a DMA copy by another block into a line one block wrote with SetValue
+  EXPECT_THROW(AscendC::twin::launch(2, 1024, [&] {
+                 AscendC::TPipe pipe;
+                 AscendC::TBuf<AscendC::TPosition::VECCALC> buffer;
+                 pipe.InitBuffer(buffer, 64);
+                 auto t = tensor();
+                 if (AscendC::GetBlockIdx() == 0) {
+                   t.SetValue(0, 7);
+                   AscendC::DataCacheCleanAndInvalid<int32_t, kEntire, kOut>(t);
+                 } else {
+                   AscendC::DataCopyPad(t[8], buffer.Get<int32_t>(), AscendC::DataCopyExtParams{1, 16, 0, 0, 0});
+                 }
+               }),
+               RuleViolation);
+  // a DMA copy by the same block over its own line still dirty
+  EXPECT_THROW(AscendC::twin::launch(1, 1024, [&] {
+                 AscendC::TPipe pipe;
+                 AscendC::TBuf<AscendC::TPosition::VECCALC> buffer;
+                 pipe.InitBuffer(buffer, 64);
+                 auto t = tensor();
+                 t.SetValue(0, 7);
+                 AscendC::DataCopyPad(t[4], buffer.Get<int32_t>(), AscendC::DataCopyExtParams{1, 16, 0, 0, 0});
+                 AscendC::DataCacheCleanAndInvalid<int32_t, kEntire, kOut>(t);
+               }),
+               RuleViolation);
 }

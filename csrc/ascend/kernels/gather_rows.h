@@ -1,7 +1,7 @@
 // gather_rows on an AscendC vector core: out[p] = x[indices[p]], a zero row
 // where indices[p] == -1 (the contract of moe_ext.ops.gather_rows; also the
-// row pass of group_by_local_expert). Each block copies its range of output
-// rows through UB tiles of kItemsPerTile rows, double buffered: the next
+// row pass of group_by_local_expert, and of scatter_rows through the inverse
+// index). Each block copies its range of output rows through UB tiles of kItemsPerTile rows, double buffered: the next
 // tile's rows are read while the current tile is written out. Rows of any
 // element type travel as their bytes (T = uint16_t / float / double words).
 #pragma once
@@ -13,19 +13,9 @@ namespace moe_ext::ascend {
 template <typename T, typename IndexT>
 class GatherRowsKernel {
  public:
-  // row_limit (optional, one int64 in GM): rows at or past it are left unwritten - the row copy of
-  // moe_permute, whose valid-row count only exists on the device, passes it.
-  __aicore__ inline void Init(GM_ADDR x, GM_ADDR indices, GM_ADDR out, GM_ADDR tiling, int64_t num_out_rows,
-                              GM_ADDR row_limit = nullptr) {
+  __aicore__ inline void Init(GM_ADDR x, GM_ADDR indices, GM_ADDR out, GM_ADDR tiling, int64_t num_out_rows) {
     tiling_ = load_tiling(tiling);
     range_ = tiling_.range;
-    if (row_limit != nullptr) {
-      AscendC::GlobalTensor<int64_t> limit;
-      limit.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(row_limit), 1);
-      const int64_t valid = limit.GetValue(0);
-      MOE_ASCEND_CHECK(valid >= 0 && valid <= num_out_rows, "gather_rows: row limit out of [0, rows]");
-      range_.end = min64(range_.end, valid);
-    }
     row_elements_ = tiling_.row_elements;
     row_stride_ = tiling_.row_stride;
     rows_per_tile_ = tiling_.items_per_tile;

@@ -3,10 +3,11 @@
 // split the local experts; each block derives the padded sizes and offsets of
 // the experts before its own from the counts (a scalar pass over at most
 // experts x ranks counts - small), writes m_sizes / m_offsets of its experts
-// and fills their blocks of permuted_indices through a UB tile: in source-rank
-// order the arriving row of each token, then -1 padding. The block that owns
-// the last expert also fills the tail [m_offsets[last], max_len) with -1.
-// Every output element has exactly one writer.
+// through UB tiles (DMA, never scalar SetValue on GM: twin rule R9) and fills
+// their blocks of permuted_indices through a UB tile: in source-rank order the
+// arriving row of each token, then -1 padding. The block that owns the last
+// expert also fills the tail [m_offsets[last], max_len) with -1. Every output
+// element has exactly one writer.
 #pragma once
 
 #include "kernels/common.h"
@@ -32,18 +33,33 @@ class PermuteIndicesKernel {
     sizes_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(m_sizes), static_cast<uint64_t>(experts_));
     offsets_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(m_offsets), static_cast<uint64_t>(experts_));
     pipe_.InitBuffer(queue_, 2, per_tile_ * static_cast<int64_t>(sizeof(int32_t)));
+    pipe_.InitBuffer(sizes_buffer_, per_tile_ * static_cast<int64_t>(sizeof(int32_t)));
+    pipe_.InitBuffer(offsets_buffer_, per_tile_ * static_cast<int64_t>(sizeof(int32_t)));
   }
 
   __aicore__ inline void Process() {
     int64_t write = 0;  // start of expert e's block
     for (int64_t e = 0; e < range_.start; ++e) write += PaddedSize(e);
-    for (int64_t e = range_.start; e < range_.end; ++e) {
-      const int64_t size = PaddedSize(e);
-      MOE_ASCEND_CHECK(write + size <= max_len_, "generate_permute_indices: padded rows exceed max_len");
-      sizes_.SetValue(e, static_cast<int32_t>(size));
-      offsets_.SetValue(e, static_cast<int32_t>(write + size));
-      FillExpert(e, write, size);
-      write += size;
+    AscendC::LocalTensor<int32_t> sizes = sizes_buffer_.template Get<int32_t>();
+    AscendC::LocalTensor<int32_t> offsets = offsets_buffer_.template Get<int32_t>();
+    for (int64_t chunk = range_.start; chunk < range_.end; chunk += per_tile_) {
+      const int64_t n = min64(per_tile_, range_.end - chunk);
+      int64_t end = write;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t size = PaddedSize(chunk + i);
+        MOE_ASCEND_CHECK(end + size <= max_len_, "generate_permute_indices: padded rows exceed max_len");
+        end += size;
+        sizes.SetValue(i, static_cast<int32_t>(size));
+        offsets.SetValue(i, static_cast<int32_t>(end));
+      }
+      const AscendC::DataCopyExtParams words{1, static_cast<uint32_t>(n * sizeof(int32_t)), 0, 0, 0};
+      AscendC::DataCopyPad(sizes_[chunk], sizes, words);
+      AscendC::DataCopyPad(offsets_[chunk], offsets, words);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t size = static_cast<int64_t>(sizes.GetValue(i));
+        FillExpert(chunk + i, write, size);
+        write += size;
+      }
     }
     if (range_.end == experts_ && range_.start < range_.end) Fill(write, max_len_ - write, -1, 0);
   }
@@ -94,6 +110,7 @@ class PermuteIndicesKernel {
 
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECOUT, 2> queue_;
+  AscendC::TBuf<AscendC::TPosition::VECCALC> sizes_buffer_, offsets_buffer_;
   KernelTiling tiling_;
   AscendC::GlobalTensor<CountT> counts_;
   AscendC::GlobalTensor<int32_t> indices_, sizes_, offsets_;

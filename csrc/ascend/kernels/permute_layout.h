@@ -6,15 +6,16 @@
 //      rows into its row of a [blocks, A] workspace (A = active range size);
 //   2. PermuteScan (one block): per (block, key) start positions - keys in
 //      order, blocks in order within a key, which is what makes the sort
-//      stable - plus expert_tokens (counts or cumsum) and the valid-row count;
+//      stable - plus expert_tokens (counts or cumsum); its scalar GM writes
+//      are written out with DataCacheCleanAndInvalid (twin rule R9);
 //   3. PermutePlace: each block walks its rows again in order, giving each
-//      kept row the next position of its key: expanded_row_idx[f] (gather form,
-//      -1 when dropped) and sorted_token[position] = f / K (what the row copy,
-//      gather_rows with a row limit of the valid count, reads).
-// A row is dropped when its id is -1 (no expert), its key (expert_map[id], or
-// id) is -1 or outside [active_start, active_end); any other id outside
-// [0, num_experts) or map value outside [-1, num_experts) fails the device
-// check. Keys are compared before anything is subtracted from them.
+//      kept row the next position of its key: expanded_row_idx[f] (gather
+//      form, -1 when dropped), written through UB tiles by DMA.
+// Then the row copy (kernels/permute_rows.h) moves each token's row to its K
+// positions. A row is dropped when its id is -1 (no expert), its key
+// (expert_map[id], or id) is -1 or outside [active_start, active_end); any
+// other id outside [0, num_experts) or map value outside [-1, num_experts)
+// fails the device check. Keys are compared before anything is subtracted.
 #pragma once
 
 #include "kernels/common.h"
@@ -109,17 +110,15 @@ class PermuteKeyCount : public PermuteKeys<IdT, MapT> {
 };
 
 // One block: workspace [blocks, A] of counts becomes the start positions; writes expert_tokens
-// (counts, or their inclusive cumsum when cumulative != 0) and valid_rows[0].
+// (counts, or their inclusive cumsum when cumulative != 0).
 class PermuteScan {
  public:
-  __aicore__ inline void Init(GM_ADDR workspace, GM_ADDR expert_tokens, GM_ADDR valid_rows, GM_ADDR tiling,
-                              int64_t cumulative) {
+  __aicore__ inline void Init(GM_ADDR workspace, GM_ADDR expert_tokens, GM_ADDR tiling, int64_t cumulative) {
     tiling_ = load_tiling(tiling);
     blocks_ = tiling_.blocks;
     keys_ = tiling_.source_rows - tiling_.row_stride;
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace), static_cast<uint64_t>(blocks_ * keys_));
     tokens_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(expert_tokens), static_cast<uint64_t>(keys_));
-    valid_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(valid_rows), 1);
     cumulative_ = cumulative != 0;
   }
 
@@ -135,12 +134,14 @@ class PermuteScan {
       position += count;
       tokens_.SetValue(a, cumulative_ ? position : count);
     }
-    valid_.SetValue(0, position);
+    // The scalar writes sit in this core's data cache until written out (R9).
+    AscendC::DataCacheCleanAndInvalid<int64_t, AscendC::CacheLine::ENTIRE_DATA_CACHE, AscendC::DcciDst::CACHELINE_OUT>(
+        workspace_);
   }
 
  private:
   KernelTiling tiling_;
-  AscendC::GlobalTensor<int64_t> workspace_, tokens_, valid_;
+  AscendC::GlobalTensor<int64_t> workspace_, tokens_;
   int64_t blocks_ = 1, keys_ = 0;
   bool cumulative_ = false;
 };
@@ -149,14 +150,12 @@ template <typename IdT, typename MapT>
 class PermutePlace : public PermuteKeys<IdT, MapT> {
  public:
   __aicore__ inline void Init(GM_ADDR ids, GM_ADDR expert_map, GM_ADDR workspace, GM_ADDR expanded_row_idx,
-                              GM_ADDR sorted_token, GM_ADDR tiling, int64_t topk) {
+                              GM_ADDR tiling) {
     this->InitKeys(ids, expert_map, tiling);
     keys_ = this->active_end_ - this->active_start_;
-    topk_ = topk;
     workspace_.SetGlobalBuffer(reinterpret_cast<__gm__ int64_t*>(workspace),
                                static_cast<uint64_t>(this->tiling_.blocks * keys_));
     row_idx_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(expanded_row_idx), static_cast<uint64_t>(this->rows_));
-    sorted_token_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(sorted_token), static_cast<uint64_t>(this->rows_));
     this->pipe_.InitBuffer(out_queue_, 1, this->per_tile_ * static_cast<int64_t>(sizeof(int32_t)));
     if (keys_ > 0) this->pipe_.InitBuffer(next_buffer_, keys_ * static_cast<int64_t>(sizeof(int64_t)));
   }
@@ -182,7 +181,6 @@ class PermutePlace : public PermuteKeys<IdT, MapT> {
         const int64_t p = next.GetValue(key);
         next.SetValue(key, p + 1);
         position = static_cast<int32_t>(p);
-        sorted_token_.SetValue(p, static_cast<int32_t>(f / topk_));
       }
       out.SetValue(filled++, position);
       if (filled == this->per_tile_ || f + 1 == this->range_.end) {
@@ -200,8 +198,8 @@ class PermutePlace : public PermuteKeys<IdT, MapT> {
   AscendC::TQue<AscendC::TPosition::VECOUT, 1> out_queue_;
   AscendC::TBuf<AscendC::TPosition::VECCALC> next_buffer_;
   AscendC::GlobalTensor<int64_t> workspace_;
-  AscendC::GlobalTensor<int32_t> row_idx_, sorted_token_;
-  int64_t keys_ = 0, topk_ = 1;
+  AscendC::GlobalTensor<int32_t> row_idx_;
+  int64_t keys_ = 0;
 };
 
 }  // namespace moe_ext::ascend

@@ -1,26 +1,28 @@
-// The inverse of a row index on AscendC vector cores, and the fills around it:
-// scatter_rows and the backward of moe_unpermute are gathers through
-// inverse[row] = p (the position p whose index names `row`, -1 when none), so
-// that every output row has exactly one writer and no atomics are needed.
-// Three launches (a block never reads what another block of the same launch
-// writes, rule R6 of the twin):
-//   1. FillKernel<int32_t>   inverse[:] = -1
-//   2. InverseWrite          inverse[indices[p]] = p for every p with indices[p] >= 0
-//                            (indices outside [-1, rows) fail the device check)
-//   3. InverseVerify         every p re-reads inverse[indices[p]] and checks it is p:
-//                            when two positions name one row only one write survives,
-//                            so the other position fails the check ("names a row twice")
-//                            whichever write the hardware kept.
-// Tiling words (stream kernels): kItemsPerTile = elements per UB tile,
-// kRowElements = the element count (indices for 2/3, filled elements for 1),
-// kSourceRows = rows of the inverse (2/3).
+// The inverse of a row index on AscendC vector cores: inverse[row] = p, the
+// position p whose index names `row`, or -1 when none. scatter_rows and the
+// backward of moe_unpermute are gathers through it, so every output row has
+// exactly one writer and no atomics are needed.
+//
+// One launch, InverseBuildKernel. The inverse is cut into chunks of C rows;
+// each block owns whole chunks, builds a chunk in UB (-1, then every index
+// naming a row of the chunk writes its position there) and copies it out with
+// one DataCopyPad. So every GM element has one writer, written by DMA: no
+// scalar SetValue on GM, whose 64-byte data-cache lines would let cores
+// overwrite each other (twin rule R9). A row named twice is found in UB by
+// the block owning it and fails the device check; an index outside
+// [-1, rows) fails it in every block. Each block reads all indices once per
+// chunk it owns (indices are small next to the rows they move).
+//
+// FillKernel writes a constant through one UB tile (the zeros of grad_probs
+// when they are not computed).
 #pragma once
 
 #include "kernels/common.h"
 
 namespace moe_ext::ascend {
 
-// out[0, count) = value, written from one UB tile duplicated once per block.
+// out[0, count) = value; tiling: split over elements, kItemsPerTile = elements per tile,
+// kRowElements = count.
 template <typename T>
 class FillKernel {
  public:
@@ -51,23 +53,35 @@ class FillKernel {
   T value_{};
 };
 
-// Shared by InverseWrite / InverseVerify: walks this block's indices in UB tiles.
+// Tiling words: the split over chunks; kItemsPerTile = indices per UB tile; kRowElements = the
+// index count; kRowStride = C, rows per chunk; kSourceRows = rows of the inverse.
+// op: 0 = scatter_rows, 1 = moe_unpermute_backward (the wording of the device checks).
 template <typename IndexT>
-class InverseBase {
+class InverseBuildKernel {
  public:
-  __aicore__ inline void InitBase(GM_ADDR indices, GM_ADDR inverse, GM_ADDR tiling, int64_t op) {
+  __aicore__ inline void Init(GM_ADDR indices, GM_ADDR inverse, GM_ADDR tiling, int64_t op) {
     tiling_ = load_tiling(tiling);
+    count_ = tiling_.row_elements;
+    chunk_ = tiling_.row_stride;
     rows_ = tiling_.source_rows;
     op_ = op;
-    indices_.SetGlobalBuffer(reinterpret_cast<__gm__ IndexT*>(indices), static_cast<uint64_t>(tiling_.row_elements));
+    indices_.SetGlobalBuffer(reinterpret_cast<__gm__ IndexT*>(indices), static_cast<uint64_t>(count_));
     inverse_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(inverse), static_cast<uint64_t>(rows_));
     pipe_.InitBuffer(queue_, 2, tiling_.items_per_tile * static_cast<int64_t>(sizeof(IndexT)));
+    pipe_.InitBuffer(chunk_buffer_, chunk_ * static_cast<int64_t>(sizeof(int32_t)));
   }
 
-  template <typename Visit>
-  __aicore__ inline void ForEachNamedRow(Visit&& visit) {
-    for (int64_t first = tiling_.range.start; first < tiling_.range.end; first += tiling_.items_per_tile) {
-      const int64_t n = min64(tiling_.items_per_tile, tiling_.range.end - first);
+  __aicore__ inline void Process() {
+    for (int64_t c = tiling_.range.start; c < tiling_.range.end; ++c) Chunk(c * chunk_, min64(rows_, (c + 1) * chunk_));
+  }
+
+ private:
+  __aicore__ inline void Chunk(int64_t lo, int64_t hi) {
+    AscendC::LocalTensor<int32_t> owned = chunk_buffer_.template Get<int32_t>();
+    AscendC::Duplicate(owned, int32_t(-1), chunk_);
+    const int64_t per_tile = tiling_.items_per_tile;
+    for (int64_t first = 0; first < count_; first += per_tile) {
+      const int64_t n = min64(per_tile, count_ - first);
       AscendC::LocalTensor<IndexT> tile = queue_.template AllocTensor<IndexT>();
       AscendC::DataCopyPad(tile, indices_[first],
                            AscendC::DataCopyExtParams{1, static_cast<uint32_t>(n * sizeof(IndexT)), 0, 0, 0},
@@ -82,48 +96,29 @@ class InverseBase {
           MOE_ASCEND_CHECK(row >= -1 && row < rows_,
                            "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
         }
-        if (row >= 0) visit(first + i, row);
+        if (row < lo || row >= hi) continue;
+        const bool first_name = owned.GetValue(row - lo) < 0;
+        if (op_ == 0) {
+          MOE_ASCEND_CHECK(first_name, "scatter_rows: indices names a row twice");
+        } else {
+          MOE_ASCEND_CHECK(first_name, "moe_unpermute_backward: expanded_row_idx names a row twice");
+        }
+        owned.SetValue(row - lo, static_cast<int32_t>(first + i));
       }
       queue_.FreeTensor(tile);
     }
+    if (hi > lo)
+      AscendC::DataCopyPad(inverse_[lo], owned,
+                           AscendC::DataCopyExtParams{1, static_cast<uint32_t>((hi - lo) * sizeof(int32_t)), 0, 0, 0});
   }
 
- protected:
   AscendC::TPipe pipe_;
   AscendC::TQue<AscendC::TPosition::VECIN, 2> queue_;
+  AscendC::TBuf<AscendC::TPosition::VECCALC> chunk_buffer_;
   KernelTiling tiling_;
   AscendC::GlobalTensor<IndexT> indices_;
   AscendC::GlobalTensor<int32_t> inverse_;
-  int64_t rows_ = 0, op_ = 0;  // op_: 0 = scatter_rows, 1 = moe_unpermute_backward (the check's wording)
-};
-
-template <typename IndexT>
-class InverseWrite : public InverseBase<IndexT> {
- public:
-  __aicore__ inline void Init(GM_ADDR indices, GM_ADDR inverse, GM_ADDR tiling, int64_t op) {
-    this->InitBase(indices, inverse, tiling, op);
-  }
-  __aicore__ inline void Process() {
-    this->ForEachNamedRow([&](int64_t p, int64_t row) { this->inverse_.SetValue(row, static_cast<int32_t>(p)); });
-  }
-};
-
-template <typename IndexT>
-class InverseVerify : public InverseBase<IndexT> {
- public:
-  __aicore__ inline void Init(GM_ADDR indices, GM_ADDR inverse, GM_ADDR tiling, int64_t op) {
-    this->InitBase(indices, inverse, tiling, op);
-  }
-  __aicore__ inline void Process() {
-    this->ForEachNamedRow([&](int64_t p, int64_t row) {
-      const bool once = static_cast<int64_t>(this->inverse_.GetValue(row)) == p;
-      if (this->op_ == 0) {
-        MOE_ASCEND_CHECK(once, "scatter_rows: indices names a row twice");
-      } else {
-        MOE_ASCEND_CHECK(once, "moe_unpermute_backward: expanded_row_idx names a row twice");
-      }
-    });
-  }
+  int64_t count_ = 0, chunk_ = 8, rows_ = 0, op_ = 0;
 };
 
 }  // namespace moe_ext::ascend

@@ -22,6 +22,8 @@
 //     through OpCommand::RunOpApi, the pattern of op-plugin's cpp_extension
 //     example, so that the launch is ordered with torch_npu's own task queue,
 //   - the host-to-device copy of the tiling words (pinned, non-blocking),
+//   - the core count and UB size from PlatformAscendCManager (the plans are
+//     tested with the A2 values and with smaller ones),
 //   - output allocation on the input's device, and freeing the workspaces
 //     (inverse index, tiling words, ...) when the op returns while its launches
 //     may still be queued: safe under torch_npu's caching allocator as long as
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "core/ascend/launch_plan.h"
+#include "tiling/platform/platform_ascendc.h"
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 #include "torch_npu/csrc/framework/OpCommand.h"
 
@@ -47,7 +50,6 @@
 #include "aclrtlaunch_moe_ext_expert_histogram_partial_i64.h"
 #include "aclrtlaunch_moe_ext_expert_histogram_reduce.h"
 #include "aclrtlaunch_moe_ext_fill_b2.h"
-#include "aclrtlaunch_moe_ext_fill_i32.h"
 #include "aclrtlaunch_moe_ext_gather_rows_b2_i32.h"
 #include "aclrtlaunch_moe_ext_gather_rows_b2_i64.h"
 #include "aclrtlaunch_moe_ext_gather_rows_b4_i32.h"
@@ -56,10 +58,8 @@
 #include "aclrtlaunch_moe_ext_gather_rows_b8_i64.h"
 #include "aclrtlaunch_moe_ext_generate_permute_indices_i32.h"
 #include "aclrtlaunch_moe_ext_generate_permute_indices_i64.h"
-#include "aclrtlaunch_moe_ext_inverse_verify_i32.h"
-#include "aclrtlaunch_moe_ext_inverse_verify_i64.h"
-#include "aclrtlaunch_moe_ext_inverse_write_i32.h"
-#include "aclrtlaunch_moe_ext_inverse_write_i64.h"
+#include "aclrtlaunch_moe_ext_inverse_build_i32.h"
+#include "aclrtlaunch_moe_ext_inverse_build_i64.h"
 #include "aclrtlaunch_moe_ext_permute_key_count_i32_m32.h"
 #include "aclrtlaunch_moe_ext_permute_key_count_i32_m64.h"
 #include "aclrtlaunch_moe_ext_permute_key_count_i64_m32.h"
@@ -121,8 +121,7 @@ const std::map<std::string, InverseCall>& inverse_table() {
   static const std::map<std::string, InverseCall> table = {
 #define G(NAME) {#NAME, [](uint32_t b, Stream s, void* i, void* inv, void* w, int64_t op) { \
     return static_cast<int>(ACLRT_LAUNCH_KERNEL(NAME)(b, s, i, inv, w, op)); }}
-      G(moe_ext_inverse_write_i32), G(moe_ext_inverse_write_i64), G(moe_ext_inverse_verify_i32),
-      G(moe_ext_inverse_verify_i64),
+      G(moe_ext_inverse_build_i32), G(moe_ext_inverse_build_i64),
 #undef G
   };
   return table;
@@ -189,10 +188,23 @@ auto planned(Body&& body) {
   }
 }
 
+// The device's vector cores and UB per core, asked once from CANN's PlatformAscendCManager (the
+// documented way for kernels launched directly); the plans size every launch from them.
 plan::AscendTarget target() {
-  // 40 vector cores and 192 KiB of UB per core: the Atlas A2 values the plans are tested with.
-  // A device with fewer cores still runs every launch (blocks are scheduled over the cores).
-  return plan::AscendTarget{};
+  static const plan::AscendTarget cached = [] {
+    const auto* platform = platform_ascendc::PlatformAscendCManager::GetInstance();
+    TORCH_CHECK(platform != nullptr, "moe_ext: CANN's PlatformAscendCManager gave no platform");
+    uint64_t ub_bytes = 0;
+    platform->GetCoreMemSize(platform_ascendc::CoreMemType::UB, ub_bytes);
+    plan::AscendTarget found;
+    found.vector_cores = static_cast<int64_t>(platform->GetCoreNumAiv());
+    found.ub_bytes = static_cast<int64_t>(ub_bytes);
+    TORCH_CHECK(found.vector_cores >= 1 && found.ub_bytes >= 32 * 1024,
+                "moe_ext: unexpected Ascend platform: ", found.vector_cores, " vector cores, ", found.ub_bytes,
+                " bytes of UB per core");
+    return found;
+  }();
+  return cached;
 }
 
 void* ptr(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
@@ -218,25 +230,14 @@ void launch(const char* name, std::function<int(Stream)> call) {
 // Words of launch i inside the packed device tensor.
 void* words_at(const Tensor& words, size_t i) { return static_cast<int64_t*>(words.data_ptr()) + 8 * i; }
 
-// The inverse stage (fill -1, write, verify) on `inverse`; returns the next launch index.
+// The inverse index of `indices` into `inverse` (one launch); returns the next launch index.
 size_t run_inverse(const plan::InversePlan& p, const Tensor& indices, const Tensor& inverse, const Tensor& words,
                    size_t i, int64_t op) {
-  if (p.fill.blocks > 0) {
-    void *w = words_at(words, i++), *inv = ptr(inverse);
-    const auto blocks = static_cast<uint32_t>(p.fill.blocks);
-    launch("moe_ext_fill_i32", [=](Stream s) {
-      return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_fill_i32)(blocks, s, inv, w, int32_t(-1)));
-    });
-  }
-  for (const plan::Launch* l : {&p.write, &p.verify}) {
-    if (l->blocks == 0) continue;
-    void* w = words_at(words, i++);
-    const auto& call = find(inverse_table(), l->kernel);
-    void* idx = ptr(indices);
-    void* inv = ptr(inverse);
-    const auto blocks = static_cast<uint32_t>(l->blocks);
-    launch(l->kernel.c_str(), [=](Stream s) { return call(blocks, s, idx, inv, w, op); });
-  }
+  if (p.build.blocks == 0) return i;
+  void *w = words_at(words, i++), *idx = ptr(indices), *inv = ptr(inverse);
+  const auto& call = find(inverse_table(), p.build.kernel);
+  const auto blocks = static_cast<uint32_t>(p.build.blocks);
+  launch(p.build.kernel.c_str(), [=](Stream s) { return call(blocks, s, idx, inv, w, op); });
   return i;
 }
 
@@ -378,30 +379,26 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& hidden_in, const Te
   Tensor row_idx = at::empty({p.rows}, hidden.options().dtype(at::kInt));
   Tensor expert_tokens = at::empty({p.active}, hidden.options().dtype(at::kLong));
   Tensor workspace = at::empty({p.workspace_elements}, hidden.options().dtype(at::kLong));
-  Tensor sorted_token = at::empty({p.rows}, hidden.options().dtype(at::kInt));
-  Tensor valid_rows = at::empty({1}, hidden.options().dtype(at::kLong));
   const auto launches = p.launches();
   const Tensor words = device_words(launches, hidden);
   void *id = ptr(ids), *mp = map ? ptr(*map) : nullptr, *ws = ptr(workspace), *ri = ptr(row_idx),
-       *st = ptr(sorted_token), *et = ptr(expert_tokens), *vr = ptr(valid_rows), *hs = ptr(hidden),
-       *out = ptr(permuted);
+       *et = ptr(expert_tokens), *hs = ptr(hidden), *out = ptr(permuted);
   void *w_count = words_at(words, 0), *w_scan = words_at(words, 1), *w_place = words_at(words, 2),
-       *w_rows = words_at(words, 3);
+       *w_rows = launches.size() > 3 ? words_at(words, 3) : nullptr;
   const auto b_count = static_cast<uint32_t>(p.key_count.blocks), b_place = static_cast<uint32_t>(p.place.blocks),
              b_rows = static_cast<uint32_t>(p.row_copy.blocks);
-  const int64_t topk = p.topk, rows = p.rows, cumsum = counts_cumsum ? 1 : 0;
-#define MOE_NPU_PERMUTE(S)                                                                                      \
-  if (p.key_count.kernel == "moe_ext_permute_key_count_" #S) {                                              \
-    launch(p.key_count.kernel.c_str(), [=](Stream s) {                                                      \
+  const int64_t tokens = p.tokens, cumsum = counts_cumsum ? 1 : 0;
+#define MOE_NPU_PERMUTE(S)                                                                                   \
+  if (p.key_count.kernel == "moe_ext_permute_key_count_" #S) {                                           \
+    launch(p.key_count.kernel.c_str(), [=](Stream s) {                                                   \
       return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_permute_key_count_##S)(b_count, s, id, mp, ws, w_count)); \
-    });                                                                                                     \
-    launch("moe_ext_permute_scan", [=](Stream s) {                                                          \
-      return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_permute_scan)(1u, s, ws, et, vr, w_scan, cumsum)); \
-    });                                                                                                     \
-    launch(p.place.kernel.c_str(), [=](Stream s) {                                                          \
-      return static_cast<int>(                                                                              \
-          ACLRT_LAUNCH_KERNEL(moe_ext_permute_place_##S)(b_place, s, id, mp, ws, ri, st, w_place, topk));   \
-    });                                                                                                     \
+    });                                                                                                  \
+    launch("moe_ext_permute_scan", [=](Stream s) {                                                       \
+      return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_permute_scan)(1u, s, ws, et, w_scan, cumsum));  \
+    });                                                                                                  \
+    launch(p.place.kernel.c_str(), [=](Stream s) {                                                       \
+      return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_permute_place_##S)(b_place, s, id, mp, ws, ri, w_place)); \
+    });                                                                                                  \
   }
   MOE_NPU_PERMUTE(i32_m32)
   MOE_NPU_PERMUTE(i32_m64)
@@ -409,11 +406,11 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& hidden_in, const Te
   MOE_NPU_PERMUTE(i64_m64)
 #undef MOE_NPU_PERMUTE
   if (p.row_copy.blocks > 0) {
-#define MOE_NPU_ROWS(B)                                                                                      \
-  if (p.row_copy.kernel == "moe_ext_permute_rows_" #B) {                                                   \
-    launch(p.row_copy.kernel.c_str(), [=](Stream s) {                                                      \
-      return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_permute_rows_##B)(b_rows, s, hs, st, out, w_rows, rows, vr)); \
-    });                                                                                                    \
+#define MOE_NPU_ROWS(B)                                                                                   \
+  if (p.row_copy.kernel == "moe_ext_permute_rows_" #B) {                                                \
+    launch(p.row_copy.kernel.c_str(), [=](Stream s) {                                                   \
+      return static_cast<int>(ACLRT_LAUNCH_KERNEL(moe_ext_permute_rows_##B)(b_rows, s, hs, ri, out, w_rows, tokens)); \
+    });                                                                                                 \
   }
     MOE_NPU_ROWS(b2)
     MOE_NPU_ROWS(b4)
@@ -452,6 +449,8 @@ std::tuple<Tensor, Tensor, Tensor> generate_permute_indices(const Tensor& counts
 }  // namespace moe_ext::npu
 
 // The schemas are defined once, by _C.so (csrc/torch_ops.cpp), which moe_ext's loader opens first.
+// moe_permute_padded has no AscendC kernel: moe_ext/_npu_composites.py registers a torch composite
+// for this key (built on moe_permute) when the loader opens this library.
 TORCH_LIBRARY_IMPL(moe_ext, PrivateUse1, m) {
   m.impl("generate_permute_indices", TORCH_FN(moe_ext::npu::generate_permute_indices));
   m.impl("moe_permute", TORCH_FN(moe_ext::npu::moe_permute));

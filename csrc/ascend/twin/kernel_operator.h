@@ -53,6 +53,18 @@
 //      exactly that order, so the result differs from a sequential sum within
 //      rounding. sharedTmpBuffer must hold at least one float per repeat
 //      (rounded to 32 bytes) - the page's size formula is not modelled beyond that.
+//  R9  Scalar writes to GM ("SetValue", atlasascendc_api_07_00028, and
+//      "DataCacheCleanAndInvalid", atlasascendc_api_07_0177): GlobalTensor::
+//      SetValue writes the core's data cache, not GM; the line (64 bytes) is
+//      written out whole, later or by DataCacheCleanAndInvalid; cores writing
+//      GM with SetValue must keep at least a cache line apart, or their lines
+//      overwrite each other. The twin counts lines from the buffer given to
+//      SetGlobalBuffer (device allocations are line aligned) and refuses: a
+//      block ending with SetValue lines not cleaned by DataCacheCleanAndInvalid;
+//      a line one block dirtied with SetValue that another block of the launch
+//      writes (SetValue or DataCopy); and a DataCopy to GM over a line the same
+//      block still holds dirty (the later write-back would undo the copy).
+//      DMA copies (DataCopy / DataCopyPad) do not go through the data cache.
 //
 // What the twin does NOT model: timing, pipe concurrency (EnQue/DeQue order is
 // checked, the overlap is not), real vector-instruction repeat/mask limits,
@@ -64,6 +76,9 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <map>
+#include <set>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -116,6 +131,19 @@ inline CoreState& core() {
   return state;
 }
 
+// R9: GM cache lines of the current launch, keyed by (buffer, line index).
+constexpr int64_t kCacheLineBytes = 64;
+using GmLine = std::pair<const void*, int64_t>;
+struct LineState {
+  std::map<GmLine, int64_t> scalar;  // line -> the block that wrote it with SetValue
+  std::map<GmLine, int64_t> dma;     // line -> a block that wrote it by DataCopy (-1: several)
+  std::set<GmLine> dirty;            // the running block's SetValue lines not yet cleaned
+};
+inline LineState& lines() {
+  thread_local LineState state;
+  return state;
+}
+
 inline int64_t round_up(int64_t bytes) { return (bytes + kUbAlignBytes - 1) / kUbAlignBytes * kUbAlignBytes; }
 
 // Runs `kernel()` once per block, each with a fresh UB of `ub_bytes` (R3, R6).
@@ -129,7 +157,13 @@ void launch(int64_t blocks, int64_t ub_bytes, Kernel&& kernel) {
     state.ub_used = 0;
     state.block_idx = block;
     state.block_num = blocks;
+    if (block == 0) lines() = LineState{};
     kernel();
+    if (!lines().dirty.empty())
+      violate("R9 (data cache)", "block " + std::to_string(block) + " ended with " +
+                                     std::to_string(lines().dirty.size()) +
+                                     " GM cache line(s) written by SetValue and never cleaned by "
+                                     "DataCacheCleanAndInvalid");
   }
 }
 
@@ -146,26 +180,67 @@ class GlobalTensor {
  public:
   void SetGlobalBuffer(__gm__ T* buffer, uint64_t length) {
     data_ = buffer;
+    base_ = buffer;
     length_ = static_cast<int64_t>(length);
   }
   T GetValue(int64_t index) const {
     check(index, 1);
     return data_[index];
   }
-  void SetValue(int64_t index, T value) {
+  void SetValue(int64_t index, T value) {  // R9: into this core's data cache line
     check(index, 1);
+    const twin::GmLine line{base_, byte_offset(index) / twin::kCacheLineBytes};
+    const int64_t block = twin::core().block_idx;
+    auto& state = twin::lines();
+    const auto scalar = state.scalar.find(line);
+    const auto dma = state.dma.find(line);
+    if ((scalar != state.scalar.end() && scalar->second != block) || (dma != state.dma.end() && dma->second != block))
+      twin::violate("R9 (data cache)", "block " + std::to_string(block) + " SetValue into a 64-byte GM line that " +
+                                           "another block of the launch also writes (line " +
+                                           std::to_string(line.second) + ")");
+    state.scalar[line] = block;
+    state.dirty.insert(line);
     data_[index] = value;
   }
   GlobalTensor operator[](int64_t offset) const {
     check(offset, 0);
     GlobalTensor sub;
     sub.data_ = data_ + offset;
+    sub.base_ = base_;
     sub.length_ = length_ - offset;
     return sub;
   }
   T* raw(int64_t count) const {  // twin only: the span [0, count) after a bounds check
     check(0, count);
     return data_;
+  }
+  // twin only: a DMA write of `bytes` from the start of this view (R5, R9)
+  uint8_t* dma_write(int64_t count, int64_t bytes) const {
+    check(0, count);
+    if (bytes <= 0) return reinterpret_cast<uint8_t*>(data_);
+    const int64_t block = twin::core().block_idx;
+    auto& state = twin::lines();
+    const int64_t first = byte_offset(0) / twin::kCacheLineBytes, last = (byte_offset(0) + bytes - 1) / twin::kCacheLineBytes;
+    for (int64_t l = first; l <= last; ++l) {
+      const twin::GmLine line{base_, l};
+      if (state.dirty.count(line))
+        twin::violate("R9 (data cache)", "DataCopy to a GM line this block still holds dirty from SetValue (line " +
+                                             std::to_string(l) + "): clean it first");
+      const auto scalar = state.scalar.find(line);
+      if (scalar != state.scalar.end() && scalar->second != block)
+        twin::violate("R9 (data cache)", "DataCopy to a GM line another block wrote with SetValue (line " +
+                                             std::to_string(l) + ")");
+      const auto dma = state.dma.find(line);
+      if (dma == state.dma.end()) {
+        state.dma[line] = block;
+      } else if (dma->second != block) {
+        dma->second = -1;
+      }
+    }
+    return reinterpret_cast<uint8_t*>(data_);
+  }
+  void clean_line() const {  // twin only: DataCacheCleanAndInvalid(SINGLE_CACHE_LINE) of this address
+    twin::lines().dirty.erase(twin::GmLine{base_, byte_offset(0) / twin::kCacheLineBytes});
   }
   int64_t length() const { return length_; }
 
@@ -176,9 +251,29 @@ class GlobalTensor {
                                                     std::to_string(index + count) + ") of a tensor of " +
                                                     std::to_string(length_) + " elements");
   }
+  int64_t byte_offset(int64_t index) const {
+    return static_cast<int64_t>(reinterpret_cast<const uint8_t*>(data_ + index) -
+                                reinterpret_cast<const uint8_t*>(base_));
+  }
   T* data_ = nullptr;
+  T* base_ = nullptr;
   int64_t length_ = 0;
 };
+
+enum class CacheLine { SINGLE_CACHE_LINE, ENTIRE_DATA_CACHE };
+enum class DcciDst { CACHELINE_ALL, CACHELINE_UB, CACHELINE_OUT, CACHELINE_ATOMIC };
+
+// R9: writes this core's dirty lines out to GM (ENTIRE_DATA_CACHE) or the one holding `tensor`'s address.
+template <typename T, CacheLine kEntire, DcciDst kDst>
+void DataCacheCleanAndInvalid(const GlobalTensor<T>& tensor) {
+  static_assert(kDst == DcciDst::CACHELINE_OUT || kDst == DcciDst::CACHELINE_ALL,
+                "R9: only the GM-coherence destinations are modelled");
+  if (kEntire == CacheLine::ENTIRE_DATA_CACHE) {
+    twin::lines().dirty.clear();
+  } else {
+    tensor.clean_line();
+  }
+}
 
 template <typename T>
 class LocalTensor {
@@ -343,7 +438,7 @@ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, int64_t cou
   if (bytes % twin::kUbAlignBytes != 0)
     twin::violate("R2 (DataCopy length)", "UB->GM DataCopy of " + std::to_string(bytes) +
                                               " bytes, not a multiple of 32 (use DataCopyPad)");
-  std::memcpy(dst.raw(count), src.operand(count, "DataCopy"), static_cast<size_t>(bytes));
+  std::memcpy(dst.dma_write(count, bytes), src.operand(count, "DataCopy"), static_cast<size_t>(bytes));
 }
 
 struct DataCopyExtParams {
@@ -395,7 +490,8 @@ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const Da
   const int64_t blocks = params.blockCount;
   if (blocks == 0) return;
   const uint8_t* ub = src.operand((ub_block * (blocks - 1) + twin::round_up(block_bytes)) / elem, "DataCopyPad");
-  uint8_t* gm = reinterpret_cast<uint8_t*>(dst.raw((gm_block * (blocks - 1) + block_bytes) / elem));
+  const int64_t span = gm_block * (blocks - 1) + block_bytes;
+  uint8_t* gm = dst.dma_write(span / elem, span);
   for (int64_t b = 0; b < blocks; ++b)
     std::memcpy(gm + b * gm_block, ub + b * ub_block, static_cast<size_t>(block_bytes));
 }

@@ -95,26 +95,28 @@ InversePlan plan_inverse(const TensorDesc& indices, int64_t rows, const char* op
                 "index is int32), got ", indices.numel());
   InversePlan plan;
   plan.rows = rows;
-  if (rows > 0) {
-    const StreamTiling fill = plan_stream_tiling(rows, 4, 0, 1, target.vector_cores, target.ub_bytes);
-    plan.fill = make_launch("moe_ext_fill_i32", fill.split, fill.ub_bytes_used,
-                            kernel_tiling_words(fill.split, fill.elements_per_tile, rows, 0, 0, 0));
-  } else {
-    plan.fill = skipped();
-  }
   const int64_t count = indices.numel();
-  if (count > 0) {
-    const StreamTiling walk =
-        plan_stream_tiling(count, dtype_bytes(indices.dtype), 0, 2, target.vector_cores, target.ub_bytes);
-    const auto words = kernel_tiling_words(walk.split, walk.elements_per_tile, count, 0, rows, 0);
-    plan.write = make_launch(str_cat("moe_ext_inverse_write_", index_code(indices)), walk.split, walk.ub_bytes_used,
-                             words);
-    plan.verify = make_launch(str_cat("moe_ext_inverse_verify_", index_code(indices)), walk.split,
-                              walk.ub_bytes_used, words);
-  } else {
-    plan.write = skipped();
-    plan.verify = skipped();
+  if (rows == 0 && count == 0) {
+    plan.build = skipped();
+    return plan;
   }
+  // Chunks of a multiple of 8 rows, about one per core, at most half the UB; the other half
+  // stages the indices.
+  const int64_t cap = std::max<int64_t>(8, (target.ub_bytes / 2) / 4 / 8 * 8);
+  const int64_t per_core = (std::max<int64_t>(rows, 1) + target.vector_cores - 1) / target.vector_cores;
+  plan.chunk = std::min(cap, (per_core + 7) / 8 * 8);
+  const int64_t chunks = std::max<int64_t>(1, (rows + plan.chunk - 1) / plan.chunk);
+  const BlockSplit split = split_over_cores(chunks, target.vector_cores, 1);
+  const int64_t index_bytes = dtype_bytes(indices.dtype), per_unit = kUbAlignBytes / index_bytes;
+  const int64_t staged = ub_round_up(plan.chunk * 4);
+  MOE_CHECK_ARG(staged + 2 * kUbAlignBytes <= target.ub_bytes, op, ": the target's UB of ", target.ub_bytes,
+                " bytes is too small for the inverse index");
+  const int64_t units_fit = (target.ub_bytes - staged) / (2 * kUbAlignBytes);
+  const int64_t units_needed = std::max<int64_t>(1, (count + per_unit - 1) / per_unit);
+  const int64_t per_tile = std::min(units_fit, units_needed) * per_unit;
+  plan.build = make_launch(str_cat("moe_ext_inverse_build_", index_code(indices)), split,
+                           staged + 2 * ub_round_up(per_tile * index_bytes),
+                           kernel_tiling_words(split, per_tile, count, plan.chunk, rows, 0));
   return plan;
 }
 
@@ -217,9 +219,7 @@ GatherRowsPlan plan_gather_rows(const TensorDesc& x, const TensorDesc& indices, 
 
 std::vector<Launch> ScatterRowsPlan::launches() const {
   std::vector<Launch> out;
-  keep(out, inverse.fill);
-  keep(out, inverse.write);
-  keep(out, inverse.verify);
+  keep(out, inverse.build);
   keep(out, gather);
   return out;
 }
@@ -274,9 +274,7 @@ UnpermutePlan plan_moe_unpermute(const TensorDesc& permuted, const TensorDesc& e
 
 std::vector<Launch> UnpermuteBackwardPlan::launches() const {
   std::vector<Launch> out;
-  keep(out, inverse.fill);
-  keep(out, inverse.write);
-  keep(out, inverse.verify);
+  keep(out, inverse.build);
   keep(out, backward);
   keep(out, zero_rows);
   if (zero_grad_probs_needed) keep(out, zero_grad_probs);
@@ -423,8 +421,16 @@ PermutePlan plan_moe_permute(const TensorDesc& hidden_states, const TensorDesc& 
   one.blocks = 1;
   plan.scan = make_launch("moe_ext_permute_scan", one, 0, words);
   plan.place = make_launch(str_cat("moe_ext_permute_place_", suffix), stream.split, stream.ub_bytes_used, words);
-  plan.row_copy = row_copy(str_cat("moe_ext_permute_rows_b", word), plan.rows,
-                           checked_bytes(plan.hidden, word, op, "a row of hidden_states"), word, plan.tokens, target);
+  // The row copy: tokens split over cores, each token's row read once and written to its K rows.
+  const int64_t row_bytes = checked_bytes(plan.hidden, word, op, "a row of hidden_states");
+  if (plan.tokens > 0 && row_bytes > 0 && plan.topk > 0) {
+    const RowTiling rows = plan_row_tiling(plan.tokens, row_bytes, 0, 1, 2, target.vector_cores, target.ub_bytes);
+    plan.row_copy = make_launch(str_cat("moe_ext_permute_rows_b", word), rows.split, rows.ub_bytes_used,
+                                kernel_tiling_words(rows.split, rows.rows_per_tile, row_bytes / word,
+                                                    rows.row_stride_ub / word, plan.rows, plan.topk));
+  } else {
+    plan.row_copy = skipped();
+  }
   return plan;
 }
 
@@ -446,7 +452,7 @@ PermuteIndicesPlan plan_generate_permute_indices(const TensorDesc& counts, int64
   const BlockSplit split = split_over_cores(experts_per_rank, target.vector_cores, 1);
   const int64_t per_tile = std::min<int64_t>(2048, (target.ub_bytes / 2) / 32 * 8);  // int32 tiles, 2 buffers
   plan.launch = make_launch(str_cat("moe_ext_generate_permute_indices_", index_code(counts)), split,
-                            2 * round32(per_tile * 4),
+                            4 * round32(per_tile * 4),  // 2 index tiles + the sizes and offsets tiles
                             kernel_tiling_words(split, per_tile, max_len, alignment, num_ranks, experts_per_rank));
   return plan;
 }

@@ -62,14 +62,15 @@ struct GatherRowsPlan {
 };
 GatherRowsPlan plan_gather_rows(const TensorDesc& x, const TensorDesc& indices, const AscendTarget& target);
 
-// The inverse-index stage shared by scatter_rows and the unpermute backward:
-// fill (inverse, words, -1), write / verify (indices, inverse, words, op).
+// The inverse index shared by scatter_rows and the unpermute backward: one launch "build"
+// (indices, inverse, words, op) over chunks of `chunk` rows (kernels/row_inverse.h).
 struct InversePlan {
-  int64_t rows = 0;  // int32 elements of the inverse workspace
-  Launch fill, write, verify;
+  int64_t rows = 0;   // int32 elements of the inverse workspace
+  int64_t chunk = 0;  // rows a block builds in UB at once
+  Launch build;
 };
 
-// scatter_rows(x [P, H], indices [P], num_rows) -> out [num_rows, H]: the inverse stage, then
+// scatter_rows(x [P, H], indices [P], num_rows) -> out [num_rows, H]: the inverse (op 0), then
 // "gather" (x, inverse, out, words, num_rows) with int32 indices.
 struct ScatterRowsPlan {
   int64_t out_rows = 0, row_bytes = 0;
@@ -90,7 +91,7 @@ struct UnpermutePlan {
 UnpermutePlan plan_moe_unpermute(const TensorDesc& permuted, const TensorDesc& expanded_row_idx,
                                  const TensorDesc* probs, int64_t topk, const AscendTarget& target);
 
-// moe_unpermute_backward: the inverse stage (op 1), then "backward" (grad_out, permuted, row_idx,
+// moe_unpermute_backward: the inverse (op 1), then "backward" (grad_out, permuted, row_idx,
 // probs or null, grad_permuted, grad_probs or null when !grad_probs_computed, words, T), then
 // "zero_rows" (grad_permuted, inverse, words, R); when probs are given but compute_grad_probs is
 // false, "zero_grad_probs" (grad_probs, words) fills them with zeros.
@@ -118,10 +119,9 @@ struct HistogramPlan {
 HistogramPlan plan_expert_histogram(const TensorDesc& topk_ids, int64_t num_experts, const AscendTarget& target);
 
 // moe_permute(hidden [T, H], topk_ids [T, K], E, start, end, expert_map or none, cumsum):
-// "key_count" (ids, map or null, workspace, words); "scan" (workspace, expert_tokens, valid_rows,
-// words, cumsum); "place" (ids, map or null, workspace, expanded_row_idx, sorted_token, words, K);
-// "rows" (hidden, sorted_token, permuted, words, T*K, valid_rows). workspace = int64
-// [key_count.blocks * (end - start)], sorted_token = int32 [T*K], valid_rows = int64 [1].
+// "key_count" (ids, map or null, workspace, words); "scan" (workspace, expert_tokens, words,
+// cumsum); "place" (ids, map or null, workspace, expanded_row_idx, words); "rows" (hidden,
+// expanded_row_idx, permuted, words, T). workspace = int64 [key_count.blocks * (end - start)].
 struct PermutePlan {
   int64_t tokens = 0, topk = 0, rows = 0, hidden = 0, active = 0, workspace_elements = 0;
   Launch key_count, scan, place, row_copy;

@@ -238,11 +238,14 @@ def moe_unpermute(
         a device-side assert on CUDA (never read out of bounds).
 
     Autograd: ``grad_permuted[row] = probs[t,k] * grad_out[t]`` for
-    ``row = expanded_row_idx[t*K+k]``, zero for rows no entry names;
-    for the padded layout of an aligned :func:`moe_permute` (more rows than
-    entries) the unnamed rows of ``grad_permuted`` are zero on every backend,
-    because its pad rows sit inside the grouped GEMM's groups (their weight
-    gradient reads them);
+    ``row = expanded_row_idx[t*K+k]``; rows no entry names are unspecified
+    (CUDA leaves them unwritten, as :func:`moe_permute` leaves its tail, so the
+    backward costs only the useful bytes under expert parallelism; CPU writes
+    zeros): nothing may read them, and :func:`moe_permute`'s backward never
+    does; except for the padded layout of an aligned :func:`moe_permute` (more
+    rows than entries), where the unnamed rows of ``grad_permuted`` are zero on
+    every backend, because its pad rows sit inside the grouped GEMM's groups
+    (their weight gradient reads them);
     ``grad_probs[t,k] = dot(grad_out[t], permuted[row])`` in fp32 (0 for
     dropped entries). The backward requires each row to be named at most once
     (true of :func:`moe_permute`'s output); a repeated row is refused
