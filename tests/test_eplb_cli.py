@@ -168,3 +168,27 @@ def test_bad_current_output_plot_are_checked_before_planning(tmp_path, capsys):
         assert err.startswith("moe-ext eplb: error: ") and needle in err, (argv, err)
         assert "imbalance after" not in out  # nothing was planned
     assert not (tmp_path / "missing").exists()
+
+
+# A new user's findings: a silent switch to global mode, the top-level usage for a bad eplb flag,
+# and argparse's prefix matching taking a typo (--gpu) as --gpus.
+def test_global_mode_says_why_nodes_is_not_used(tmp_path, capsys):
+    np.save(tmp_path / "loads.npy", np.arange(1, 33, dtype=np.float64).reshape(2, 16))
+    assert main(["eplb", str(tmp_path / "loads.npy"), "--replicas", "24", "--gpus", "8", "--nodes", "3",
+                 "--groups", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "(global mode)" in out
+    assert "--groups (4) is not a multiple of --nodes (3)" in out and "--nodes is not used" in out
+
+
+def test_unknown_or_abbreviated_flags_are_refused_with_the_commands_usage(tmp_path, capsys):
+    np.save(tmp_path / "loads.npy", np.arange(1, 33, dtype=np.float64).reshape(2, 16))
+    loads = str(tmp_path / "loads.npy")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eplb", loads, "--replicas", "24", "--gpus", "8", "--bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: moe-ext eplb" in err and "unrecognized arguments: --bogus" in err
+    with pytest.raises(SystemExit):
+        main(["eplb", loads, "--replicas", "24", "--gpu", "8"])
+    assert "required: --gpus" in capsys.readouterr().err

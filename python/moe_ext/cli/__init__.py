@@ -42,18 +42,22 @@ class _VersionAction(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moe-ext", description="moe_ext: mixture-of-experts expert-parallel toolkit",
+        prog="moe-ext", allow_abbrev=False, description="moe_ext: mixture-of-experts expert-parallel toolkit",
         epilog="`moe-ext COMMAND --help` explains a command.")
     parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"moe_ext.cli.{name}").register(subparsers)
+    parser._moe_ext_commands = dict(subparsers.choices)  # name -> that command's parser, for its usage
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # report it with the command's own usage, not the top-level one
+        command_parser = parser._moe_ext_commands.get(args.command, parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:  # bare `moe-ext`: the help, not an error
         parser.print_help()
         return 0

@@ -47,7 +47,7 @@ _FLAG_OF = [("num_replicas", "--replicas"), ("num_gpus", "--gpus"), ("num_nodes"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eplb", help="plan expert placement (EPLB) from a load file",
+    parser = subparsers.add_parser("eplb", allow_abbrev=False, help="plan expert placement (EPLB) from a load file",
                                    description=__doc__, epilog=LEGEND,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("loads", type=Path, metavar="LOADS",
@@ -424,6 +424,12 @@ def _report(args, plan, layers, experts, before_imbalance, public_imbalance, pub
     kept = ", hierarchy kept" if plan.hierarchical and not args.allow_cross_node else ""
     print(f"{layers} layers x {experts} experts -> {args.replicas} slots on {args.gpus} GPUs, "
           f"{args.nodes} nodes, {args.groups} groups ({mode} mode{kept})")
+    if not plan.hierarchical and args.nodes > 1:
+        # The public contract: node-limited (hierarchical) placement needs groups % nodes == 0; otherwise
+        # the node count plays no part. Say so, instead of leaving a user to wonder where --nodes went.
+        print(f"note: --groups ({args.groups}) is not a multiple of --nodes ({args.nodes}), so replicas are "
+              f"placed over all {args.gpus} GPUs and --nodes is not used (as in DeepSeek's rebalance_experts); "
+              f"for node-limited placement pick --groups divisible by --nodes")
     if history is not None:
         print(f"planned for a history of {history.shape[0]} windows of {args.window} steps (--window)")
     from moe_ext.cli.table import format_table
