@@ -10,18 +10,17 @@
 
 namespace moe_ext::ops {
 
-inline void check_permute_args(const Tensor& hidden_states, const Tensor& topk_ids,
-                               int64_t num_experts, int64_t active_start, int64_t active_end,
-                               const std::optional<Tensor>& expert_map) {
-  constexpr const char* op = "moe_permute";
-  check_dim(hidden_states, op, "hidden_states", 2);
-  check_floating(hidden_states, op, "hidden_states");
+// The checks both permute layouts make of the ids, the expert map and the
+// active range against hidden_states [T, H] (its dtype is checked by the caller).
+inline void check_routed_ids(const Tensor& hidden_states, const Tensor& topk_ids, int64_t num_experts,
+                             int64_t active_start, int64_t active_end,
+                             const std::optional<Tensor>& expert_map, const char* op) {
   check_dim(topk_ids, op, "topk_ids", 2);
   check_index(topk_ids, op, "topk_ids");
   check_same_device(topk_ids, hidden_states, op, "topk_ids", "hidden_states");
   MOE_CHECK_VALUE(topk_ids.size(0) == hidden_states.size(0), op,
-                    ": topk_ids and hidden_states must have the same number of tokens, got ",
-                    topk_ids.size(0), " and ", hidden_states.size(0));
+                  ": topk_ids and hidden_states must have the same number of tokens, got ",
+                  topk_ids.size(0), " and ", hidden_states.size(0));
   if (expert_map.has_value()) {
     check_dim(*expert_map, op, "expert_map", 1);
     check_index(*expert_map, op, "expert_map");
@@ -30,6 +29,15 @@ inline void check_permute_args(const Tensor& hidden_states, const Tensor& topk_i
   core::check_routing_shape(topk_ids.size(0), topk_ids.size(1), num_experts,
                             expert_map.has_value() ? expert_map->numel() : -1, active_start,
                             active_end);
+}
+
+inline void check_permute_args(const Tensor& hidden_states, const Tensor& topk_ids,
+                               int64_t num_experts, int64_t active_start, int64_t active_end,
+                               const std::optional<Tensor>& expert_map) {
+  constexpr const char* op = "moe_permute";
+  check_dim(hidden_states, op, "hidden_states", 2);
+  check_floating(hidden_states, op, "hidden_states");
+  check_routed_ids(hidden_states, topk_ids, num_experts, active_start, active_end, expert_map, op);
 }
 
 // Checks of moe_permute_padded beyond moe_permute's: hidden_states may also be
@@ -46,20 +54,7 @@ inline int64_t check_permute_padded_args(const Tensor& hidden_states, const std:
   check_dtype(hidden_states, op, "hidden_states",
               {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16, ScalarType::Double,
                ScalarType::Float8_e4m3fn, ScalarType::Float8_e5m2});
-  check_dim(topk_ids, op, "topk_ids", 2);
-  check_index(topk_ids, op, "topk_ids");
-  check_same_device(topk_ids, hidden_states, op, "topk_ids", "hidden_states");
-  MOE_CHECK_VALUE(topk_ids.size(0) == hidden_states.size(0), op,
-                  ": topk_ids and hidden_states must have the same number of tokens, got ",
-                  topk_ids.size(0), " and ", hidden_states.size(0));
-  if (expert_map.has_value()) {
-    check_dim(*expert_map, op, "expert_map", 1);
-    check_index(*expert_map, op, "expert_map");
-    check_same_device(*expert_map, hidden_states, op, "expert_map", "hidden_states");
-  }
-  core::check_routing_shape(topk_ids.size(0), topk_ids.size(1), num_experts,
-                            expert_map.has_value() ? expert_map->numel() : -1, active_start,
-                            active_end);
+  check_routed_ids(hidden_states, topk_ids, num_experts, active_start, active_end, expert_map, op);
   if (scales.has_value()) {
     check_dtype(*scales, op, "scales", {ScalarType::Float});
     check_same_device(*scales, hidden_states, op, "scales", "hidden_states");
