@@ -47,6 +47,29 @@ inline int threads_per_row(int64_t vectors_per_row) {
   return threads;
 }
 
+// One row of vectors_per_row V's from source to destination by the
+// threads_per_row_ threads of a row group (this thread is `lane`): each keeps
+// kUnroll loads in flight before its stores. The copy loop of every one-to-one
+// row copy (gather_rows, the per-routed-row permute copy, the fused decode permute).
+template <typename V>
+__device__ __forceinline__ void copy_row(const V* __restrict__ source, V* __restrict__ destination,
+                                         int lane, int threads_per_row_, int64_t vectors_per_row) {
+  const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
+  for (int64_t first = lane; first < vectors_per_row; first += stride) {
+    V values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
+      if (v < vectors_per_row) values[u] = source[v];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
+      if (v < vectors_per_row) destination[v] = values[u];
+    }
+  }
+}
+
 inline unsigned grid_for_rows(int64_t rows, int threads_per_row_) {
   const int64_t rows_per_block = kBlockThreads / threads_per_row_;
   const int64_t blocks = ceil_div(rows, rows_per_block);

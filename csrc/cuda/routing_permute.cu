@@ -460,20 +460,7 @@ row_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_rows, int64_t to
   const int lane = static_cast<int>(threadIdx.x % threads_per_row_);
   const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + (row / topk) * vectors_per_row;
   V* __restrict__ destination = reinterpret_cast<V*>(permuted) + position * vectors_per_row;
-  const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
-  for (int64_t first = lane; first < vectors_per_row; first += stride) {
-    V values[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
-      if (v < vectors_per_row) values[u] = source[v];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
-      if (v < vectors_per_row) destination[v] = values[u];
-    }
-  }
+  copy_row(source, destination, lane, threads_per_row_, vectors_per_row);
 }
 
 // Decode sizes (<= kFusedDecodeRows routed rows): index and copy in ONE launch.
@@ -542,20 +529,7 @@ decode_permute_kernel(const uint8_t* __restrict__ hidden, int64_t vectors_per_ro
   for (int64_t p = begin + threadIdx.x / threads_per_row_; p < end; p += rows_per_step) {
     const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + source_token[p] * vectors_per_row;
     V* __restrict__ destination = reinterpret_cast<V*>(permuted) + p * vectors_per_row;
-    const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
-    for (int64_t v0 = lane; v0 < vectors_per_row; v0 += stride) {
-      V values[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + static_cast<int64_t>(u) * threads_per_row_;
-        if (v < vectors_per_row) values[u] = source[v];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + static_cast<int64_t>(u) * threads_per_row_;
-        if (v < vectors_per_row) destination[v] = values[u];
-      }
-    }
+    copy_row(source, destination, lane, threads_per_row_, vectors_per_row);
   }
 }
 

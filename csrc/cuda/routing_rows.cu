@@ -34,20 +34,7 @@ gather_rows_kernel(const uint8_t* __restrict__ x, int64_t num_rows, int64_t vect
     return;
   }
   const V* __restrict__ row = reinterpret_cast<const V*>(x) + source * vectors_per_row;
-  const int64_t stride = static_cast<int64_t>(threads_per_row_) * kUnroll;
-  for (int64_t first = lane; first < vectors_per_row; first += stride) {
-    V values[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
-      if (v < vectors_per_row) values[u] = row[v];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = first + static_cast<int64_t>(u) * threads_per_row_;
-      if (v < vectors_per_row) destination[v] = values[u];
-    }
-  }
+  copy_row(row, destination, lane, threads_per_row_, vectors_per_row);
 }
 
 template <typename IndexT>
