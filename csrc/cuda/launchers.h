@@ -62,6 +62,41 @@ cudaError_t launch_permute_copy_rows(const void* source, int64_t row_bytes, int6
                                      int64_t topk, const int32_t* expanded_row_idx,
                                      void* destination, cudaStream_t stream);
 
+// The one-launch permute (csrc/cuda/routing_permute_onepass.cu): the index
+// build, the row copy and, for the padded layout, the scale rows and the pad
+// zeroing in ONE cooperative kernel (count -> grid barrier -> scan -> place and
+// copy). It serves both ops where the shape fits (routing_geometry.h
+// onepass_plan); launch_permute_onepass sets *launched to false, launching
+// nothing, where it does not (the multi-launch path runs then).
+struct OnepassPermute {
+  const void* hidden = nullptr;  // [num_tokens, row_bytes] bytes
+  int64_t row_bytes = 0;         // 0: the index alone
+  void* permuted = nullptr;
+  const void* scales = nullptr;  // fp32 [num_tokens, scale_row_bytes / 4] or null
+  int64_t scale_row_bytes = 0;
+  void* permuted_scales = nullptr;
+  const void* topk_ids = nullptr;
+  bool ids_are_int64 = false;
+  int64_t num_tokens = 0;
+  int64_t topk = 0;
+  int64_t num_experts = 0;
+  const void* expert_map = nullptr;  // may be null
+  bool map_is_int64 = false;
+  int64_t active_start = 0;
+  int64_t active_end = 0;
+  int64_t alignment = 1;  // 1: the plain layout
+  bool counts_cumsum = false;
+  int32_t* expanded_row_idx = nullptr;
+  int64_t* expert_tokens = nullptr;           // padded counts for alignment > 1
+  int64_t* expert_tokens_unpadded = nullptr;  // null for the plain op
+  void* workspace = nullptr;                  // permute_onepass_workspace_bytes
+};
+
+// Workspace of the one-launch permute (bytes, 16-aligned; 0 where it never applies).
+size_t permute_onepass_workspace_bytes(int64_t num_rows, int64_t active_experts);
+
+cudaError_t launch_permute_onepass(const OnepassPermute& request, cudaStream_t stream, bool* launched);
+
 // Workspace moe_permute_padded needs (bytes, 16-aligned).
 size_t permute_padded_workspace_bytes(int64_t num_rows, int64_t active_experts);
 

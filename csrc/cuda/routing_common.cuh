@@ -70,6 +70,32 @@ __device__ __forceinline__ void copy_row(const V* __restrict__ source, V* __rest
   }
 }
 
+// One source row to `count` destination rows (row indices in `destinations`,
+// shared memory) by a whole block of kBlockThreads threads: each thread keeps kUnroll loads in flight,
+// then stores them to every destination, so the row is read once. The scatter
+// step of moe_permute's token-per-block copies.
+template <typename V>
+__device__ __forceinline__ void copy_row_to_rows(const V* __restrict__ source, V* __restrict__ rows,
+                                                 const int32_t* destinations, int count,
+                                                 int64_t vectors_per_row) {
+  for (int64_t first = threadIdx.x; first < vectors_per_row; first += static_cast<int64_t>(kBlockThreads) * kUnroll) {
+    V values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
+      if (v < vectors_per_row) values[u] = source[v];
+    }
+    for (int j = 0; j < count; ++j) {
+      V* __restrict__ row = rows + static_cast<int64_t>(destinations[j]) * vectors_per_row;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
+        if (v < vectors_per_row) row[v] = values[u];
+      }
+    }
+  }
+}
+
 inline unsigned grid_for_rows(int64_t rows, int threads_per_row_) {
   const int64_t rows_per_block = kBlockThreads / threads_per_row_;
   const int64_t blocks = ceil_div(rows, rows_per_block);

@@ -3,6 +3,7 @@
 // (tests/cpp/test_routing_geometry.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace moe_ext::cuda::routing {
@@ -27,5 +28,46 @@ inline bool tile_applies(bool vectors, int64_t packs_per_row, int64_t topk, int6
 // 32-bit words of the named-row bitmask of moe_unpermute's backward (one bit a
 // row); it lives in the op's int32 [num_rows] scratch, which always has room.
 inline int64_t named_words(int64_t num_rows) { return num_rows <= 0 ? 0 : (num_rows + 31) / 32; }
+
+// ------------------------------------------------------- one-launch permute
+// csrc/cuda/routing_permute_onepass.cu: count -> grid barrier -> scan -> place
+// and copy, in one cooperative launch. The routed rows are cut into `slices`
+// of `rows_per_slice` rows; block s counts slice s (8 warps, each a run of
+// whole 32-row steps, at most kOnepassMaxSteps of them kept in registers) and
+// writes one column of the [range][slices] count table. After the barrier
+// EVERY block scans the whole table in shared memory (so no second barrier),
+// which is why the table is kept small: about kOnepassTargetTable entries,
+// more only when the rows need more slices, never above kOnepassMaxTable.
+constexpr int64_t kOnepassMaxRange = 1024;     // 8 warps x range int32 counters <= 32 KiB
+constexpr int64_t kOnepassSliceUnit = 256;     // rows one block counts per 32-row step (8 warps)
+constexpr int64_t kOnepassMaxSteps = 8;        // 32-row steps a warp keeps in registers
+constexpr int64_t kOnepassTargetTable = 2048;  // 8 KiB of table per block and grid barrier
+constexpr int64_t kOnepassMaxTable = 8192;     // 32 KiB: T=8192 K=8 E=256 without EP needs 8192
+
+struct OnepassPlan {
+  bool applies = false;
+  int64_t slices = 0;
+  int64_t rows_per_slice = 0;  // a multiple of kOnepassSliceUnit, <= kOnepassSliceUnit * kOnepassMaxSteps
+};
+
+// Whether `rows` routed rows over `range` local experts fit the one-launch
+// permute, and its slicing. Outside it (more experts, or so many rows that the
+// table would not fit) the permute keeps its multi-launch index.
+// K <= 32: one warp reads a token's K positions in one step.
+inline OnepassPlan onepass_plan(int64_t rows, int64_t range, int64_t topk) {
+  OnepassPlan plan;
+  if (rows <= 0 || range < 1 || range > kOnepassMaxRange || topk < 1 || topk > 32) return plan;
+  const int64_t max_slice_rows = kOnepassSliceUnit * kOnepassMaxSteps;
+  const int64_t fewest = (rows + max_slice_rows - 1) / max_slice_rows;
+  const int64_t most = (rows + kOnepassSliceUnit - 1) / kOnepassSliceUnit;
+  const int64_t target = std::max<int64_t>(1, kOnepassTargetTable / range);
+  int64_t slices = std::max(fewest, std::min(most, target));
+  if (slices * range > kOnepassMaxTable) return plan;
+  const int64_t per_slice = (rows + slices - 1) / slices;
+  plan.rows_per_slice = (per_slice + kOnepassSliceUnit - 1) / kOnepassSliceUnit * kOnepassSliceUnit;
+  plan.slices = (rows + plan.rows_per_slice - 1) / plan.rows_per_slice;
+  plan.applies = true;
+  return plan;
+}
 
 }  // namespace moe_ext::cuda::routing

@@ -25,6 +25,7 @@
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
 #include "cuda/routing_common.cuh"
+#include "cuda/routing_permute_keys.cuh"
 
 namespace moe_ext::cuda {
 namespace {
@@ -76,28 +77,6 @@ IndexGrid index_grid(int64_t rows, int64_t active_experts) {
   grid.rows_per_block = ceil_div(ceil_div(rows, grid.blocks), 32) * 32;
   grid.blocks = ceil_div(rows, grid.rows_per_block);
   return grid;
-}
-
-// The local key of flattened row f, or -1 when the row is dropped.
-// An id of -1 is "no expert" (padding): dropped, like a map's -1. Any other id
-// outside [0, num_experts), and a map value outside [-1, num_experts), fire a
-// device-side assert and drop the row (never used as an index). The key is
-// compared with [start, start + range) before the subtraction, so no map value
-// can overflow the offset (the same rule as core::build_routing_layout).
-template <typename IdT, typename MapT>
-__device__ __forceinline__ int32_t local_key(const IdT* __restrict__ ids, const MapT* __restrict__ map,
-                                             int64_t f, int64_t num_experts, int64_t start,
-                                             int32_t range) {
-  const int64_t id = static_cast<int64_t>(ids[f]);
-  if (id == -1) return -1;
-  const bool in_range = id >= 0 && id < num_experts;
-  MOE_DEVICE_CHECK(in_range, "moe_permute: topk_ids out of range [0, num_experts) (and not -1)");
-  if (!in_range) return -1;
-  const int64_t key = map != nullptr ? static_cast<int64_t>(map[id]) : id;
-  const bool key_valid = key >= -1 && key < num_experts;
-  MOE_DEVICE_CHECK(key_valid, "moe_permute: expert_map value out of range [0, num_experts) (and not -1)");
-  if (!key_valid) return -1;
-  return (key >= start && key < start + range) ? static_cast<int32_t>(key - start) : -1;
 }
 
 // One warp walks rows [begin, end) in order, 32 per step. Counting: adds each
@@ -421,26 +400,9 @@ scatter_copy_tile_kernel(const uint8_t* __restrict__ hidden, int64_t num_tokens,
   }
   __syncthreads();
   for (int t = 0; t < tokens; ++t) {
-    const int n = tile_count[t];
-    if (n == 0) continue;
-    const V* __restrict__ source = reinterpret_cast<const V*>(hidden) + (first_token + t) * vectors_per_row;
-    for (int64_t first = threadIdx.x; first < vectors_per_row;
-         first += static_cast<int64_t>(kBlockThreads) * kUnroll) {
-      V values[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
-        if (v < vectors_per_row) values[u] = source[v];
-      }
-      for (int j = 0; j < n; ++j) {
-        V* __restrict__ row = reinterpret_cast<V*>(permuted) + static_cast<int64_t>(tile_destination[t][j]) * vectors_per_row;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t v = first + static_cast<int64_t>(u) * kBlockThreads;
-          if (v < vectors_per_row) row[v] = values[u];
-        }
-      }
-    }
+    if (tile_count[t] == 0) continue;
+    copy_row_to_rows(reinterpret_cast<const V*>(hidden) + (first_token + t) * vectors_per_row,
+                     reinterpret_cast<V*>(permuted), tile_destination[t], tile_count[t], vectors_per_row);
   }
 }
 
@@ -701,11 +663,13 @@ cudaError_t launch_histogram(const IdT* ids, int64_t count, int64_t num_experts,
 int64_t permute_max_active_experts() { return kMaxActiveExperts; }
 
 size_t permute_workspace_bytes(int64_t num_rows, int64_t active_experts) {
-  if (num_rows <= kSingleBlockRows) return 16;
-  // The [experts][blocks] count table, then each expert's first position.
+  // The one-launch path's table and keys, or the multi-launch path's
+  // [experts][blocks] count table and each expert's first position.
+  size_t bytes = std::max<size_t>(16, permute_onepass_workspace_bytes(num_rows, active_experts));
+  if (num_rows <= kSingleBlockRows) return bytes;
   const int64_t entries =
       (index_grid(num_rows, active_experts).blocks + 1) * std::max<int64_t>(active_experts, 1);
-  return static_cast<size_t>(ceil_div(entries * 4, 16) * 16);
+  return std::max(bytes, static_cast<size_t>(ceil_div(entries * 4, 16) * 16));
 }
 
 cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void* topk_ids,
@@ -733,6 +697,28 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
                                                  map_is_int64, rows, topk, num_experts, active_start, range32,
                                                  counts_cumsum, expert_tokens, expanded_row_idx, permuted, stream);
     }
+  }
+  {
+    OnepassPermute request;
+    request.hidden = hidden;
+    request.row_bytes = row_bytes;
+    request.permuted = permuted;
+    request.topk_ids = topk_ids;
+    request.ids_are_int64 = ids_are_int64;
+    request.num_tokens = num_tokens;
+    request.topk = topk;
+    request.num_experts = num_experts;
+    request.expert_map = expert_map;
+    request.map_is_int64 = map_is_int64;
+    request.active_start = active_start;
+    request.active_end = active_end;
+    request.counts_cumsum = counts_cumsum;
+    request.expanded_row_idx = expanded_row_idx;
+    request.expert_tokens = expert_tokens;
+    request.workspace = workspace;
+    bool launched = false;
+    const cudaError_t status = launch_permute_onepass(request, stream, &launched);
+    if (launched || status != cudaSuccess) return status;
   }
   cudaError_t status =
       ids_are_int64

@@ -200,6 +200,33 @@ cudaError_t launch_moe_permute_padded(const void* hidden, int64_t row_bytes, con
   auto* padded_starts =
       reinterpret_cast<int64_t*>(base + table_bytes + align16(static_cast<size_t>(range + 1) * sizeof(int64_t)));
 
+  {
+    OnepassPermute request;
+    request.hidden = hidden;
+    request.row_bytes = row_bytes;
+    request.permuted = permuted;
+    request.scales = scales;
+    request.scale_row_bytes = scale_row_bytes;
+    request.permuted_scales = permuted_scales;
+    request.topk_ids = topk_ids;
+    request.ids_are_int64 = ids_are_int64;
+    request.num_tokens = num_tokens;
+    request.topk = topk;
+    request.num_experts = num_experts;
+    request.expert_map = expert_map;
+    request.map_is_int64 = map_is_int64;
+    request.active_start = active_start;
+    request.active_end = active_end;
+    request.alignment = alignment;
+    request.counts_cumsum = counts_cumsum;
+    request.expanded_row_idx = expanded_row_idx;
+    request.expert_tokens = expert_tokens;
+    request.expert_tokens_unpadded = expert_tokens_unpadded;
+    request.workspace = workspace;
+    bool launched = false;
+    const cudaError_t status = launch_permute_onepass(request, stream, &launched);
+    if (launched || status != cudaSuccess) return status;
+  }
   cudaError_t status = launch_permute_index(topk_ids, ids_are_int64, num_tokens, topk, num_experts,
                                             expert_map, map_is_int64, active_start, active_end,
                                             /*counts_cumsum=*/false, expanded_row_idx,

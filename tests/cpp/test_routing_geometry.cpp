@@ -50,3 +50,63 @@ TEST(RoutingGeometry, NamedRowBitmaskFitsTheInt32Scratch) {
 }
 
 }  // namespace
+
+namespace {
+
+using moe_ext::cuda::routing::kOnepassMaxSteps;
+using moe_ext::cuda::routing::kOnepassMaxTable;
+using moe_ext::cuda::routing::kOnepassSliceUnit;
+using moe_ext::cuda::routing::onepass_plan;
+
+TEST(RoutingGeometry, OnepassPlanCoversTheBenchmarkCases) {
+  // T=8192 K=8: EP 1 (256 experts) needs 32 slices of 2048 rows: the largest table.
+  auto plan = onepass_plan(65536, 256, 8);
+  ASSERT_TRUE(plan.applies);
+  EXPECT_EQ(plan.slices, 32);
+  EXPECT_EQ(plan.rows_per_slice, 2048);
+  EXPECT_EQ(plan.slices * 256, kOnepassMaxTable);
+  // EP 8 (32 experts): 64 slices, a 2048-entry table; EP 32 (8): 256 slices of 256 rows.
+  plan = onepass_plan(65536, 32, 8);
+  EXPECT_TRUE(plan.applies);
+  EXPECT_EQ(plan.slices * 32, 2048);
+  plan = onepass_plan(65536, 8, 8);
+  EXPECT_EQ(plan.slices, 256);
+  EXPECT_EQ(plan.rows_per_slice, 256);
+  // T=4096 K=2 E=64: 32 slices of 256 rows.
+  plan = onepass_plan(8192, 64, 2);
+  EXPECT_EQ(plan.slices, 32);
+  // Decode: one slice.
+  plan = onepass_plan(128, 256, 8);
+  EXPECT_TRUE(plan.applies);
+  EXPECT_EQ(plan.slices, 1);
+}
+
+TEST(RoutingGeometry, OnepassPlanSlicesCoverEveryRowWithinTheLimits) {
+  for (int64_t rows : {1, 31, 255, 256, 257, 2047, 2048, 2049, 9003, 65536, 160000, 1120000}) {
+    for (int64_t range : {1, 3, 8, 64, 256, 1000, 1024}) {
+      const auto plan = onepass_plan(rows, range, 8);
+      if (!plan.applies) {
+        // Only a table past the limit refuses a range up to 1024.
+        EXPECT_GT((rows + kOnepassSliceUnit * kOnepassMaxSteps - 1) / (kOnepassSliceUnit * kOnepassMaxSteps) * range,
+                  kOnepassMaxTable) << rows << " " << range;
+        continue;
+      }
+      EXPECT_EQ(plan.rows_per_slice % kOnepassSliceUnit, 0);
+      EXPECT_LE(plan.rows_per_slice, kOnepassSliceUnit * kOnepassMaxSteps);
+      EXPECT_GE(plan.slices * plan.rows_per_slice, rows);
+      EXPECT_LT((plan.slices - 1) * plan.rows_per_slice, rows);  // no empty slice
+      EXPECT_LE(plan.slices * range, kOnepassMaxTable);
+    }
+  }
+}
+
+TEST(RoutingGeometry, OnepassPlanRefusesWhatItCannotHold) {
+  EXPECT_FALSE(onepass_plan(0, 8, 8).applies);
+  EXPECT_FALSE(onepass_plan(4096, 0, 8).applies);
+  EXPECT_FALSE(onepass_plan(4096, 1025, 8).applies);  // counters: 8 warps x 1024 experts
+  EXPECT_FALSE(onepass_plan(4096, 8, 33).applies);    // one warp reads a token's K positions
+  EXPECT_TRUE(onepass_plan(4096, 8, 32).applies);
+  EXPECT_FALSE(onepass_plan(320000, 64, 8).applies);  // 157 slices x 64 experts > the table
+}
+
+}  // namespace
