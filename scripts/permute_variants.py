@@ -2,7 +2,7 @@
 bench/bench_routing.py timed under each MOE_EXT_PERMUTE_* variant in one process, on
 the same inputs, one line per (case, variant); the seed path is skipped.
 
-    python3 scripts/permute_variants.py "ONEPASS=0" "TILE=1" "TILE=2" "TILE=4"
+    python3 scripts/permute_variants.py "ONEPASS=0" "TILE=1" "TILE=2" "TILE=4" "FUSED_DECODE=0"
 """
 
 import os
@@ -12,12 +12,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import bench_routing as b  # noqa: E402
 
 VARIANTS = sys.argv[1:] or ["ONEPASS=0", "TILE=2"]
-KEYS = ("MOE_EXT_PERMUTE_ONEPASS", "MOE_EXT_PERMUTE_TILE")
+KEYS = ("MOE_EXT_PERMUTE_ONEPASS", "MOE_EXT_PERMUTE_TILE", "MOE_EXT_PERMUTE_FUSED_DECODE")
 original_measure = b.measure
 
 
 def measure_variants(name, moved, ours_fn, seed_fn, inputs, device):
     for variant in VARIANTS:
+        decode = "T=16 " in name or "T=256 " in name
+        if variant.startswith("FUSED_DECODE") and (not decode or "aligned" in name or "fp8" in name):
+            continue  # only decode sizes take the fused decode kernel
+        if variant.startswith("TILE") and variant != "TILE=2" and ("index only" in name or decode):
+            continue  # no copy to tile / decode rows: the default tile is enough
         for key in KEYS:
             os.environ.pop(key, None)
         key, value = variant.split("=")

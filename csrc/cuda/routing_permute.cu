@@ -21,6 +21,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
@@ -688,7 +689,11 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   auto* table = static_cast<int32_t*>(workspace);
   const auto range32 = static_cast<int32_t>(range);
   {
-    if (row_bytes > 0 && rows <= kFusedDecodeRows && fused_decode_warps(range) >= 1) {
+    // Experiment switch (removed before the final merge): MOE_EXT_PERMUTE_FUSED_DECODE=0 sends decode sizes
+    // to the one-launch permute.
+    const char* fused_decode = std::getenv("MOE_EXT_PERMUTE_FUSED_DECODE");
+    const bool use_fused_decode = fused_decode == nullptr || fused_decode[0] != '0';
+    if (use_fused_decode && row_bytes > 0 && rows <= kFusedDecodeRows && fused_decode_warps(range) >= 1) {
       return ids_are_int64
                  ? launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int64_t*>(topk_ids), expert_map,
                                                  map_is_int64, rows, topk, num_experts, active_start, range32,
