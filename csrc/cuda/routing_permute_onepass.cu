@@ -138,12 +138,12 @@ struct Layout {
   int32_t* first;       // [range][slices]: first position of slice s's rows of expert e (unpadded)
   int32_t* shift;       // [range]: padded block start - unpadded start of expert e (0 unpadded)
   int32_t* pad_prefix;  // [range + 1]: pad rows of the experts before e
-  long long valid;      // routed rows with a local expert
-  int64_t slices;
+  int32_t valid;        // routed rows with a local expert (< 2^31)
+  int32_t slices;       // <= kOnepassMaxTable: 32-bit indices keep registers free for the copy
 
-  __device__ int32_t expert_start(int64_t e) const { return first[e * slices]; }
-  __device__ long long expert_count(int64_t e, int32_t range) const {
-    const long long next = e + 1 < range ? first[(e + 1) * slices] : valid;
+  __device__ int32_t expert_start(int32_t e) const { return first[e * slices]; }
+  __device__ int32_t expert_count(int32_t e, int32_t range) const {
+    const int32_t next = e + 1 < range ? first[(e + 1) * slices] : valid;
     return next - first[e * slices];
   }
 };
@@ -151,7 +151,7 @@ struct Layout {
 // Phase 2 (every block).
 __device__ Layout scan_table(const Params& p, int32_t* shared, typename BlockScan::TempStorage& temp) {
   Layout layout;
-  layout.slices = p.slices;
+  layout.slices = static_cast<int32_t>(p.slices);
   const int64_t entries = static_cast<int64_t>(p.range) * p.slices;
   const int64_t region = std::max<int64_t>(static_cast<int64_t>(kWarps) * p.range, entries);
   layout.first = shared;
@@ -166,8 +166,9 @@ __device__ Layout scan_table(const Params& p, int32_t* shared, typename BlockSca
     const int64_t hi = std::min<int64_t>(entries, lo + per_thread);
     long long sum = 0;
     for (int64_t i = lo; i < hi; ++i) sum += layout.first[i];
-    long long prefix = 0;
-    BlockScan(temp).ExclusiveSum(sum, prefix, layout.valid);
+    long long prefix = 0, valid = 0;
+    BlockScan(temp).ExclusiveSum(sum, prefix, valid);
+    layout.valid = static_cast<int32_t>(valid);
     for (int64_t i = lo; i < hi; ++i) {
       const int32_t count = layout.first[i];
       layout.first[i] = static_cast<int32_t>(prefix);  // rows < 2^31: int32 is exact
@@ -176,11 +177,11 @@ __device__ Layout scan_table(const Params& p, int32_t* shared, typename BlockSca
   }
   __syncthreads();
   // Expert level: padded blocks (alignment 1: the blocks themselves), pad rows, count outputs.
-  const int64_t per_thread = ceil_div(p.range, kBlockThreads);
-  const int64_t lo = std::min<int64_t>(p.range, threadIdx.x * per_thread);
-  const int64_t hi = std::min<int64_t>(p.range, lo + per_thread);
+  const int32_t per_thread = static_cast<int32_t>(ceil_div(p.range, kBlockThreads));
+  const int32_t lo = std::min<int32_t>(p.range, threadIdx.x * per_thread);
+  const int32_t hi = std::min<int32_t>(p.range, lo + per_thread);
   long long padded_sum = 0, pad_sum = 0;
-  for (int64_t e = lo; e < hi; ++e) {
+  for (int32_t e = lo; e < hi; ++e) {
     const long long count = layout.expert_count(e, p.range);
     const long long block = (count + p.alignment - 1) / p.alignment * p.alignment;
     padded_sum += block;
@@ -191,7 +192,7 @@ __device__ Layout scan_table(const Params& p, int32_t* shared, typename BlockSca
   __syncthreads();  // temp storage reused
   BlockScan(temp).ExclusiveSum(pad_sum, pad_prefix, pad_total);
   const bool writer = blockIdx.x == 0;
-  for (int64_t e = lo; e < hi; ++e) {
+  for (int32_t e = lo; e < hi; ++e) {
     const long long count = layout.expert_count(e, p.range);
     const long long block = (count + p.alignment - 1) / p.alignment * p.alignment;
     const long long start = layout.expert_start(e);
@@ -228,25 +229,29 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
   // Phase 3. This lane's routed row of the current tile: warps < tile_tokens, lanes < K.
   const int warp = static_cast<int>(threadIdx.x / 32);
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const int64_t tiles = ceil_div(p.num_tokens, p.tile_tokens);
+  // Token and row indices fit 32 bits (T*K < 2^31); byte offsets are 64-bit.
+  const int32_t num_tokens = static_cast<int32_t>(p.num_tokens);
+  const int32_t topk = static_cast<int32_t>(p.topk);
+  const int32_t rows_per_slice = static_cast<int32_t>(p.rows_per_slice);
+  const int32_t tiles = static_cast<int32_t>(ceil_div(p.num_tokens, p.tile_tokens));
   int32_t key = -1, rank = -1;
-  auto fetch = [&](int64_t tile) {
+  auto fetch = [&](int32_t tile) {
     key = -1;
-    const int64_t token = tile * p.tile_tokens + warp;
-    if (tile < tiles && warp < p.tile_tokens && lane < p.topk && token < p.num_tokens) {
-      const int64_t f = token * p.topk + lane;
+    const int32_t token = tile * p.tile_tokens + warp;
+    if (tile < tiles && warp < p.tile_tokens && lane < topk && token < num_tokens) {
+      const int32_t f = token * topk + lane;
       key = __ldcg(p.keys + f);
       rank = __ldcg(p.expanded_row_idx + f);
     }
   };
   fetch(blockIdx.x);
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t first_token = tile * p.tile_tokens;
+  for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int32_t first_token = tile * p.tile_tokens;
     if (warp < p.tile_tokens) {
       int32_t position = -1;
       if (key >= 0) {
-        const int64_t f = (first_token + warp) * p.topk + lane;
-        position = layout.first[key * p.slices + f / p.rows_per_slice] + rank + layout.shift[key];
+        const int32_t f = (first_token + warp) * topk + lane;
+        position = layout.first[key * layout.slices + f / rows_per_slice] + rank + layout.shift[key];
         p.expanded_row_idx[f] = position;
       }
       const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
@@ -255,7 +260,7 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
     }
     __syncthreads();
     fetch(tile + gridDim.x);  // lands while this tile is copied
-    const int tokens = static_cast<int>(std::min<int64_t>(p.tile_tokens, p.num_tokens - first_token));
+    const int tokens = std::min(p.tile_tokens, num_tokens - first_token);
     for (int t = 0; t < tokens; ++t) {
       const int count = destination_count[t];
       if (count == 0) continue;
@@ -272,12 +277,12 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
   }
 
   // Phase 4: pad row i of all experts' pads; a whole block a row.
-  const int64_t pad_rows = layout.pad_prefix[p.range];
+  const int32_t pad_rows = layout.pad_prefix[p.range];
   const V zero{};
-  for (int64_t i = blockIdx.x; i < pad_rows; i += gridDim.x) {
-    int64_t low = 0, high = p.range;  // last e with pad_prefix[e] <= i (empty pads never are the last)
+  for (int32_t i = blockIdx.x; i < pad_rows; i += gridDim.x) {
+    int32_t low = 0, high = p.range;  // last e with pad_prefix[e] <= i (empty pads never are the last)
     while (high - low > 1) {
-      const int64_t middle = (low + high) / 2;
+      const int32_t middle = (low + high) / 2;
       if (layout.pad_prefix[middle] <= i) low = middle; else high = middle;
     }
     const int64_t row = layout.expert_start(low) + layout.shift[low] + layout.expert_count(low, p.range) +
@@ -297,17 +302,19 @@ size_t shared_bytes(const OnepassPlan& plan, int64_t range) {
 }
 
 // Experiment switches (removed before the final merge): MOE_EXT_PERMUTE_ONEPASS=0
-// keeps the multi-launch path; MOE_EXT_PERMUTE_TILE=1..8 tokens a tile.
+// keeps the multi-launch path.
 bool onepass_enabled() {
   const char* value = std::getenv("MOE_EXT_PERMUTE_ONEPASS");
   return value == nullptr || value[0] != '0';
 }
 
-int tile_tokens() {
+// Tokens a tile: kDefaultTileTokens, or 1 when that would leave resident
+// blocks without a tile (decode sizes); MOE_EXT_PERMUTE_TILE overrides.
+int tile_tokens(int64_t num_tokens, int64_t resident_blocks) {
   const char* value = std::getenv("MOE_EXT_PERMUTE_TILE");
-  if (value == nullptr) return kDefaultTileTokens;
-  const int tile = std::atoi(value);
-  return tile >= 1 && tile <= kMaxTileTokens ? tile : kDefaultTileTokens;
+  const int tile = value != nullptr ? std::atoi(value) : 0;
+  if (tile >= 1 && tile <= kMaxTileTokens) return tile;
+  return num_tokens >= kDefaultTileTokens * resident_blocks ? kDefaultTileTokens : 1;
 }
 
 template <typename IdT, typename MapT>
@@ -325,6 +332,7 @@ cudaError_t launch_typed(Params params, const IdT* ids, const MapT* map, int uni
     if (status != cudaSuccess) return status;
     if (cooperative == 0 || per_sm < 1) return cudaSuccess;  // not launched: the multi-launch path runs
     // Every block must be resident (the grid barrier): at most per_sm blocks an SM; no more than has work.
+    params.tile_tokens = tile_tokens(params.num_tokens, static_cast<int64_t>(per_sm) * sms);
     const int64_t tiles = ceil_div(params.num_tokens, params.tile_tokens);
     const int64_t pad_rows = alignment > 1 ? static_cast<int64_t>(params.range) * (alignment - 1) : 0;
     const int64_t useful = std::max({params.slices, tiles, pad_rows, int64_t{1}});
@@ -339,8 +347,14 @@ cudaError_t launch_typed(Params params, const IdT* ids, const MapT* map, int uni
     attribute.val.cooperative = 1;
     config.attrs = &attribute;
     config.numAttrs = 1;
+    status = cudaLaunchKernelEx(&config, kernel, params, ids, map);
+    if (status == cudaErrorCooperativeLaunchTooLarge) {
+      // Fewer SMs than the device reports (MPS, green contexts): the multi-launch path runs instead.
+      (void)cudaGetLastError();
+      return cudaSuccess;
+    }
     *launched = true;
-    return cudaLaunchKernelEx(&config, kernel, params, ids, map);
+    return status;
   });
 }
 
@@ -393,7 +407,6 @@ cudaError_t launch_permute_onepass(const OnepassPermute& request, cudaStream_t s
   params.table = reinterpret_cast<int32_t*>(base);
   params.keys = reinterpret_cast<int32_t*>(
       base + align16(static_cast<size_t>(plan.slices * range) * sizeof(int32_t)));
-  params.tile_tokens = tile_tokens();
   const size_t shared = shared_bytes(plan, range);
   if (request.ids_are_int64) {
     return launch_for_ids(params, static_cast<const int64_t*>(request.topk_ids), request.expert_map,
