@@ -279,7 +279,7 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
   // Phase 4: pad row i of all experts' pads; a whole block a row.
   const int32_t pad_rows = layout.pad_prefix[p.range];
   const V zero{};
-  for (int32_t i = blockIdx.x; i < pad_rows; i += gridDim.x) {
+  for (int64_t i = blockIdx.x; i < pad_rows; i += gridDim.x) {  // 64-bit: i + gridDim.x may pass 2^31
     int32_t low = 0, high = p.range;  // last e with pad_prefix[e] <= i (empty pads never are the last)
     while (high - low > 1) {
       const int32_t middle = (low + high) / 2;
