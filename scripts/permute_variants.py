@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import bench_routing as b  # noqa: E402
 
 VARIANTS = sys.argv[1:] or ["ONEPASS=0", "TILE=2"]
-KEYS = ("MOE_EXT_PERMUTE_ONEPASS", "MOE_EXT_PERMUTE_TILE", "MOE_EXT_PERMUTE_FUSED_DECODE")
+KEYS = ("MOE_EXT_PERMUTE_ONEPASS", "MOE_EXT_PERMUTE_TILE", "MOE_EXT_PERMUTE_FUSED_DECODE", "MOE_EXT_PERMUTE_PDL")
 original_measure = b.measure
 
 
@@ -27,7 +27,11 @@ def measure_variants(name, moved, ours_fn, seed_fn, inputs, device):
             os.environ.pop(key, None)
         key, value = variant.split("=")
         os.environ[f"MOE_EXT_PERMUTE_{key}"] = value
-        row = original_measure(name, moved, ours_fn, None, inputs, device)
+        try:
+            row = original_measure(name, moved, ours_fn, None, inputs, device)
+        except Exception as error:  # noqa: BLE001 - report and go on with the other variants
+            print(f"| {name:<46} | {variant:<10} | FAILED: {type(error).__name__}: {str(error)[:200]} |", flush=True)
+            continue
         print(f"| {name:<46} | {variant:<10} | {moved / 1e6:8.2f} | {row.memcpy:8.1f} | {row.kernel:8.1f} | "
               f"{row.ours:8.1f}{'' if row.ours_graph or device == 'cpu' else '*'} | {row.ours / row.floor:6.2f} |",
               flush=True)

@@ -222,6 +222,10 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
   __shared__ int32_t destination[kMaxTileTokens][32];
   __shared__ int destination_count[kMaxTileTokens];
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched with programmatic stream serialization (experiment): wait for the previous kernel's results.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   for (int64_t s = blockIdx.x; s < p.slices; s += gridDim.x) count_slice(p, ids, map, s, shared);
   cooperative_groups::this_grid().sync();  // also a memory barrier for the table, keys and ranks
   const Layout layout = scan_table(p, shared, temp);
@@ -342,11 +346,14 @@ cudaError_t launch_typed(Params params, const IdT* ids, const MapT* map, int uni
     config.blockDim = dim3(kBlockThreads);
     config.dynamicSmemBytes = shared;
     config.stream = stream;
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeCooperative;
-    attribute.val.cooperative = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attributes[2] = {};
+    attributes[0].id = cudaLaunchAttributeCooperative;
+    attributes[0].val.cooperative = 1;
+    attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[1].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attributes;
+    const char* pdl = std::getenv("MOE_EXT_PERMUTE_PDL");  // experiment switch
+    config.numAttrs = pdl != nullptr && pdl[0] == '1' ? 2 : 1;
     status = cudaLaunchKernelEx(&config, kernel, params, ids, map);
     if (status == cudaErrorCooperativeLaunchTooLarge) {
       // Fewer SMs than the device reports (MPS, green contexts): the multi-launch path runs instead.
