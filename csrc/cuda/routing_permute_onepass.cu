@@ -133,18 +133,28 @@ __device__ void count_slice(const Params& p, const IdT* __restrict__ ids, const 
   __syncthreads();  // the counters are zeroed again for the next slice
 }
 
+// The table in shared memory skips one word every 32: each thread of the scan
+// walks a contiguous run of entries, and without the skip a run of 32 (or 8)
+// entries a thread puts every lane of a warp on one bank (32- or 8-way
+// conflicts on every access; the expert starts, one every `slices` entries,
+// likewise).
+template <typename I>
+__host__ __device__ inline I table_slot(I i) { return i + (i >> 5); }
+inline int64_t table_slots(int64_t entries) { return table_slot(entries) + 1; }
+
 // What phase 2 leaves in shared memory for phases 3 and 4.
 struct Layout {
-  int32_t* first;       // [range][slices]: first position of slice s's rows of expert e (unpadded)
+  int32_t* first;       // [range][slices] (at table_slot): first position of slice s's rows of expert e (unpadded)
   int32_t* shift;       // [range]: padded block start - unpadded start of expert e (0 unpadded)
   int32_t* pad_prefix;  // [range + 1]: pad rows of the experts before e
   int32_t valid;        // routed rows with a local expert (< 2^31)
   int32_t slices;       // <= kOnepassMaxTable: 32-bit indices keep registers free for the copy
 
-  __device__ int32_t expert_start(int32_t e) const { return first[e * slices]; }
+  __device__ int32_t at(int32_t e, int32_t s) const { return first[table_slot(e * slices + s)]; }
+  __device__ int32_t expert_start(int32_t e) const { return at(e, 0); }
   __device__ int32_t expert_count(int32_t e, int32_t range) const {
-    const int32_t next = e + 1 < range ? first[(e + 1) * slices] : valid;
-    return next - first[e * slices];
+    const int32_t next = e + 1 < range ? at(e + 1, 0) : valid;
+    return next - at(e, 0);
   }
 };
 
@@ -153,25 +163,25 @@ __device__ Layout scan_table(const Params& p, int32_t* shared, typename BlockSca
   Layout layout;
   layout.slices = static_cast<int32_t>(p.slices);
   const int64_t entries = static_cast<int64_t>(p.range) * p.slices;
-  const int64_t region = std::max<int64_t>(static_cast<int64_t>(kWarps) * p.range, entries);
+  const int64_t region = std::max<int64_t>(static_cast<int64_t>(kWarps) * p.range, table_slot(entries) + 1);
   layout.first = shared;
   layout.shift = shared + region;
   layout.pad_prefix = layout.shift + p.range;
   // Written by other blocks before the barrier: __ldcg reads L2, never a stale L1 line.
-  for (int64_t i = threadIdx.x; i < entries; i += kBlockThreads) layout.first[i] = __ldcg(p.table + i);
+  for (int64_t i = threadIdx.x; i < entries; i += kBlockThreads) layout.first[table_slot(i)] = __ldcg(p.table + i);
   __syncthreads();
   {
     const int64_t per_thread = ceil_div(entries, kBlockThreads);
     const int64_t lo = std::min<int64_t>(entries, threadIdx.x * per_thread);
     const int64_t hi = std::min<int64_t>(entries, lo + per_thread);
     long long sum = 0;
-    for (int64_t i = lo; i < hi; ++i) sum += layout.first[i];
+    for (int64_t i = lo; i < hi; ++i) sum += layout.first[table_slot(i)];
     long long prefix = 0, valid = 0;
     BlockScan(temp).ExclusiveSum(sum, prefix, valid);
     layout.valid = static_cast<int32_t>(valid);
     for (int64_t i = lo; i < hi; ++i) {
-      const int32_t count = layout.first[i];
-      layout.first[i] = static_cast<int32_t>(prefix);  // rows < 2^31: int32 is exact
+      const int32_t count = layout.first[table_slot(i)];
+      layout.first[table_slot(i)] = static_cast<int32_t>(prefix);  // rows < 2^31: int32 is exact
       prefix += count;
     }
   }
@@ -255,7 +265,7 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
       int32_t position = -1;
       if (key >= 0) {
         const int32_t f = (first_token + warp) * topk + lane;
-        position = layout.first[key * layout.slices + f / rows_per_slice] + rank + layout.shift[key];
+        position = layout.at(key, f / rows_per_slice) + rank + layout.shift[key];
         p.expanded_row_idx[f] = position;
       }
       const unsigned present = __ballot_sync(0xffffffffu, position >= 0);
@@ -301,7 +311,7 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 size_t shared_bytes(const OnepassPlan& plan, int64_t range) {
-  const int64_t region = std::max<int64_t>(static_cast<int64_t>(kWarps) * range, plan.slices * range);
+  const int64_t region = std::max<int64_t>(static_cast<int64_t>(kWarps) * range, table_slots(plan.slices * range));
   return static_cast<size_t>(region + 2 * range + 1) * sizeof(int32_t);
 }
 
