@@ -143,3 +143,22 @@ def test_bad_id_stops_with_a_device_assert():
         "moe_ext.ops.moe_permute(torch.randn(4096, 8, device='cuda'), "
         "torch.arange(4096 * 8, device='cuda').reshape(4096, 8) % 64 - (torch.arange(4096 * 8, device='cuda')"
         ".reshape(4096, 8) == 777).long() * 70, num_experts=64)", "topk_ids out of range")
+
+
+def test_offsets_beyond_int32():
+    # T*K*H > 2^31 elements with every row local (32 experts: the one-launch plan takes 300k rows).
+    num_tokens, topk, hidden_size, num_experts = 37_500, 8, 7168, 32
+    generator = torch.Generator().manual_seed(11)
+    ids = routing(generator, num_tokens, topk, num_experts)
+    value = torch.arange(num_tokens) % 251
+    hidden = value[:, None].expand(-1, hidden_size).to(torch.bfloat16).cuda()
+    out = moe_permute(hidden, ids.cuda(), num_experts=num_experts)
+    assert out.permuted.numel() > 2 ** 31
+    want = moe_permute(hidden[:, :1].cpu(), ids, num_experts=num_experts)
+    assert torch.equal(out.expanded_row_idx.cpu(), want.expanded_row_idx)
+    assert torch.equal(out.expert_tokens.cpu(), want.expert_tokens)
+    token_of_row = torch.empty(num_tokens * topk, dtype=torch.int64)
+    token_of_row[want.expanded_row_idx.view(-1).long()] = torch.arange(num_tokens).repeat_interleave(topk)
+    expected = (token_of_row % 251).to(torch.bfloat16)
+    assert torch.equal(out.permuted[:, 0].cpu(), expected)
+    assert torch.equal(out.permuted[:, -1].cpu(), expected)
