@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import bench_routing as b  # noqa: E402
 
 VARIANTS = sys.argv[1:] or ["ONEPASS=0", "TILE=2"]
-KEYS = ("MOE_EXT_PERMUTE_ONEPASS", "MOE_EXT_PERMUTE_TILE", "MOE_EXT_PERMUTE_FUSED_DECODE", "MOE_EXT_PERMUTE_PDL")
+KEYS = ("MOE_EXT_PERMUTE_ONEPASS", "MOE_EXT_PERMUTE_TILE", "MOE_EXT_PERMUTE_FUSED_DECODE", "MOE_EXT_PERMUTE_PDL",
+        "MOE_EXT_PERMUTE_BARRIER")
 original_measure = b.measure
 
 

@@ -70,8 +70,22 @@ struct Params {
   int32_t* expanded_row_idx;
   int32_t* keys;   // [rows] workspace: each row's local key (-1: dropped)
   int32_t* table;  // [range][slices] workspace: per-slice counts
+  unsigned* barrier;  // experiment (MOE_EXT_PERMUTE_BARRIER=own): a zeroed arrival counter, plain launch
   int tile_tokens;
 };
+
+// The experiment's own grid barrier (one use a launch; the counter is zeroed by
+// a memset before the launch). Only with every block resident.
+__device__ void arrive_and_wait(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    while (atomicAdd(counter, 0u) < gridDim.x) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
 
 using BlockScan = cub::BlockScan<long long, kBlockThreads>;
 
@@ -237,7 +251,11 @@ onepass_permute_kernel(Params p, const IdT* __restrict__ ids, const MapT* __rest
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
   for (int64_t s = blockIdx.x; s < p.slices; s += gridDim.x) count_slice(p, ids, map, s, shared);
-  cooperative_groups::this_grid().sync();  // also a memory barrier for the table, keys and ranks
+  if (p.barrier != nullptr) {
+    arrive_and_wait(p.barrier);
+  } else {
+    cooperative_groups::this_grid().sync();  // also a memory barrier for the table, keys and ranks
+  }
   const Layout layout = scan_table(p, shared, temp);
 
   // Phase 3. This lane's routed row of the current tile: warps < tile_tokens, lanes < K.
@@ -364,6 +382,12 @@ cudaError_t launch_typed(Params params, const IdT* ids, const MapT* map, int uni
     config.attrs = attributes;
     const char* pdl = std::getenv("MOE_EXT_PERMUTE_PDL");  // experiment switch
     config.numAttrs = pdl != nullptr && pdl[0] == '1' ? 2 : 1;
+    if (params.barrier != nullptr) {  // experiment: plain launch, own barrier
+      status = cudaMemsetAsync(params.barrier, 0, sizeof(unsigned), stream);
+      if (status != cudaSuccess) return status;
+      config.attrs = attributes + 1;
+      config.numAttrs -= 1;
+    }
     status = cudaLaunchKernelEx(&config, kernel, params, ids, map);
     if (status == cudaErrorCooperativeLaunchTooLarge) {
       // Fewer SMs than the device reports (MPS, green contexts): the multi-launch path runs instead.
@@ -390,7 +414,7 @@ size_t permute_onepass_workspace_bytes(int64_t num_rows, int64_t active_experts)
   const OnepassPlan plan = onepass_plan(num_rows, active_experts, /*topk=*/1);
   if (!plan.applies) return 0;
   return align16(static_cast<size_t>(plan.slices * active_experts) * sizeof(int32_t)) +
-         align16(static_cast<size_t>(num_rows) * sizeof(int32_t));
+         align16(static_cast<size_t>(num_rows) * sizeof(int32_t)) + 16;
 }
 
 cudaError_t launch_permute_onepass(const OnepassPermute& request, cudaStream_t stream, bool* launched) {
@@ -424,6 +448,11 @@ cudaError_t launch_permute_onepass(const OnepassPermute& request, cudaStream_t s
   params.table = reinterpret_cast<int32_t*>(base);
   params.keys = reinterpret_cast<int32_t*>(
       base + align16(static_cast<size_t>(plan.slices * range) * sizeof(int32_t)));
+  const char* barrier = std::getenv("MOE_EXT_PERMUTE_BARRIER");
+  params.barrier = barrier != nullptr && barrier[0] == 'o'
+                       ? reinterpret_cast<unsigned*>(reinterpret_cast<uint8_t*>(params.keys) +
+                                                     align16(static_cast<size_t>(rows) * sizeof(int32_t)))
+                       : nullptr;
   const size_t shared = shared_bytes(plan, range);
   if (request.ids_are_int64) {
     return launch_for_ids(params, static_cast<const int64_t*>(request.topk_ids), request.expert_map,
