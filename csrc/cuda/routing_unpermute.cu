@@ -510,7 +510,7 @@ unpermute_backward_tile_kernel(const T* __restrict__ grad_out, const T* __restri
 // the same for every thread, so every warp visits every row), and warp 0 sums
 // the 8 slots in warp order: grad_probs are deterministic. A token with no row
 // here never reads its grad_out row; rows no entry names are not written.
-template <typename T, typename P, typename IndexT, int kVec, int kItems, int kMinBlocks>
+template <typename T, typename P, typename IndexT, int kVec, int kItems, int kMinBlocks, int kWords>
 __global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
 unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
                                int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
@@ -519,16 +519,17 @@ unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restri
                                uint32_t* __restrict__ named) {
   using A = typename Acc<T>::type;
   using PackT = Pack<T, kVec>;
-  __shared__ A partial[kBackwardWarps][kMaxTileTopk];
+  constexpr int kEntries = 32 * kWords;  // entries of a tile: kWords a lane of warp 0
+  __shared__ A partial[kBackwardWarps][kEntries];
   // The tile's present rows j (token-major, k order): pack offsets of the row and of its token's
   // grad_out row, and the weight.
-  __shared__ int64_t tile_offset[kMaxTileTopk];
-  __shared__ int64_t tile_gradient[kMaxTileTopk];
-  __shared__ A tile_weight[kMaxTileTopk];
+  __shared__ int64_t tile_offset[kEntries];
+  __shared__ int64_t tile_gradient[kEntries];
+  __shared__ A tile_weight[kEntries];
   __shared__ int tile_rows;
   const int warp = static_cast<int>(threadIdx.x / 32);
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const int tile_tokens = static_cast<int>(kMaxTileTopk / topk);
+  const int tile_tokens = static_cast<int>(kEntries / topk);
   const int tile_entries = tile_tokens * static_cast<int>(topk);
   const int64_t total_entries = num_tokens * topk;
   const int64_t num_tiles = ceil_div(num_tokens, tile_tokens);
@@ -545,35 +546,51 @@ unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restri
     return pack;
   };
 
-  // Warp 0's lane l holds entry l of the pending tile: its raw index and weight (loads in flight),
-  // then its checked row and the bitmask word before this naming.
-  IndexT raw_row = IndexT(-1);
-  P raw_weight = P(0);
-  bool active = false;
-  int64_t pending_row = -1;
-  uint32_t before = 0;
-  int slot = -1;  // this lane's entry -> row j of the current tile, or -1
+  // Warp 0's lane l holds entries l + 32 s (s < kWords) of the pending tile: raw index and weight
+  // (loads in flight), then the checked row and the bitmask word before this naming.
+  IndexT raw_row[kWords];
+  P raw_weight[kWords];
+  bool active[kWords];
+  int64_t pending_row[kWords];
+  uint32_t before[kWords];
+  int slot[kWords];  // entry -> row j of the current tile, or -1
+#pragma unroll
+  for (int s = 0; s < kWords; ++s) {
+    raw_row[s] = IndexT(-1);
+    raw_weight[s] = P(0);
+    active[s] = false;
+    pending_row[s] = -1;
+    before[s] = 0;
+    slot[s] = -1;
+  }
   // A bad entry is never used (skipped); its device assert fires after the loop, so that no call sits
   // inside the loop (a call makes the compiler keep the loop's live registers on the stack).
   bool out_of_range = false;
   bool named_twice = false;
   auto fetch = [&](int64_t tile) {
-    const int64_t entry = tile * tile_entries + lane;
-    active = lane < tile_entries && entry < total_entries;
-    if (active) {
-      raw_row = row_idx[entry];
-      if (probs != nullptr) raw_weight = probs[entry];
+#pragma unroll
+    for (int s = 0; s < kWords; ++s) {
+      const int e = lane + 32 * s;
+      const int64_t entry = tile * tile_entries + e;
+      active[s] = e < tile_entries && entry < total_entries;
+      if (active[s]) {
+        raw_row[s] = row_idx[entry];
+        if (probs != nullptr) raw_weight[s] = probs[entry];
+      }
     }
   };
   auto mark = [&]() {
-    pending_row = -1;
-    if (!active) return;
-    const int64_t r = static_cast<int64_t>(raw_row);
-    const bool in_range = r >= -1 && r < num_rows;
-    out_of_range |= !in_range;
-    if (in_range && r >= 0) {
-      before = atomicOr(named + (r >> 5), 1u << static_cast<uint32_t>(r & 31));
-      pending_row = r;
+#pragma unroll
+    for (int s = 0; s < kWords; ++s) {
+      pending_row[s] = -1;
+      if (!active[s]) continue;
+      const int64_t r = static_cast<int64_t>(raw_row[s]);
+      const bool in_range = r >= -1 && r < num_rows;
+      out_of_range |= !in_range;
+      if (in_range && r >= 0) {
+        before[s] = atomicOr(named + (r >> 5), 1u << static_cast<uint32_t>(r & 31));
+        pending_row[s] = r;
+      }
     }
   };
 
@@ -585,23 +602,25 @@ unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restri
   for (; tile < num_tiles; tile += gridDim.x) {
     const int64_t next = tile + gridDim.x;
     if (warp == 0) {
-      int64_t row = pending_row;
-      if (row >= 0) {
-        const uint32_t bit = 1u << static_cast<uint32_t>(row & 31);
-        if ((before & bit) != 0) {
+      int count = 0;
+#pragma unroll
+      for (int s = 0; s < kWords; ++s) {
+        int64_t row = pending_row[s];
+        if (row >= 0 && (before[s] & (1u << static_cast<uint32_t>(row & 31))) != 0) {
           named_twice = true;
           row = -1;
         }
+        const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+        const int j = count + __popc(present & ((1u << lane) - 1u));
+        slot[s] = row >= 0 ? j : -1;
+        if (row >= 0) {
+          tile_offset[j] = row * packs;
+          tile_gradient[j] = (tile * tile_tokens + (lane + 32 * s) / static_cast<int>(topk)) * packs;
+          tile_weight[j] = probs != nullptr ? static_cast<A>(to_acc(raw_weight[s])) : A(1);
+        }
+        count += __popc(present);
       }
-      const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
-      const int j = __popc(present & ((1u << lane) - 1u));
-      slot = row >= 0 ? j : -1;
-      if (row >= 0) {
-        tile_offset[j] = row * packs;
-        tile_gradient[j] = (tile * tile_tokens + lane / static_cast<int>(topk)) * packs;
-        tile_weight[j] = probs != nullptr ? static_cast<A>(to_acc(raw_weight)) : A(1);
-      }
-      if (lane == 0) tile_rows = __popc(present);
+      if (lane == 0) tile_rows = count;
       if (next < num_tiles) fetch(next);  // in flight while the rows below move
     }
     __syncthreads();  // the tile's rows are in shared memory
@@ -669,12 +688,16 @@ unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restri
     if (warp == 0 && next < num_tiles) mark();  // the next tile's loads have landed by now
     __syncthreads();  // every warp's row totals are in; the tile's shared rows are consumed
     if (warp == 0 && grad_probs != nullptr) {
-      const int64_t entry = tile * tile_entries + lane;
-      if (lane < tile_entries && entry < total_entries) {
-        A total = A(0);
-        if (slot >= 0)
-          for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][slot];
-        grad_probs[entry] = to_prob<P>(total);
+#pragma unroll
+      for (int s = 0; s < kWords; ++s) {
+        const int e = lane + 32 * s;
+        const int64_t entry = tile * tile_entries + e;
+        if (e < tile_entries && entry < total_entries) {
+          A total = A(0);
+          if (slot[s] >= 0)
+            for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][slot[s]];
+          grad_probs[entry] = to_prob<P>(total);
+        }
       }
     }
   }
@@ -797,8 +820,9 @@ int64_t resident_blocks(Kernel kernel) {
 
 // EXPERIMENT (issue 20 item 2, removed before the final merge): MOE_EXT_UNPERMUTE_BWD picks the backward
 // kernel for the large-row case so that one GPU run measures the variants: "tile" (the previous 4-token
-// tile kernel), "flat" (default: persistent flat kernel, 4 items a warp), "flat1" (the flat kernel, one
-// tile a block: no prefetch), "flat8" (8 items a warp, >= 2 blocks per SM), "flat2" (2 items, >= 6).
+// tile kernel), "flat" (default: persistent flat kernel, 4 items a thread), "flat1" (the flat kernel, one
+// tile a block: no prefetch), "flat8" (8 items a thread, >= 2 blocks per SM), "flat2" (2 items, >= 5),
+// "flat64" / "flat64x8" (tiles of 64 entries, 4 / 8 items).
 int backward_variant() {
   const char* value = std::getenv("MOE_EXT_UNPERMUTE_BWD");
   if (value == nullptr) return 1;
@@ -807,6 +831,8 @@ int backward_variant() {
   if (v == "flat1") return 2;
   if (v == "flat8") return 3;
   if (v == "flat2") return 4;
+  if (v == "flat64") return 5;
+  if (v == "flat64x8") return 6;
   return 1;
 }
 
@@ -829,9 +855,8 @@ cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_ro
               grad_probs, named);
       return cudaGetLastError();
     }
-    const int64_t tiles = ceil_div(num_tokens, kMaxTileTopk / topk);
-    auto run = [&](auto kernel, bool persistent) {
-      int64_t blocks = tiles;
+    auto run = [&](auto kernel, bool persistent, int words) {
+      int64_t blocks = ceil_div(num_tokens, 32 * words / topk);
       if (persistent) {
         const int64_t resident = resident_blocks(kernel);
         if (resident > 0) blocks = std::min(blocks, resident);
@@ -843,10 +868,12 @@ cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_ro
       return cudaGetLastError();
     };
     switch (variant) {
-      case 2: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4>, false);
-      case 3: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 8, 2>, true);
-      case 4: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 2, 6>, true);
-      default: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4>, true);
+      case 2: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 1>, false, 1);
+      case 3: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 8, 2, 1>, true, 1);
+      case 4: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 2, 5, 1>, true, 1);
+      case 5: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 2>, true, 2);
+      case 6: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 8, 2, 2>, true, 2);
+      default: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 1>, true, 1);
     }
   }
   const auto blocks = static_cast<unsigned>(num_tokens);
