@@ -819,21 +819,21 @@ int64_t resident_blocks(Kernel kernel) {
 }
 
 // EXPERIMENT (issue 20 item 2, removed before the final merge): MOE_EXT_UNPERMUTE_BWD picks the backward
-// kernel for the large-row case so that one GPU run measures the variants: "tile" (the previous 4-token
-// tile kernel), "flat" (default: persistent flat kernel, 4 items a thread), "flat1" (the flat kernel, one
+// kernel for the large-row case so that one GPU run measures the variants: "tile" (default: the 4-token
+// tile kernel), "flat" (the persistent flat kernel, 4 items a thread), "flat1" (the flat kernel, one
 // tile a block: no prefetch), "flat8" (8 items a thread, >= 2 blocks per SM), "flat2" (2 items, >= 5),
 // "flat64" / "flat64x8" (tiles of 64 entries, 4 / 8 items).
 int backward_variant() {
   const char* value = std::getenv("MOE_EXT_UNPERMUTE_BWD");
-  if (value == nullptr) return 1;
+  if (value == nullptr) return 0;  // main keeps the measured tile kernel until the H200 run decides
   const std::string v(value);
-  if (v == "tile") return 0;
+  if (v == "flat") return 1;
   if (v == "flat1") return 2;
   if (v == "flat8") return 3;
   if (v == "flat2") return 4;
   if (v == "flat64") return 5;
   if (v == "flat64x8") return 6;
-  return 1;
+  return 0;
 }
 
 template <typename T, typename P, typename IndexT>
