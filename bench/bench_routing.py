@@ -90,10 +90,22 @@ def l2_bytes(device: str) -> int:
     return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20))
 
 
-def input_sets(inputs: tuple, footprint: int, device: str) -> list[tuple]:
-    """``inputs`` plus clones of its tensors, enough that the sets together exceed 2 x L2."""
+MAX_SETS_BYTES = 8 << 30  # memory cap on the clones of one case's inputs
+
+
+def input_sets(inputs: tuple, touched: int, device: str) -> list[tuple]:
+    """``inputs`` plus clones of its tensors, enough that one round over the sets touches > 2 x L2 (so a call's
+    inputs are not left in L2 by the previous call on the same set).
+
+    ``touched`` is what one call reads and writes (the case's useful bytes), not the inputs' size: a call may
+    read only part of its inputs -- unpermute under EP reads only the valid rows of a [T*K, H] buffer -- and
+    counting the whole buffer gave too few sets (before 2026-11-30 20:55: at decode sizes under EP the rows a
+    replay read stayed in L2 while the floors' did not).
+    """
     l2 = l2_bytes(device)
-    count = 1 if l2 == 0 else min(MAX_INPUT_SETS, max(1, -(-2 * l2 // max(footprint, 1))))
+    footprint = sum(v.numel() * v.element_size() for v in inputs if isinstance(v, torch.Tensor))
+    count = 1 if l2 == 0 else min(MAX_INPUT_SETS, max(1, -(-2 * l2 // max(touched, 1))),
+                                  max(1, MAX_SETS_BYTES // max(footprint, 1)))
     clone = lambda value: value.clone() if isinstance(value, torch.Tensor) else value  # noqa: E731
     return [inputs] + [tuple(clone(v) for v in inputs) for _ in range(count - 1)]
 
@@ -203,7 +215,7 @@ def time_public(key: str, call: PublicCall | str, moved: int, device: str) -> tu
     if problem:
         print(f"# public {key}: output differs from ours: {problem}", file=sys.stderr)
         return "wrong"
-    sets = input_sets(call.inputs, max(footprint_of(call.inputs), moved), device)
+    sets = input_sets(call.inputs, moved, device)
     return time_us(call.fn, sets, device)
 
 
@@ -211,7 +223,7 @@ def measure(name: str, moved: int, ours_fn, seed_fn, inputs: tuple, device: str,
             public: dict[str, PublicCall | str] | None = None) -> Row:
     """Time ours, the seed path and each available public kernel over L2-cold copies of the inputs, plus
     both floors."""
-    sets = input_sets(inputs, max(footprint_of(inputs), moved), device)
+    sets = input_sets(inputs, moved, device)
     ours, ours_graph = time_us(ours_fn, sets, device)
     seed, seed_graph = time_us(seed_fn, sets, device) if seed_fn is not None else (None, False)
     del sets
