@@ -16,6 +16,14 @@ replaying at least 20 calls (launch gaps included, Python overhead excluded);
 a path that cannot be captured is timed with events around an eager loop and
 marked '*'. Permute and unpermute run at EP 1/2/4/8/32 as EP rank 0 (its
 contiguous share of the experts).
+
+Public columns (issue 20 item 8): the public Triton routing kernels of megablocks
+0.10.0 and TransformerEngine 2.20.2 timed the same way on the same inputs, their
+outputs checked against ours first; they need the pinned archives in
+.bench_public/ (bash scripts/fetch_public_kernels.sh; MOE_EXT_BENCH_PUBLIC
+overrides the folder) and CUDA, else the header says why and the cells are
+n/a. bench/public_kernels.py loads them; docs/PERFORMANCE.md says what each
+column times.
 """
 
 from __future__ import annotations
@@ -689,6 +697,8 @@ def main() -> None:
                         help="time only the cases whose name contains SUBSTRING (case-insensitive; repeatable or "
                              "comma-separated: a case is kept if it contains any). A case's extra rows, such as "
                              "permute's '(index only, H=0)' row, are kept or dropped with it")
+    parser.add_argument("--no-public", action="store_true",
+                        help="leave the public comparator columns out (n/a; no Triton compile or autotune)")
     args = parser.parse_args()
     only = [part for value in args.only for part in value.split(",") if part]
     if args.only and not only:
@@ -701,7 +711,8 @@ def main() -> None:
                      + "\n  ".join(case_name for case_name, _ in case_list(device, small, dtype)))
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     PUBLIC.clear()
-    PUBLIC.update(public_kernels.load(device))
+    if not args.no_public:
+        PUBLIC.update(public_kernels.load(device))
     print(f"# moe_ext {moe_ext.__version__} routing benchmark on {name}, torch {torch.__version__}, {args.dtype}, "
           f"L2 {l2_bytes(device) >> 20} MiB")
     print("# floors: memcpy = copy_ of the same bytes, kernel = an elementwise kernel moving them; ratio against "
@@ -709,6 +720,8 @@ def main() -> None:
     for key, public in PUBLIC.items():
         state = "timed where it applies" if public.available else f"n/a ({public.reason})"
         print(f"# public {key}: {public.archive.label}: {state}")
+    if args.no_public:
+        print("# public: n/a (--no-public)")
     print("# public columns: the index build is included in permute (megablocks: torch.sort + scatter_add_ + cumsum, "
           "its own sort/histogram being CUDA-extension ops; te: topk_ids -> [T, E] mask + make_row_id_map), and "
           "timed alone in '(index only, H=0)'; unpermute and backward take the forward's index, like ours. n/a = "

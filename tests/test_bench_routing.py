@@ -165,3 +165,9 @@ def test_public_archives_pinned_match_the_fetch_script(bench):
     script = (ROOT / "scripts" / "fetch_public_kernels.sh").read_text()
     for archive in bench.public_kernels.ARCHIVES:
         assert f"fetch {archive.file} {archive.sha256}" in script
+
+
+def test_no_public_leaves_the_columns_out(bench, monkeypatch, capsys):
+    out = run_main(bench, monkeypatch, capsys, "--small", "--no-public", "--only", "histogram")
+    assert "# public: n/a (--no-public)" in out and "# public megablocks" not in out
+    assert [row[-3:] for row in table_rows(out)] == [["n/a", "n/a", "n/a"]]
