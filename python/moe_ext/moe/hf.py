@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from moe_ext.errors import ArgumentError, check_choice
+from moe_ext.moe.weights import missing_parts
 
 __all__ = ["FAMILIES", "HFLoadReport", "export_hf_moe_weights", "family_of", "load_hf_moe_weights",
            "moe_layer_arguments"]
@@ -137,14 +138,98 @@ BLOCK_NAMES = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "
                "llama4_text": "feed_forward", "gpt_oss": "mlp"}
 
 
+_SHARED_NAMES = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts", "llama4_text": "shared_expert"}
+_ALL_EXPERT_FAMILIES = ("llama4_text", "gpt_oss")  # Hub checkpoints with every expert in one tensor
+
+
+def _hub_names(family: str) -> dict[str, str]:
+    """The Hub checkpoint name (after the block prefix) of each part the layer loads; ``{e}``: the expert.
+
+    Keys: the expert parts of :func:`moe_ext.moe.weights.missing_parts` (``gate``, ``up``, ``down``,
+    ``*_bias``) and its layer parts (``router.weight``, ``shared.gate_proj``, ...). Where one tensor holds
+    every expert (Llama 4, GPT-OSS) the name has no ``{e}``.
+    """
+    router = "router" if family in _ALL_EXPERT_FAMILIES else "gate"
+    names = {"router.weight": f"{router}.weight", "router.bias": "router.bias",
+             "router.correction_bias": "gate.e_score_correction_bias", "shared.gate": "shared_expert_gate.weight"}
+    if family in _ALL_EXPERT_FAMILIES:
+        names.update({"gate": "experts.gate_up_proj", "up": "experts.gate_up_proj", "down": "experts.down_proj",
+                      "gate_bias": "experts.gate_up_proj_bias", "up_bias": "experts.gate_up_proj_bias",
+                      "down_bias": "experts.down_proj_bias"})
+    else:
+        own = {"gate": "w1", "up": "w3", "down": "w2"} if family == "mixtral" else \
+            {part: f"{part}_proj" for part in ("gate", "up", "down")}
+        names.update({part: f"experts.{{e}}.{name}.weight" for part, name in own.items()})
+    if family in _SHARED_NAMES:
+        names.update({f"shared.{part}_proj": f"{_SHARED_NAMES[family]}.{part}_proj.weight"
+                      for part in ("gate", "up", "down")})
+    return names
+
+
+_PART_ORDER = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")  # as a checkpoint lists them
+
+
+def _missing_checkpoint_tensors(layer, family: str, prefix: str) -> list[tuple[str, str]]:
+    """``(checkpoint name, what it fills on this rank)`` for every tensor a strict load still needs.
+
+    One entry per name: replicas of an expert (several slot rows) and, for all-experts tensors, several
+    experts share it. Expert tensors first, in slot-row order, then the router and shared-expert tensors.
+    """
+    names = _hub_names(family)
+    expert_rows, layer_parts = missing_parts(layer)
+    needs: dict[str, dict[int, tuple[list[str], list[int]]]] = {}  # name -> expert -> (parts, slot rows)
+    for row, expert, absent in expert_rows:
+        for part in sorted(absent, key=_PART_ORDER.index):
+            parts, rows = needs.setdefault(prefix + names[part].format(e=expert), {}).setdefault(expert, ([], []))
+            if part not in parts:
+                parts.append(part)
+            if row not in rows:
+                rows.append(row)
+    found = []
+    for name, experts in needs.items():
+        if len(experts) == 1:  # one expert's tensor: its replicas' rows and parts
+            (expert, (parts, rows)), = experts.items()
+            what = f"expert {expert} (slot row{'s' if len(rows) > 1 else ''} {_spans(rows)}): {', '.join(parts)}"
+        else:  # an all-experts tensor: this rank's blocks of it
+            parts = sorted({part for parts, _ in experts.values() for part in parts}, key=_PART_ORDER.index)
+            rows = sorted(row for _, rows in experts.values() for row in rows)
+            what = f"experts {_spans(sorted(experts))} (slot rows {_spans(rows)}): {', '.join(parts)}"
+        found.append((name, what))
+    found.extend((prefix + names[part], part) for part in layer_parts)
+    return found
+
+
+def _spans(values: list[int]) -> str:
+    """Sorted ints as runs: [0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _block_location(prefix: str) -> str:
+    """Where the block sits, for messages: the prefix and, when it names one, the decoder layer."""
+    layer_index = re.search(r"(?:^|\.)layers\.(\d+)\.", prefix)
+    where = f"under prefix {prefix!r}" if prefix else "with no prefix"
+    return where + (f" (decoder layer {layer_index.group(1)})" if layer_index else "")
+
+
+_SHOWN_NAMES = 8  # checkpoint names a strict load's error lists before "and N more"
+
+
 @dataclass
 class HFLoadReport:
-    """What :func:`load_hf_moe_weights` did with each name (names without the prefix)."""
+    """What :func:`load_hf_moe_weights` did with each name (names without the prefix, except ``missing_keys``)."""
 
     loaded: list[str] = field(default_factory=list)  # written into this rank (rows or layer parameters)
     not_local: list[str] = field(default_factory=list)  # experts with no slot on this rank: not read
     ignored: list[str] = field(default_factory=list)  # outside the prefix, or not a tensor of the family
     missing: list[str] = field(default_factory=list)  # parts of this rank still not written afterwards
+    #: the Hub checkpoint names (with the prefix) that would fill ``missing``, one per tensor
+    missing_keys: list[str] = field(default_factory=list)
 
 
 def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], *,
@@ -159,10 +244,19 @@ def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterabl
     With ``strict`` a name under the prefix that the family does not know, a
     quantized tensor (GPT-OSS's MXFP4 ``*_blocks`` / ``*_scales``: dequantize
     first) or a part left unloaded afterwards raises ArgumentError. Without
-    it, the returned report's ``missing`` lists the parts still unloaded
-    (check it after the last file), and a call that matched no tensor of the
-    family at all (a wrong ``prefix``) warns (``UserWarning``); the layer
-    itself refuses a forward while an expert or the router was never written.
+    it, the returned report's ``missing`` lists the parts still unloaded and
+    ``missing_keys`` the checkpoint names that would fill them (check it after
+    the last file), and a call that matched no tensor of the family at all (a
+    wrong ``prefix``) warns (``UserWarning``); the layer itself refuses a
+    forward while an expert or the router was never written.
+
+    The strict error for an incomplete block names the missing tensors by their
+    Hub checkpoint names with the prefix (e.g.
+    ``model.layers.0.mlp.experts.3.gate_proj.weight``; Llama 4 and GPT-OSS:
+    the all-experts tensor), the first eight and the count, each with the
+    expert, the slot rows and the parts it fills, the decoder layer read from
+    the prefix, and the unloaded parts as :meth:`MoELayer.missing_weights`
+    lists them. Checks are local: at EP > 1 each rank checks its own experts.
     """
     family = family_of(family)
     rules = [(re.compile(rule.pattern + r"$"), rule) for rule in _RULES[family]]
@@ -190,15 +284,30 @@ def load_hf_moe_weights(layer, family: Any, tensors: Mapping[str, Any] | Iterabl
                                     f"(known: {[rule.pattern for _, rule in rules]})")
             report.ignored.append(full_name)
     report.missing = layer.missing_weights()
+    needed = _missing_checkpoint_tensors(layer, family, prefix) if report.missing else []
+    report.missing_keys = [name for name, _ in needed]
     if report.missing and strict:
-        raise ArgumentError(f"load_hf_moe_weights: after loading, this rank still misses {report.missing[:8]}")
+        shown = ", ".join(f"{name!r} ({what})" for name, what in needed[:_SHOWN_NAMES])
+        more = f", and {len(needed) - _SHOWN_NAMES} more" if len(needed) > _SHOWN_NAMES else ""
+        fused = ""
+        if family not in _ALL_EXPERT_FAMILIES and any(name.startswith(prefix + "experts.") for name, _ in needed):
+            fused = (f" For the experts, the transformers >= 5 module names {prefix + 'experts.gate_up_proj'!r} and "
+                     f"{prefix + 'experts.down_proj'!r} (every expert in one tensor) serve as well.")
+        raise ArgumentError(
+            f"load_hf_moe_weights(strict=True): the {family} MoE block {_block_location(prefix)} is incomplete on "
+            f"this rank: {len(needed)} checkpoint tensor{'s' if len(needed) != 1 else ''} not supplied: "
+            f"{shown}{more}.{fused} Pass every tensor of the block (all its files) in one call, or load file by "
+            f"file with strict=False and check the report's missing_keys after the last. Unloaded parts: "
+            f"{report.missing[:_SHOWN_NAMES]}"
+            f"{f' (+{len(report.missing) - _SHOWN_NAMES} more)' if len(report.missing) > _SHOWN_NAMES else ''}")
     if report.missing and not report.loaded and not report.not_local:
         # A partial load is normal without strict (the rest comes from another file); a call that matched no
         # name at all is a wrong prefix or family: say so instead of leaving the layer silently unloaded.
         warnings.warn(f"load_hf_moe_weights(strict=False): no {family} MoE block tensor under prefix {prefix!r} "
                       f"({len(report.ignored)} names ignored, e.g. {report.ignored[:3]}); this rank's layer is "
-                      f"still missing {len(report.missing)} parts ({report.missing[:3]}) and refuses to run until "
-                      f"they are loaded", UserWarning, stacklevel=2)
+                      f"still missing {len(report.missing)} parts ({report.missing[:3]}; checkpoint names "
+                      f"{report.missing_keys[:3]}) and refuses to run until they are loaded", UserWarning,
+                      stacklevel=2)
     return report
 
 

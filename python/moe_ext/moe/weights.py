@@ -34,8 +34,8 @@ import torch
 from moe_ext.errors import ArgumentError, check_bool, check_choice, check_int
 from moe_ext.moe.experts import GATE_UP_LAYOUTS
 
-__all__ = ["EXPERT_NAMES", "LAYER_NAMES", "export_expert_weights", "load_weight", "missing_weights",
-           "note_direct_writes", "parameter_versions", "remap_saved_rows"]
+__all__ = ["EXPERT_NAMES", "LAYER_NAMES", "export_expert_weights", "load_weight", "missing_parts",
+           "missing_weights", "note_direct_writes", "parameter_versions", "remap_saved_rows"]
 
 EXPERT_NAMES = ("experts.gate_proj", "experts.up_proj", "experts.gate_up_proj", "experts.down_proj",
                 "experts.gate_proj_bias", "experts.up_proj_bias", "experts.gate_up_proj_bias",
@@ -270,26 +270,24 @@ def note_direct_writes(layer) -> None:
     layer._param_versions = now
 
 
-def missing_weights(layer, *, required_to_run: bool = False) -> list[str]:
-    """Parts not written yet, e.g. ``["expert 5 (slot row 1): up", "router.weight"]``.
+def missing_parts(layer, *, required_to_run: bool = False) -> tuple[list[tuple[int, int, list[str]]], list[str]]:
+    """What :func:`missing_weights` lists, structured: ``(expert_rows, layer_parts)``.
 
-    Written: by :func:`load_weight`, ``load_logical_weights``,
-    ``reset_parameters``, ``load_state_dict`` or an in-place write to the
-    whole parameter (see :func:`note_direct_writes`). ``required_to_run``: only
-    the parts the layer is built with uninitialised memory (expert gate / up /
-    down, router weight, shared experts and their gate); the biases start at
-    zero, a valid value, so a forward does not demand them (a strict checkpoint
-    load does).
+    ``expert_rows``: ``(slot row, logical expert, absent parts)`` for each local
+    row with a part not written (parts among ``gate``, ``up``, ``down`` and, with
+    expert biases, ``gate_bias``, ``up_bias``, ``down_bias``), in row order;
+    ``layer_parts``: the :data:`LAYER_NAMES` entries not written (``shared.gate_proj``
+    etc. for the shared experts), sorted. ``required_to_run`` as in :func:`missing_weights`.
     """
     note_direct_writes(layer)
     needed = {"gate", "up", "down"}
     if layer.w13_bias is not None and not required_to_run:
         needed |= {"gate_bias", "up_bias", "down_bias"}
-    missing = []
+    expert_rows = []
     for row, expert in enumerate(layer.local_logical_experts.tolist()):
         absent = sorted(needed - layer._loaded_parts.get(row, set()))
         if absent:
-            missing.append(f"expert {expert} (slot row {row}): {', '.join(absent)}")
+            expert_rows.append((row, expert, absent))
     layer_needed = {"router.weight"}
     if layer.gate_bias is not None and not required_to_run:
         layer_needed.add("router.bias")
@@ -300,8 +298,24 @@ def missing_weights(layer, *, required_to_run: bool = False) -> list[str]:
     if layer.shared_gate_weight is not None:
         layer_needed.add("shared.gate")
     done = layer._loaded_parts.get("layer", set())
-    missing.extend(sorted(layer_needed - done))
-    return missing
+    return expert_rows, sorted(layer_needed - done)
+
+
+def missing_weights(layer, *, required_to_run: bool = False) -> list[str]:
+    """Parts not written yet, e.g. ``["expert 5 (slot row 1): up", "router.weight"]``.
+
+    Written: by :func:`load_weight`, ``load_logical_weights``,
+    ``reset_parameters``, ``load_state_dict`` or an in-place write to the
+    whole parameter (see :func:`note_direct_writes`). ``required_to_run``: only
+    the parts the layer is built with uninitialised memory (expert gate / up /
+    down, router weight, shared experts and their gate); the biases start at
+    zero, a valid value, so a forward does not demand them (a strict checkpoint
+    load does). :func:`missing_parts` gives the same facts structured;
+    :func:`moe_ext.moe.hf.load_hf_moe_weights` names the checkpoint tensors behind them.
+    """
+    expert_rows, layer_parts = missing_parts(layer, required_to_run=required_to_run)
+    return [f"expert {expert} (slot row {row}): {', '.join(absent)}" for row, expert, absent in expert_rows] \
+        + layer_parts
 
 
 def export_expert_weights(layer, *, grads: bool = False) -> dict[tuple[str, int], torch.Tensor]:

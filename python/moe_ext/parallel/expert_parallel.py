@@ -38,12 +38,19 @@ What moe_ext does differently from the seed, and why:
   :func:`moe_ext.ops.generate_permute_indices` (it checks ``max_len``), so the
   regroup can never write past its buffer.
 
-Per-call state. A style's dispatch (forward pre-hook) and combine (forward hook) always
-run back to back around one forward of the module they wrap, so the split sizes and
-indices travel between them on a small stack on the style keyed by module; activation
-checkpointing's recomputation runs both hooks again, in pairs. Frameworks that need to
-call dispatch and combine separately (micro-batch overlap) use the token dispatcher
-instead, whose metadata travels in values: :mod:`moe_ext.parallel.torchtitan_dispatcher`.
+Per-call state is a value, never style or module state. :func:`dispatch_tokens` returns
+a frozen :class:`DispatchMetadata` (split sizes, regroup indices) that
+:func:`combine_tokens` takes, as torchtitan 0.3's token dispatchers do. A style runs them
+in a forward pre-hook and a forward hook, and torch hands the forward hook the very
+arguments the pre-hooks returned, so the pre-hook files its metadata under the first
+tensor it gives the forward (a new tensor every call, held weakly) and the forward hook
+takes it back from its own arguments. Two calls in flight at once on one module (micro-
+batches on two threads, as overlapped schedules run them; a forward entered again from
+inside; activation checkpointing's recomputation) each combine with their own dispatch,
+in any order (tests/test_expert_parallel_overlap.py). A later pre-hook that replaces the
+forward's first tensor breaks the link, and the forward hook then refuses by name.
+Frameworks that call dispatch and combine as separate steps use the functions directly
+or the token dispatcher: :mod:`moe_ext.parallel.torchtitan_dispatcher`.
 
 Which one to choose: a torchtitan 0.3 user switches the MoE's ``token_dispatcher``
 config entry to :class:`~moe_ext.parallel.torchtitan_dispatcher.MoeExtTokenDispatcher`;
@@ -53,13 +60,15 @@ code that composes its own MoE from a grouped-experts module and DTensor styles
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moe_ext.distributed import functional as dfn
 from moe_ext.errors import ArgumentError, check_bool, check_int
@@ -163,17 +172,18 @@ class TokenReorderer(nn.Module):
 
 # ---------------------------------------------------------------- dispatch and combine as values
 
+@dataclass(frozen=True)
 class DispatchMetadata:
-    """What :func:`combine_tokens` needs from :func:`dispatch_tokens` of the same call."""
+    """What :func:`combine_tokens` needs from :func:`dispatch_tokens` of the same call (a value: frozen)."""
 
-    __slots__ = ("input_splits", "output_splits", "permuted_indices", "num_arrived")
-
-    def __init__(self, input_splits: list[int], output_splits: list[int], permuted_indices: torch.Tensor,
-                 num_arrived: int) -> None:
-        self.input_splits = input_splits
-        self.output_splits = output_splits
-        self.permuted_indices = permuted_indices
-        self.num_arrived = num_arrived
+    input_splits: list[int]
+    """Rows this rank sent to each EP rank (group rank order)."""
+    output_splits: list[int]
+    """Rows this rank received from each EP rank."""
+    permuted_indices: torch.Tensor
+    """The regroup's index: for each arrived row, its row in the grouped buffer."""
+    num_arrived: int
+    """Rows that arrived (the all-to-all's output length)."""
 
 
 def padded_rows(num_rows: int, experts_per_rank: int, alignment: int) -> int:
@@ -218,21 +228,42 @@ def combine_tokens(routed_output: torch.Tensor, metadata: DispatchMetadata, grou
 
 # ---------------------------------------------------------------- the styles
 
-class _PerCallState:
-    """Per-module stack of dispatch metadata, from a style's pre-hook to its post-hook."""
+_Dispatch = Callable[[nn.Module, tuple, Any], tuple[tuple, Any]]
+_Combine = Callable[[nn.Module, Any, Any, Any], Any]
 
-    def __init__(self) -> None:
-        self._stacks: dict[int, list[Any]] = {}
 
-    def push(self, module: nn.Module, value: Any) -> None:
-        self._stacks.setdefault(id(module), []).append(value)
+def _distribute_with_hooks(style: str, module: nn.Module, mesh: DeviceMesh, partition_fn: Optional[Callable],
+                           dispatch: _Dispatch, combine: _Combine) -> nn.Module:
+    """``distribute_module`` plus a pre-hook / forward-hook pair that hands each call's value to its own combine.
 
-    def pop(self, module: nn.Module) -> Any:
-        stack = self._stacks.get(id(module))
-        if not stack:
-            raise RuntimeError("expert-parallel combine without a matching dispatch: the module's forward "
-                               "hooks ran out of order")
-        return stack.pop()
+    ``dispatch(module, args, mesh) -> (args for the forward, value)``; ``combine(module, output, value, mesh)
+    -> output``. torch calls forward hooks with the args the pre-hooks returned, so the value is filed under
+    the forward's first argument (a tensor the dispatch made for this call) and found again from it: calls
+    in flight together never see each other's value, and a call that raised leaves nothing behind (weak keys).
+    """
+    distribute_module(module, mesh, partition_fn)
+    in_flight = WeakIdKeyDictionary()
+
+    def pre_hook(hooked: nn.Module, args: tuple) -> tuple:
+        args, value = dispatch(hooked, args, mesh)
+        if args[0] in in_flight:  # each dispatch makes a new tensor: a repeat would overwrite a call's value
+            raise RuntimeError(f"{style}: internal error: the dispatch returned a tensor already in flight")
+        in_flight[args[0]] = (value,)  # boxed, so a value of None is told apart from a missing entry
+        return args
+
+    def forward_hook(hooked: nn.Module, args: tuple, output: Any) -> Any:
+        key = args[0] if args else None
+        entry = in_flight.pop(key, None) if isinstance(key, torch.Tensor) else None
+        if entry is None:
+            raise RuntimeError(
+                f"{style}: the forward hook found no pre-hook dispatch for this call: the forward's first "
+                f"argument is not the tensor the {style} pre-hook returned (a pre-hook registered after the "
+                f"style replaced it, or the forward was called without the pre-hook)")
+        return combine(hooked, output, entry[0], mesh)
+
+    module.register_forward_pre_hook(pre_hook)
+    module.register_forward_hook(forward_hook)
+    return module
 
 
 def _check_mesh(style: str, mesh: DeviceMesh, ndim: int) -> None:
@@ -292,26 +323,25 @@ class ExpertParallel(ParallelStyle):
     def __init__(self, *, alignment: int = 1) -> None:
         super().__init__()
         self.alignment = _check_alignment(alignment)
-        self._state = _PerCallState()
 
     @staticmethod
     def _partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for param_name, param in list(module.named_parameters(recurse=False)):
             module.register_parameter(param_name, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
 
-    def _dispatch(self, module, inputs, mesh):
+    def _dispatch(self, module, inputs, mesh) -> tuple[tuple, DispatchMetadata]:
         routed_input, num_tokens_per_expert = inputs
         rows, counts, metadata = dispatch_tokens(routed_input, num_tokens_per_expert, mesh.get_group(),
                                                  self.alignment)
-        self._state.push(module, metadata)
-        return rows, counts
+        return (rows, counts), metadata
 
-    def _combine(self, module, routed_output, mesh):
-        return combine_tokens(routed_output, self._state.pop(module), mesh.get_group())
+    def _combine(self, module, routed_output, metadata: DispatchMetadata, mesh):
+        return combine_tokens(routed_output, metadata, mesh.get_group())
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _check_mesh("ExpertParallel", device_mesh, 1)
-        return distribute_module(module, device_mesh, self._partition, self._dispatch, self._combine)
+        return _distribute_with_hooks("ExpertParallel", module, device_mesh, self._partition, self._dispatch,
+                                      self._combine)
 
 
 class ExpertTensorParallel(ExpertParallel):
@@ -335,18 +365,19 @@ class ExpertTensorParallel(ExpertParallel):
         module.register_parameter("w2", nn.Parameter(distribute_tensor(module.w2, mesh, [Shard(0), Shard(2)])))
         module.register_parameter("w3", nn.Parameter(distribute_tensor(module.w3, mesh, [Shard(0), Shard(1)])))
 
-    def _dispatch(self, module, inputs, mesh):
+    def _dispatch(self, module, inputs, mesh) -> tuple[tuple, DispatchMetadata]:
         routed_input, num_tokens_per_expert = inputs
         routed_input = dfn.copy_to_group(routed_input, mesh.get_group(1))
         return super()._dispatch(module, (routed_input, num_tokens_per_expert), _Sub(mesh, 0))
 
-    def _combine(self, module, routed_output, mesh):
-        out = super()._combine(module, routed_output, _Sub(mesh, 0))
+    def _combine(self, module, routed_output, metadata: DispatchMetadata, mesh):
+        out = super()._combine(module, routed_output, metadata, _Sub(mesh, 0))
         return dfn.all_reduce(out, mesh.get_group(1)) if self.reduce_output else out
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _check_mesh("ExpertTensorParallel", device_mesh, 2)
-        return distribute_module(module, device_mesh, self._partition_2d, self._dispatch, self._combine)
+        return _distribute_with_hooks("ExpertTensorParallel", module, device_mesh, self._partition_2d,
+                                      self._dispatch, self._combine)
 
 
 class _Sub:
@@ -376,23 +407,19 @@ class ReordererSequenceParallel(ParallelStyle):
     this rank kept (the other ranks own the rest).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._state = _PerCallState()
-
-    def _prepare_input(self, module, inputs, mesh):
+    def _prepare_input(self, module, inputs, mesh) -> tuple[tuple, int]:
         top_scores, selected = inputs
         start, end = token_share(selected.shape[0], mesh.size(), mesh.get_local_rank())
-        self._state.push(module, start)
-        return top_scores[start:end], selected[start:end]
+        return (top_scores[start:end], selected[start:end]), start
 
-    def _prepare_output(self, module, outputs, mesh):
+    def _prepare_output(self, module, outputs, start: int, mesh):
         scores, token_indices, counts = outputs
-        return scores, token_indices + self._state.pop(module), counts
+        return scores, token_indices + start, counts
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _check_mesh("ReordererSequenceParallel", device_mesh, 1)
         if not hasattr(module, "top_k"):
             raise ArgumentError("ReordererSequenceParallel: the module must have a top_k attribute "
                                 "(a TokenReorderer), got " + type(module).__name__)
-        return distribute_module(module, device_mesh, None, self._prepare_input, self._prepare_output)
+        return _distribute_with_hooks("ReordererSequenceParallel", module, device_mesh, None,
+                                      self._prepare_input, self._prepare_output)
