@@ -134,8 +134,10 @@ def test_cuda_graph_capture_and_replay(alignment):
     total = int(want[2].sum())
     assert total > 0
     assert torch.equal(outputs[0][:total], want[0][:total])
-    for got, expected in zip(outputs[1:], want[1:]):
-        assert (got is None and expected is None) or torch.equal(got, expected)
+    for got, expected in zip(outputs[1:4], want[1:4]):
+        assert torch.equal(got, expected)
+    if alignment > 1:  # scale rows up to the padded total (the rows past it are not written)
+        assert torch.equal(outputs[4][:total], want[4][:total])
 
 
 def test_bad_id_stops_with_a_device_assert():
