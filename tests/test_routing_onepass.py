@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.cuda,
 
 # (tokens, K, experts, active range, hidden size, dtype); rows = tokens * K.
 PLAIN_CASES = [
-    (8192, 8, 256, None, 64, torch.bfloat16),         # the benchmark's EP 1: the 8192-entry table
+    (8192, 8, 256, None, 64, torch.bfloat16),         # the benchmark's EP 1: 16 slices of 4096 rows
     (8192, 8, 256, (0, 32), 64, torch.bfloat16),      # EP 8
     (8192, 8, 256, (224, 256), 40, torch.float16),     # EP 8, the last rank; 80-byte rows (8-byte units)
     (8192, 8, 256, (40, 48), 16, torch.float32),      # EP 32
@@ -34,9 +34,9 @@ PLAIN_CASES = [
     (600, 5, 1025, None, 5, torch.float32),            # one more: the multi-launch path
     (300, 32, 64, (8, 40), 8, torch.bfloat16),         # K = 32
     (300, 33, 64, None, 8, torch.bfloat16),            # K = 33: the multi-launch path
-    (20000, 8, 64, None, 4, torch.float32),            # 160k rows: 79 slices of 2048 rows
-    (40000, 8, 64, None, 4, torch.float32),            # 320k rows: past the one-launch table, multi-launch
-    (140000, 8, 64, (0, 8), 2, torch.float32),         # 547 slices: more than resident blocks, some count two
+    (20000, 8, 64, None, 4, torch.float32),            # 160k rows: 40 slices of 4096 rows
+    (80000, 8, 64, None, 4, torch.float32),            # 640k rows: past the one-launch table, multi-launch
+    (300000, 8, 64, (0, 8), 2, torch.float32),         # 586 slices: more than resident blocks, some count two
     (2049, 1, 4, None, 2, torch.bfloat16),             # 2049 rows, K=1
 ]
 

@@ -40,9 +40,9 @@ inline int64_t named_words(int64_t num_rows) { return num_rows <= 0 ? 0 : (num_r
 // more only when the rows need more slices, never above kOnepassMaxTable.
 constexpr int64_t kOnepassMaxRange = 1024;     // 8 warps x range int32 counters <= 32 KiB
 constexpr int64_t kOnepassSliceUnit = 256;     // rows one block counts per 32-row step (8 warps)
-constexpr int64_t kOnepassMaxSteps = 8;        // 32-row steps a warp keeps in registers
+constexpr int64_t kOnepassMaxSteps = 16;       // 32-row steps a warp keeps in registers
 constexpr int64_t kOnepassTargetTable = 2048;  // 8 KiB of table per block and grid barrier
-constexpr int64_t kOnepassMaxTable = 8192;     // 32 KiB: T=8192 K=8 E=256 without EP needs 8192
+constexpr int64_t kOnepassMaxTable = 8192;     // 32 KiB (T=8192 K=8 E=256 without EP needs 4096)
 
 struct OnepassPlan {
   bool applies = false;

@@ -59,12 +59,11 @@ using moe_ext::cuda::routing::kOnepassSliceUnit;
 using moe_ext::cuda::routing::onepass_plan;
 
 TEST(RoutingGeometry, OnepassPlanCoversTheBenchmarkCases) {
-  // T=8192 K=8: EP 1 (256 experts) needs 32 slices of 2048 rows: the largest table.
+  // T=8192 K=8: EP 1 (256 experts) needs 16 slices of 4096 rows (the rows a slice can hold).
   auto plan = onepass_plan(65536, 256, 8);
   ASSERT_TRUE(plan.applies);
-  EXPECT_EQ(plan.slices, 32);
-  EXPECT_EQ(plan.rows_per_slice, 2048);
-  EXPECT_EQ(plan.slices * 256, kOnepassMaxTable);
+  EXPECT_EQ(plan.slices, 16);
+  EXPECT_EQ(plan.rows_per_slice, 4096);
   // EP 8 (32 experts): 64 slices, a 2048-entry table; EP 32 (8): 256 slices of 256 rows.
   plan = onepass_plan(65536, 32, 8);
   EXPECT_TRUE(plan.applies);
@@ -82,7 +81,7 @@ TEST(RoutingGeometry, OnepassPlanCoversTheBenchmarkCases) {
 }
 
 TEST(RoutingGeometry, OnepassPlanSlicesCoverEveryRowWithinTheLimits) {
-  for (int64_t rows : {1, 31, 255, 256, 257, 2047, 2048, 2049, 9003, 65536, 160000, 1120000}) {
+  for (int64_t rows : {1, 31, 255, 256, 257, 2047, 2048, 2049, 4097, 9003, 65536, 160000, 1120000, 2400000}) {
     for (int64_t range : {1, 3, 8, 64, 256, 1000, 1024}) {
       const auto plan = onepass_plan(rows, range, 8);
       if (!plan.applies) {
@@ -106,7 +105,8 @@ TEST(RoutingGeometry, OnepassPlanRefusesWhatItCannotHold) {
   EXPECT_FALSE(onepass_plan(4096, 1025, 8).applies);  // counters: 8 warps x 1024 experts
   EXPECT_FALSE(onepass_plan(4096, 8, 33).applies);    // one warp reads a token's K positions
   EXPECT_TRUE(onepass_plan(4096, 8, 32).applies);
-  EXPECT_FALSE(onepass_plan(320000, 64, 8).applies);  // 157 slices x 64 experts > the table
+  EXPECT_FALSE(onepass_plan(640000, 64, 8).applies);  // 157 slices x 64 experts > the table
+  EXPECT_TRUE(onepass_plan(320000, 64, 8).applies);   // 79 slices
 }
 
 }  // namespace
