@@ -66,8 +66,9 @@ cudaError_t launch_permute_copy_rows(const void* source, int64_t row_bytes, int6
 // build, the row copy and, for the padded layout, the scale rows and the pad
 // zeroing in ONE cooperative kernel (count -> grid barrier -> scan -> place and
 // copy). It serves both ops where the shape fits (routing_geometry.h
-// onepass_plan); launch_permute_onepass sets *launched to false, launching
-// nothing, where it does not (the multi-launch path runs then).
+// onepass_plan) and where it was measured faster (onepass_preferred);
+// launch_permute_onepass sets *launched to false, launching nothing, elsewhere
+// (the multi-launch path runs then).
 struct OnepassPermute {
   const void* hidden = nullptr;  // [num_tokens, row_bytes] bytes
   int64_t row_bytes = 0;         // 0: the index alone
@@ -88,7 +89,7 @@ struct OnepassPermute {
   bool counts_cumsum = false;
   int32_t* expanded_row_idx = nullptr;
   int64_t* expert_tokens = nullptr;           // padded counts for alignment > 1
-  int64_t* expert_tokens_unpadded = nullptr;  // null for the plain op
+  int64_t* expert_tokens_unpadded = nullptr;  // null for the plain op (and only for it)
   void* workspace = nullptr;                  // permute_onepass_workspace_bytes
 };
 

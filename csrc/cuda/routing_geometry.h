@@ -70,4 +70,27 @@ inline OnepassPlan onepass_plan(int64_t rows, int64_t range, int64_t topk) {
   return plan;
 }
 
+// Which permute kernels a shape gets, from two H200 runs of both paths on the
+// same inputs (docs: the i20p report, issue 20):
+// - the plain op: the fused decode kernel up to kFusedDecodeOnlyRows routed
+//   rows (T=16 K=8: 6.1 vs 8.6 µs one-launch); the one-launch permute up to
+//   kOnepassPlainMaxRows (T=256 K=8: 15.3 vs 19.9 µs without EP, 9.2 vs 9.4 at
+//   EP 8); the multi-launch path above (T=8192 K=8: 309.7 vs 322.9 µs without
+//   EP, 24.1 vs 25.6 at EP 32 - the one-launch copy phase, 4 resident blocks an
+//   SM, is slower than the token-per-block copy and its index is no cheaper);
+// - the padded op (alignment and/or scales): the one-launch permute up to
+//   kOnepassPaddedAlwaysRows rows (T=256 fp8 A=128 EP 8: 15.8-17.3 vs 28.9 µs)
+//   and whenever at most 1/kOnepassPaddedMinEp of the experts are local
+//   (T=8192 EP 8: aligned 75.4 vs 88.0, fp8 44.7 vs 50.6, fp8 A=128 48.9 vs
+//   60.1 µs); without EP at T=8192 the multi-launch path (388.2 vs 395.1).
+constexpr int64_t kFusedDecodeOnlyRows = 1024;
+constexpr int64_t kOnepassPlainMaxRows = 2048;
+constexpr int64_t kOnepassPaddedAlwaysRows = 8192;
+constexpr int64_t kOnepassPaddedMinEp = 8;
+
+inline bool onepass_preferred(int64_t rows, int64_t range, int64_t num_experts, bool padded) {
+  if (!padded) return rows > kFusedDecodeOnlyRows && rows <= kOnepassPlainMaxRows;
+  return rows <= kOnepassPaddedAlwaysRows || range * kOnepassPaddedMinEp <= num_experts;
+}
+
 }  // namespace moe_ext::cuda::routing

@@ -21,11 +21,11 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "cuda/device_check.cuh"
 #include "cuda/launchers.h"
 #include "cuda/routing_common.cuh"
+#include "cuda/routing_geometry.h"
 #include "cuda/routing_permute_keys.cuh"
 
 namespace moe_ext::cuda {
@@ -432,8 +432,7 @@ row_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_rows, int64_t to
 // first block), block 0 writes expanded_row_idx and expert_tokens, and each
 // block copies its share of the valid destination rows. Two dependent launches
 // (index, then copy) cost more than the redundant index work at these sizes.
-constexpr int64_t kFusedDecodeRows = 2048;
-constexpr int64_t kFusedDecodeOnlyRows = 1024;  // above: the one-launch permute (routing_permute_onepass.cu)
+constexpr int64_t kFusedDecodeRows = 2048;  // its shared arrays; it runs up to kFusedDecodeOnlyRows
 constexpr int kFusedCounterBudgetBytes = 16 * 1024;  // + ~24 KiB static: under the 48 KiB default
 constexpr int64_t kFusedDecodeMaxBlocks = 128;
 
@@ -690,14 +689,8 @@ cudaError_t launch_moe_permute(const void* hidden, int64_t row_bytes, const void
   auto* table = static_cast<int32_t*>(workspace);
   const auto range32 = static_cast<int32_t>(range);
   {
-    // Experiment switch (removed before the final merge): MOE_EXT_PERMUTE_FUSED_DECODE=0 sends decode sizes
-    // to the one-launch permute.
-    // =1: fused up to kFusedDecodeRows (the old rule). Default: fused up to kFusedDecodeOnlyRows, where it
-    // beat the one-launch permute on an H200 (T=16 K=8: 6.1 vs 8.6 µs; T=256 K=8 EP1: 19.9 vs 15.3).
-    const char* fused_decode = std::getenv("MOE_EXT_PERMUTE_FUSED_DECODE");
-    const int64_t fused_rows = fused_decode == nullptr ? kFusedDecodeOnlyRows
-                               : fused_decode[0] == '1' ? kFusedDecodeRows : 0;
-    if (row_bytes > 0 && rows <= fused_rows && fused_decode_warps(range) >= 1) {
+    // Decode sizes: the fused decode kernel (routing_geometry.h onepass_preferred says why up to where).
+    if (row_bytes > 0 && rows <= kFusedDecodeOnlyRows && fused_decode_warps(range) >= 1) {
       return ids_are_int64
                  ? launch_decode_permute_for_ids(hidden, row_bytes, static_cast<const int64_t*>(topk_ids), expert_map,
                                                  map_is_int64, rows, topk, num_experts, active_start, range32,

@@ -110,3 +110,26 @@ TEST(RoutingGeometry, OnepassPlanRefusesWhatItCannotHold) {
 }
 
 }  // namespace
+
+namespace {
+
+using moe_ext::cuda::routing::onepass_preferred;
+
+TEST(RoutingGeometry, OnepassTakesTheShapesWhereItWasMeasuredFaster) {
+  // Plain op: decode T=16 K=8 keeps the fused kernel, T=256 K=8 goes one-launch, T=8192 multi-launch.
+  EXPECT_FALSE(onepass_preferred(128, 256, 256, false));
+  EXPECT_FALSE(onepass_preferred(1024, 256, 256, false));
+  EXPECT_TRUE(onepass_preferred(2048, 256, 256, false));
+  EXPECT_TRUE(onepass_preferred(2048, 32, 256, false));
+  EXPECT_FALSE(onepass_preferred(2049, 32, 256, false));
+  EXPECT_FALSE(onepass_preferred(65536, 8, 256, false));
+  // Padded op: decode always, T=8192 K=8 at EP 8 and above, not without EP (nor EP 2 / 4: not measured).
+  EXPECT_TRUE(onepass_preferred(2048, 32, 256, true));
+  EXPECT_TRUE(onepass_preferred(128, 256, 256, true));
+  EXPECT_TRUE(onepass_preferred(65536, 32, 256, true));
+  EXPECT_TRUE(onepass_preferred(65536, 8, 256, true));
+  EXPECT_FALSE(onepass_preferred(65536, 256, 256, true));
+  EXPECT_FALSE(onepass_preferred(65536, 64, 256, true));
+}
+
+}  // namespace
