@@ -4,7 +4,7 @@ Times moe_unpermute_backward (grad_permuted + grad_probs) under each backward ke
 with bench_routing.py's method (useful bytes, both floors, L2-cold input sets, CUDA graphs), and checks
 each variant against the "tile" kernel on the same inputs (named rows bitwise, grad_probs to 1e-4).
 
-    python3 bench/unpermute_bwd_variants.py [variant ...]   # default: tile flat flat1 flat8 flat2 flat64 flat64x8
+    python3 bench/unpermute_bwd_variants.py [variant ...]   # default: see main()
 """
 import os
 import sys
@@ -32,7 +32,7 @@ def case(num_tokens, hidden_size, topk, num_experts, ep_size, dtype=torch.bfloat
 
 
 def main():
-    variants = sys.argv[1:] or ["tile", "flat", "flat1", "flat8", "flat2", "flat64", "flat64x8"]
+    variants = sys.argv[1:] or ["tile", "flat1", "flat8", "one", "one4", "one128", "one8", "one128x8", "nocheck"]
     shapes = [(8192, 7168, 8, 256, ep) for ep in (1, 2, 4, 8, 32)] + [(4096, 4096, 2, 64, 1), (2048, 7168, 8, 256, 8)]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; µs per call; ratio = ours / faster floor")
     print("| case | MB | memcpy | kernel | " + " | ".join(variants) + " |")

@@ -705,6 +705,146 @@ unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restri
   MOE_DEVICE_CHECK(!named_twice, "moe_unpermute_backward: expanded_row_idx names a row twice");
 }
 
+// Backward, large rows, one tile a block ("one"): the flat item sequence of
+// the kernel above without the grid-stride loop (a persistent grid balanced
+// worse than the hardware's block scheduler: measured on an H200), and with
+// the bitmask's atomicOr off the critical path: its old value is only checked
+// at the end (device assert for a row named twice), so a block's chain is the
+// index load, then its rows' loads. kThreads threads a block: fewer, smaller
+// blocks keep more independent chains in flight per SM under wide EP.
+template <typename T, typename P, typename IndexT, int kVec, int kItems, int kMinBlocks, int kThreads, bool kCheck>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+unpermute_backward_one_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted, int64_t num_rows,
+                              int64_t hidden_size, const IndexT* __restrict__ row_idx, const P* __restrict__ probs,
+                              int64_t num_tokens, int64_t topk, T* __restrict__ grad_permuted,
+                              P* __restrict__ grad_probs, uint32_t* __restrict__ named) {
+  using A = typename Acc<T>::type;
+  using PackT = Pack<T, kVec>;
+  constexpr int kWarps = kThreads / 32;
+  __shared__ A partial[kWarps][kMaxTileTopk];
+  __shared__ int64_t tile_offset[kMaxTileTopk];
+  __shared__ int64_t tile_gradient[kMaxTileTopk];
+  __shared__ A tile_weight[kMaxTileTopk];
+  __shared__ int tile_slot[kMaxTileTopk];  // entry (lane of warp 0) -> row j, or -1
+  __shared__ int tile_rows;
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int tile_tokens = static_cast<int>(kMaxTileTopk / topk);
+  const int tile_entries = tile_tokens * static_cast<int>(topk);
+  const int64_t tile = blockIdx.x;
+  const int64_t packs = hidden_size / kVec;
+  const int passes = static_cast<int>(ceil_div(packs, kThreads));
+  static_assert(sizeof(PackT) == sizeof(uint4), "16-byte packs");
+  const uint4* __restrict__ gradient = reinterpret_cast<const uint4*>(grad_out);
+  const uint4* __restrict__ source = reinterpret_cast<const uint4*>(permuted);
+  PackT* __restrict__ destination = reinterpret_cast<PackT*>(grad_permuted);
+  auto as_pack = [](const uint4& word) {
+    PackT pack;
+    memcpy(&pack, &word, sizeof(pack));
+    return pack;
+  };
+
+  bool in_range = true;
+  uint32_t before = 0;
+  uint32_t bit = 0;
+  if (warp == 0) {
+    const int64_t entry = tile * tile_entries + lane;
+    int64_t row = -1;
+    A weight = A(1);
+    if (lane < tile_entries && entry < num_tokens * topk) {
+      const int64_t r = static_cast<int64_t>(row_idx[entry]);
+      if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));  // loaded with the index
+      in_range = r >= -1 && r < num_rows;
+      if (in_range && r >= 0) {
+        row = r;
+        if constexpr (kCheck) {
+          bit = 1u << static_cast<uint32_t>(r & 31);
+          before = atomicOr(named + (r >> 5), bit);  // checked at the end, not waited for here
+        }
+      }
+    }
+    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+    const int j = __popc(present & ((1u << lane) - 1u));
+    tile_slot[lane] = row >= 0 ? j : -1;
+    if (row >= 0) {
+      tile_offset[j] = row * packs;
+      tile_gradient[j] = (tile * tile_tokens + lane / static_cast<int>(topk)) * packs;
+      tile_weight[j] = weight;
+    }
+    if (lane == 0) tile_rows = __popc(present);
+  }
+  __syncthreads();
+  const int items = tile_rows * passes;
+  int j = 0;
+  int i = 0;
+  int current = -1;
+  A dot = A(0);
+  auto flush = [&]() {
+    if (grad_probs == nullptr || current < 0) return;
+    const A total = warp_sum(dot);
+    if (lane == 0) partial[warp][current] = total;
+  };
+  for (int q = 0; q < items; q += kItems) {
+    uint4 g[kItems];
+    uint4 x[kItems];
+    int item_row[kItems];
+    int item_pass[kItems];
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) {
+      item_row[u] = q + u < items ? j : -1;
+      item_pass[u] = i;
+      g[u] = make_uint4(0, 0, 0, 0);
+      x[u] = make_uint4(0, 0, 0, 0);
+      const int64_t v = static_cast<int64_t>(i) * kThreads + threadIdx.x;
+      if (item_row[u] >= 0 && v < packs) {
+        g[u] = gradient[tile_gradient[j] + v];
+        if (grad_probs != nullptr) x[u] = source[tile_offset[j] + v];
+      }
+      if (++i == passes) {
+        i = 0;
+        ++j;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) {
+      if (item_row[u] < 0) continue;  // uniform over the block
+      if (item_row[u] != current) {
+        flush();
+        current = item_row[u];
+        dot = A(0);
+      }
+      const int64_t v = static_cast<int64_t>(item_pass[u]) * kThreads + threadIdx.x;
+      if (v >= packs) continue;
+      const A weight = tile_weight[current];
+      const PackT gp = as_pack(g[u]);
+      PackT o;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) o.value[e] = store_acc<T>(weight * static_cast<A>(to_acc(gp.value[e])));
+      destination[tile_offset[current] + v] = o;
+      if (grad_probs != nullptr) {
+        const PackT xp = as_pack(x[u]);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+          dot += static_cast<A>(to_acc(gp.value[e])) * static_cast<A>(to_acc(xp.value[e]));
+      }
+    }
+  }
+  flush();
+  __syncthreads();  // every warp's row totals are in
+  if (warp == 0) {
+    const int64_t entry = tile * tile_entries + lane;
+    if (grad_probs != nullptr && lane < tile_entries && entry < num_tokens * topk) {
+      const int slot = tile_slot[lane];
+      A total = A(0);
+      if (slot >= 0)
+        for (int w = 0; w < kWarps; ++w) total += partial[w][slot];
+      grad_probs[entry] = to_prob<P>(total);
+    }
+    MOE_DEVICE_CHECK(in_range, "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
+    MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
+  }
+}
+
 // Zeroes the rows of out that the named-row bitmask does not mark (the padded
 // layout of an aligned moe_permute: its pad rows sit inside grouped-GEMM groups).
 template <int kBytes>
@@ -822,7 +962,9 @@ int64_t resident_blocks(Kernel kernel) {
 // kernel for the large-row case so that one GPU run measures the variants: "tile" (default: the 4-token
 // tile kernel), "flat" (the persistent flat kernel, 4 items a thread), "flat1" (the flat kernel, one
 // tile a block: no prefetch), "flat8" (8 items a thread, >= 2 blocks per SM), "flat2" (2 items, >= 5),
-// "flat64" / "flat64x8" (tiles of 64 entries, 4 / 8 items).
+// "flat64" / "flat64x8" (tiles of 64 entries, 4 / 8 items); one tile a block: "one" (256 threads, 4 items),
+// "one128" (128 threads, 4 items), "one8" (256 threads, 8 items), "one128x8" (128 threads, 8 items),
+// "nocheck" (as "one" without the bitmask memset and atomics: a diagnostic, NOT a valid kernel).
 int backward_variant() {
   const char* value = std::getenv("MOE_EXT_UNPERMUTE_BWD");
   if (value == nullptr) return 0;  // main keeps the measured tile kernel until the H200 run decides
@@ -833,6 +975,12 @@ int backward_variant() {
   if (v == "flat2") return 4;
   if (v == "flat64") return 5;
   if (v == "flat64x8") return 6;
+  if (v == "one") return 7;
+  if (v == "one128") return 8;
+  if (v == "one8") return 9;
+  if (v == "one128x8") return 10;
+  if (v == "nocheck") return 11;
+  if (v == "one4") return 12;
   return 0;
 }
 
@@ -873,7 +1021,22 @@ cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_ro
       case 4: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 2, 5, 1>, true, 1);
       case 5: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 2>, true, 2);
       case 6: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 8, 2, 2>, true, 2);
-      default: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 1>, true, 1);
+      case 1: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 1>, true, 1);
+      default: break;
+    }
+    const auto tiles = static_cast<unsigned>(ceil_div(num_tokens, kMaxTileTopk / topk));
+    auto one = [&](auto kernel, int threads) {
+      kernel<<<tiles, threads, 0, stream>>>(grad_out, permuted, num_rows, hidden_size, row_idx, probs, num_tokens,
+                                            topk, grad_permuted, grad_probs, named);
+      return cudaGetLastError();
+    };
+    switch (variant) {
+      case 8: return one(unpermute_backward_one_kernel<T, P, IndexT, kVec, 4, 6, 128, true>, 128);
+      case 9: return one(unpermute_backward_one_kernel<T, P, IndexT, kVec, 8, 2, 256, true>, 256);
+      case 10: return one(unpermute_backward_one_kernel<T, P, IndexT, kVec, 8, 4, 128, true>, 128);
+      case 11: return one(unpermute_backward_one_kernel<T, P, IndexT, kVec, 4, 4, 256, false>, 256);
+      case 12: return one(unpermute_backward_one_kernel<T, P, IndexT, kVec, 4, 4, 256, true>, 256);
+      default: return one(unpermute_backward_one_kernel<T, P, IndexT, kVec, 4, 3, 256, true>, 256);
     }
   }
   const auto blocks = static_cast<unsigned>(num_tokens);
@@ -922,7 +1085,7 @@ cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, 
                                           void* grad_permuted, void* grad_probs, int32_t* inverse,
                                           cudaStream_t stream) {
   // `inverse` (int32 [num_rows]) holds the bitmask of named rows: ceil(num_rows / 32) words.
-  if (num_rows > 0) {
+  if (num_rows > 0 && backward_variant() != 11) {  // EXPERIMENT: "nocheck" measures the kernel without it
     const cudaError_t status =
         cudaMemsetAsync(inverse, 0, static_cast<size_t>(named_words(num_rows)) * sizeof(uint32_t), stream);
     if (status != cudaSuccess) return status;
