@@ -2,6 +2,7 @@
 
     python bench/bench_routing.py            # CUDA if available (the issue's sizes), else a CPU smoke run
     python bench/bench_routing.py --small    # small sizes (any device)
+    python bench/bench_routing.py --only unpermute,histogram   # only the rows whose name contains one
 
 For each case it prints: the useful bytes (each needed byte read once plus
 each output byte written once), two floors for moving that many bytes measured
@@ -364,67 +365,94 @@ def permute_variant_case(name, num_tokens, hidden_size, topk, num_experts, ep_si
 
 
 def variant_cases(device: str, small: bool, dtype: torch.dtype):
+    """(name, thunk) of the aligned and fp8 rows; each thunk yields that case's rows."""
+    def case(name, *args, **kwargs):
+        return name, lambda: [permute_variant_case(name, *args, device, dtype, **kwargs)]
+
     if small:
-        yield permute_variant_case("permute aligned A=128 T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype,
-                                   alignment=128)
-        yield permute_variant_case("permute fp8+scales T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype,
-                                   fp8=True)
+        yield case("permute aligned A=128 T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, alignment=128)
+        yield case("permute fp8+scales T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, fp8=True)
         return
     for ep in (1, 8):
-        yield permute_variant_case(f"permute aligned A=128 T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep,
-                                   device, dtype, alignment=128)
-        yield permute_variant_case(f"permute fp8+scales T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep,
-                                   device, dtype, fp8=True)
-        yield permute_variant_case(f"permute fp8+scales A=128 T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep,
-                                   device, dtype, alignment=128, fp8=True)
-    yield permute_variant_case("permute fp8+scales A=128 T=256 H=7168 K=8 EP8", 256, 7168, 8, 256, 8, device,
-                               dtype, alignment=128, fp8=True)
+        yield case(f"permute aligned A=128 T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep, alignment=128)
+        yield case(f"permute fp8+scales T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep, fp8=True)
+        yield case(f"permute fp8+scales A=128 T=8192 H=7168 K=8 EP{ep}", 8192, 7168, 8, 256, ep, alignment=128,
+                   fp8=True)
+    yield case("permute fp8+scales A=128 T=256 H=7168 K=8 EP8", 256, 7168, 8, 256, 8, alignment=128, fp8=True)
 
 
 EP_SIZES = (1, 2, 4, 8, 32)
 
 
-def cases(device: str, small: bool, dtype: torch.dtype):
+def case_list(device: str, small: bool, dtype: torch.dtype):
+    """Every case as (name, thunk): the thunk builds the inputs and yields the case's rows (permute adds an
+    '(index only, H=0)' row). Nothing is built or timed until a thunk is called, so --only is cheap."""
+    def permute(name, *args):
+        return name, lambda: permute_case(name, *args, device, dtype)
+
+    def single(build, name, *args, **kwargs):
+        return name, lambda: [build(name, *args, device, dtype, **kwargs)]
+
     if small:
-        yield from permute_case("permute T=256 H=512 K=8 E=64 EP4", 256, 512, 8, 64, 4, device, dtype)
-        yield unpermute_case("unpermute T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4, device, dtype)
-        yield unpermute_backward_case("unpermute bwd T=256 H=512 K=8", 256, 512, 8, 64, 1, device, dtype)
-        yield regroup_case("group_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, device, dtype)
-        yield regroup_case("ungroup_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, device, dtype, True)
-        yield histogram_case("expert_histogram T=256 K=8 E=64", 256, 8, 64, device)
+        yield permute("permute T=256 H=512 K=8 E=64 EP4", 256, 512, 8, 64, 4)
+        yield single(unpermute_case, "unpermute T=256 H=512 K=8 EP4", 256, 512, 8, 64, 4)
+        yield single(unpermute_backward_case, "unpermute bwd T=256 H=512 K=8", 256, 512, 8, 64, 1)
+        yield single(regroup_case, "group_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16)
+        yield single(regroup_case, "ungroup_by_local_expert 4x8 H=512", 64, 8, 4, 512, 16, inverse=True)
+        yield "expert_histogram T=256 K=8 E=64", lambda: [histogram_case("expert_histogram T=256 K=8 E=64", 256, 8,
+                                                                         64, device)]
         yield from variant_cases(device, small, dtype)
         return
     for ep in EP_SIZES:
-        yield from permute_case(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
-    yield from permute_case("permute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
+        yield permute(f"permute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep)
+    yield permute("permute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1)
     for ep in EP_SIZES:
-        yield unpermute_case(f"unpermute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep, device, dtype)
-    yield unpermute_case("unpermute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
+        yield single(unpermute_case, f"unpermute T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep)
+    yield single(unpermute_case, "unpermute T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1)
     for ep in EP_SIZES:
-        yield unpermute_backward_case(f"unpermute bwd T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep,
-                                      device, dtype)
-    yield unpermute_backward_case("unpermute bwd T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1, device, dtype)
+        yield single(unpermute_backward_case, f"unpermute bwd T=8192 H=7168 K=8 E=256 EP{ep}", 8192, 7168, 8, 256, ep)
+    yield single(unpermute_backward_case, "unpermute bwd T=4096 H=4096 K=2 E=64", 4096, 4096, 2, 64, 1)
     for tokens in (16, 256):
         for ep in (1, 8):
-            yield from permute_case(f"permute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
-                                    device, dtype)
-            yield unpermute_case(f"unpermute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep,
-                                 device, dtype)
-    yield regroup_case("group_by_local_expert 8 ranks x 32 experts, 16k rows H=7168", 64, 32, 8, 7168, 128,
-                       device, dtype)
-    yield regroup_case("ungroup_by_local_expert (same)", 64, 32, 8, 7168, 128, device, dtype, True)
-    yield histogram_case("expert_histogram T=8192 K=8 E=256", 8192, 8, 256, device)
+            yield permute(f"permute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep)
+            yield single(unpermute_case, f"unpermute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep)
+    yield single(regroup_case, "group_by_local_expert 8 ranks x 32 experts, 16k rows H=7168", 64, 32, 8, 7168, 128)
+    yield single(regroup_case, "ungroup_by_local_expert (same)", 64, 32, 8, 7168, 128, inverse=True)
+    yield "expert_histogram T=8192 K=8 E=256", lambda: [histogram_case("expert_histogram T=8192 K=8 E=256", 8192, 8,
+                                                                       256, device)]
     yield from variant_cases(device, small, dtype)
+
+
+def selected(name: str, only: list[str]) -> bool:
+    """--only: keep a case whose name contains any of the substrings (case-insensitive); all without --only."""
+    return not only or any(part.lower() in name.lower() for part in only)
+
+
+def cases(device: str, small: bool, dtype: torch.dtype, only: list[str] | None = None):
+    """The rows of the cases ``selected`` by ``only``, timed one case at a time."""
+    for name, rows in case_list(device, small, dtype):
+        if selected(name, only or []):
+            yield from rows()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="small sizes (the default without a GPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                        help="time only the cases whose name contains SUBSTRING (case-insensitive; repeatable or "
+                             "comma-separated: a case is kept if it contains any). A case's extra rows, such as "
+                             "permute's '(index only, H=0)' row, are kept or dropped with it")
     args = parser.parse_args()
+    only = [part for value in args.only for part in value.split(",") if part]
+    if args.only and not only:
+        parser.error("--only needs a non-empty SUBSTRING")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.small or device == "cpu"
     dtype = getattr(torch, args.dtype)
+    if not any(selected(case_name, only) for case_name, _ in case_list(device, small, dtype)):
+        parser.error(f"--only {','.join(only)} matches no case; the cases are:\n  "
+                     + "\n  ".join(case_name for case_name, _ in case_list(device, small, dtype)))
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"# moe_ext {moe_ext.__version__} routing benchmark on {name}, torch {torch.__version__}, {args.dtype}, "
           f"L2 {l2_bytes(device) >> 20} MiB")
@@ -434,7 +462,7 @@ def main() -> None:
               f"| {'ours/floor':>10} | {'seed/ours':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
-    for row in cases(device, small, dtype):
+    for row in cases(device, small, dtype, only):
         mark = lambda graph: "" if graph or device == "cpu" else "*"  # noqa: E731
         seed = f"{row.seed:8.1f}{mark(row.seed_graph)}" if row.seed is not None else "n/a"
         ratio = f"{row.seed / row.ours:9.2f}" if row.seed is not None else "n/a"
