@@ -256,6 +256,11 @@ def test_unpermute_backward_named_rows_and_dropped_probs(device):
     (2048, 32, 64, (0, 16), 2048, torch.float16, torch.int32),
     (2048, 33, 64, (0, 16), 2048, torch.bfloat16, torch.int32),
     (2304, 8, 64, (0, 8), 2052, torch.bfloat16, torch.int32),
+    # The backward's flat kernel: K=6 (tiles of 5 tokens, 30 entries) with a partial last tile and a row
+    # of 257 packs (a last pass of one pack); K=1 (tiles of 32 tokens); fp64 (fp64 dots) with int64 indices.
+    (2049, 6, 64, (0, 8), 2056, torch.bfloat16, torch.int32),
+    (8192, 1, 16, (0, 4), 2048, torch.bfloat16, torch.int32),
+    (1100, 8, 64, (0, 64), 1024, torch.float64, torch.int64),
 ])
 def test_cuda_unpermute_and_backward_large_rows(num_tokens, topk, num_experts, active, hidden_size, dtype,
                                                 index_dtype):
@@ -282,6 +287,15 @@ def test_cuda_unpermute_and_backward_large_rows(num_tokens, topk, num_experts, a
     torch.testing.assert_close(got_grad.cpu()[named], want_grad[named], rtol=0, atol=0)
     torch.testing.assert_close(got_probs.cpu(), want_probs, rtol=1e-4, atol=1e-4)
     assert (got_probs.cpu().view(-1)[(row_idx < 0).view(-1)] == 0).all()
+    # fp32 grad_probs (and the rows) are deterministic: a second call gives the same bits.
+    again_grad, again_probs = torch.ops.moe_ext.moe_unpermute_backward(grad_out.cuda(), permuted.cuda(),
+                                                                        row_idx.cuda(), probs.cuda(), topk, True)
+    assert torch.equal(again_probs.cpu(), got_probs.cpu())
+    assert torch.equal(again_grad.cpu()[named], got_grad.cpu()[named])
+    # Without grad_probs the rows are the same (permuted is then never read).
+    rows_only, _ = torch.ops.moe_ext.moe_unpermute_backward(grad_out.cuda(), permuted.cuda(), row_idx.cuda(),
+                                                            probs.cuda(), topk, False)
+    torch.testing.assert_close(rows_only.cpu()[named], want_grad[named], rtol=0, atol=0)
 
 
 def test_backward_is_deterministic(device):
@@ -399,6 +413,15 @@ def test_non_contiguous_inputs_are_accepted(device):
     ("torch.ops.moe_ext.moe_unpermute_backward(torch.randn(1, 8, device='cuda'), "
      "torch.randn(4, 8, device='cuda'), torch.tensor([1, 1], dtype=torch.int32, device='cuda'), None, 2, "
      "False)", "names a row twice"),
+    # The same checks in the backward's large-row (flat) kernel: 2048 tokens, K=8, rows of 2048 bf16.
+    ("torch.ops.moe_ext.moe_unpermute_backward(torch.randn(2048, 2048, device='cuda', dtype=torch.bfloat16), "
+     "torch.randn(16384, 2048, device='cuda', dtype=torch.bfloat16), "
+     "torch.arange(16384, dtype=torch.int32, device='cuda').index_fill_(0, torch.tensor([9000], device='cuda'), 77), "
+     "torch.rand(2048, 8, device='cuda'), 8, True)", "names a row twice"),
+    ("torch.ops.moe_ext.moe_unpermute_backward(torch.randn(2048, 2048, device='cuda', dtype=torch.bfloat16), "
+     "torch.randn(16384, 2048, device='cuda', dtype=torch.bfloat16), "
+     "torch.arange(16384, dtype=torch.int32, device='cuda').index_fill_(0, torch.tensor([9000], device='cuda'), "
+     "16384), torch.rand(2048, 8, device='cuda'), 8, True)", "expanded_row_idx out of range"),
 ])
 def test_cuda_bad_values_stop_with_a_device_assert(case, message):
     assert_stops_with_device_assert(case, message)
