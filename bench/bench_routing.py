@@ -16,11 +16,21 @@ replaying at least 20 calls (launch gaps included, Python overhead excluded);
 a path that cannot be captured is timed with events around an eager loop and
 marked '*'. Permute and unpermute run at EP 1/2/4/8/32 as EP rank 0 (its
 contiguous share of the experts).
+
+Public columns (issue 20 item 8): the public Triton routing kernels of megablocks
+0.10.0 and TransformerEngine 2.20.2 timed the same way on the same inputs, their
+outputs checked against ours first; they need the pinned archives in
+.bench_public/ (bash scripts/fetch_public_kernels.sh; MOE_EXT_BENCH_PUBLIC
+overrides the folder) and CUDA, else the header says why and the cells are
+n/a. bench/public_kernels.py loads them; docs/PERFORMANCE.md says what each
+column times.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +40,9 @@ import torch
 import moe_ext
 from moe_ext.ops import (expert_histogram, group_by_local_expert, moe_permute, moe_unpermute,
                          ungroup_by_local_expert)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import public_kernels  # noqa: E402  (bench/public_kernels.py: the public comparators, loaded at run time)
 
 CALLS_PER_GRAPH = 20
 MAX_INPUT_SETS = 512  # distinct input copies per graph, so that inputs are L2-cold
@@ -85,10 +98,22 @@ def l2_bytes(device: str) -> int:
     return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20))
 
 
-def input_sets(inputs: tuple, footprint: int, device: str) -> list[tuple]:
-    """``inputs`` plus clones of its tensors, enough that the sets together exceed 2 x L2."""
+MAX_SETS_BYTES = 8 << 30  # memory cap on the clones of one case's inputs
+
+
+def input_sets(inputs: tuple, touched: int, device: str) -> list[tuple]:
+    """``inputs`` plus clones of its tensors, enough that one round over the sets touches > 2 x L2 (so a call's
+    inputs are not left in L2 by the previous call on the same set).
+
+    ``touched`` is what one call reads and writes (the case's useful bytes), not the inputs' size: a call may
+    read only part of its inputs -- unpermute under EP reads only the valid rows of a [T*K, H] buffer -- and
+    counting the whole buffer gave too few sets (before 2026-11-30 20:55: at decode sizes under EP the rows a
+    replay read stayed in L2 while the floors' did not).
+    """
     l2 = l2_bytes(device)
-    count = 1 if l2 == 0 else min(MAX_INPUT_SETS, max(1, -(-2 * l2 // max(footprint, 1))))
+    footprint = sum(v.numel() * v.element_size() for v in inputs if isinstance(v, torch.Tensor))
+    count = 1 if l2 == 0 else min(MAX_INPUT_SETS, max(1, -(-2 * l2 // max(touched, 1))),
+                                  max(1, MAX_SETS_BYTES // max(footprint, 1)))
     clone = lambda value: value.clone() if isinstance(value, torch.Tensor) else value  # noqa: E731
     return [inputs] + [tuple(clone(v) for v in inputs) for _ in range(count - 1)]
 
@@ -155,6 +180,15 @@ def floors_us(num_bytes: int, device: str) -> tuple[float, float]:
 
 
 @dataclass
+class PublicCall:
+    """A public kernel's call on the case's inputs: ``fn(*inputs)``; ``check(output)`` returns None when the
+    output matches ours (same rows; sums within bf16 rounding), else what differs."""
+    fn: Callable[..., object]
+    inputs: tuple
+    check: Callable[[object], str | None]
+
+
+@dataclass
 class Row:
     case: str
     bytes_moved: int
@@ -164,21 +198,124 @@ class Row:
     seed: float | None
     ours_graph: bool
     seed_graph: bool
+    # per public kernel key: (µs, from a CUDA graph) or why there is no time ("n/a", "wrong", "error")
+    public: dict[str, tuple[float, bool] | str] | None = None
 
     @property
     def floor(self) -> float:
         return min(self.memcpy, self.kernel)
 
 
-def measure(name: str, moved: int, ours_fn, seed_fn, inputs: tuple, device: str) -> Row:
-    """Time ours and the seed path over L2-cold copies of ``inputs``, plus both floors."""
-    footprint = sum(v.numel() * v.element_size() for v in inputs if isinstance(v, torch.Tensor))
-    sets = input_sets(inputs, max(footprint, moved), device)
+def footprint_of(inputs: tuple) -> int:
+    return sum(v.numel() * v.element_size() for v in inputs if isinstance(v, torch.Tensor))
+
+
+def time_public(key: str, call: PublicCall | str, moved: int, device: str) -> tuple[float, bool] | str:
+    """Check the public kernel's output against ours once, then time it like ours (L2-cold, CUDA graph)."""
+    if isinstance(call, str):
+        return call
+    try:
+        problem = call.check(call.fn(*call.inputs))
+    except Exception as error:  # noqa: BLE001 - a public kernel that fails on this case gets "error", the run goes on
+        print(f"# public {key}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+              file=sys.stderr)
+        return "error"
+    if problem:
+        print(f"# public {key}: output differs from ours: {problem}", file=sys.stderr)
+        return "wrong"
+    sets = input_sets(call.inputs, moved, device)
+    return time_us(call.fn, sets, device)
+
+
+def measure(name: str, moved: int, ours_fn, seed_fn, inputs: tuple, device: str,
+            public: dict[str, PublicCall | str] | None = None) -> Row:
+    """Time ours, the seed path and each available public kernel over L2-cold copies of the inputs, plus
+    both floors."""
+    sets = input_sets(inputs, moved, device)
     ours, ours_graph = time_us(ours_fn, sets, device)
     seed, seed_graph = time_us(seed_fn, sets, device) if seed_fn is not None else (None, False)
     del sets
+    timed = {key: time_public(key, call, moved, device) for key, call in (public or {}).items()}
     memcpy, kernel = floors_us(moved, device)
-    return Row(name, moved, memcpy, kernel, ours, seed, ours_graph, seed_graph)
+    return Row(name, moved, memcpy, kernel, ours, seed, ours_graph, seed_graph, timed)
+
+
+# ---------------------------------------------------------------- public comparators (issue 20 item 8)
+#
+# megablocks (backend/kernels.py): gather / scatter / scatter_wgrad / _padded_copy take a precomputed index
+# (token indices sorted by expert, their expert ids, bins = inclusive cumsum of the counts). Its own index
+# ops (ops.sort, ops.histogram) are CUDA-extension ops, not Triton, so for permute the timed call builds the
+# same index with torch ops (stable torch.sort, a scatter_add_ histogram, cumsum): "index included", like
+# ours; the "(index only, H=0)" row times that index alone. It has no expert filter (it moves all T*K rows),
+# so it has no EP row, and no scale rows (no fp8+scales row).
+# te (transformer_engine pytorch/triton/permutation.py, the mask-map path): a [T, E] routing mask ->
+# make_row_id_map (three Triton passes) -> permute_with_mask_map (fp8 rows with block scales and fused
+# padding included); unpermute and its backward with merging probs [T, E]. The timed permute builds the mask
+# from topk_ids (one scatter): index included. Under EP it gets the local experts' columns of the mask and
+# the exact local row count (what Megatron's dispatcher passes as num_out_tokens).
+
+PUBLIC: dict[str, public_kernels.Public] = {}  # filled by main(); empty = no public column asked for
+PUBLIC_KEYS = ("megablocks", "te")
+
+
+def public_calls(**builders) -> dict[str, PublicCall | str]:
+    """Per public kernel: its PublicCall when it is available and applies to the case, else "n/a".
+    A builder is a function of the kernel's modules returning a PublicCall, or a str: why it does not apply."""
+    calls: dict[str, PublicCall | str] = {}
+    for key in PUBLIC_KEYS:
+        public, builder = PUBLIC.get(key), builders.get(key, "does not apply")
+        if public is None or not public.available or isinstance(builder, str):
+            calls[key] = "n/a"
+        else:
+            calls[key] = builder(public.modules)
+    return calls
+
+
+def rows_equal(name: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    if got.shape != want.shape:
+        return f"{name}: shape {tuple(got.shape)} vs ours {tuple(want.shape)}"
+    if got.element_size() == 1:
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    if not torch.equal(got, want):
+        return f"{name}: {int((got != want).any(-1).sum()) if got.dim() > 1 else int((got != want).sum())} rows differ"
+    return None
+
+
+def close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 2e-2) -> str | None:
+    """Sums in another order / with another rounding of the products: within rtol of ours' largest value."""
+    if got.shape != want.shape:
+        return f"{name}: shape {tuple(got.shape)} vs ours {tuple(want.shape)}"
+    got, want = got.float(), want.float()
+    error = float((got - want).abs().max()) if got.numel() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return None if error <= rtol * max(scale, 1e-6) else f"{name}: max abs diff {error:.4g} (ours' max {scale:.4g})"
+
+
+def first_problem(*problems: str | None) -> str | None:
+    return next((p for p in problems if p), None)
+
+
+def megablocks_index(ids: torch.Tensor, num_experts: int):
+    """megablocks' indices_and_bins in torch ops: (indices of the flat (t, k) entries sorted by expert, stable;
+    their expert ids; bins = inclusive cumsum of the per-expert counts, int32)."""
+    flat = ids.reshape(-1)
+    bin_ids, indices = torch.sort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat))
+    return indices, bin_ids, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def te_routing_map(ids: torch.Tensor, num_experts: int, local: int) -> torch.Tensor:
+    """The [T, local] bool routing mask of the local experts 0..local-1 (a view of the [T, E] mask)."""
+    mask = torch.zeros((ids.shape[0], num_experts), dtype=torch.bool, device=ids.device)
+    mask.scatter_(1, ids.long(), True)
+    return mask[:, :local]
+
+
+def te_merging_probs(ids: torch.Tensor, probs: torch.Tensor, num_experts: int, local: int) -> torch.Tensor:
+    dense = torch.zeros((ids.shape[0], num_experts), dtype=probs.dtype, device=ids.device)
+    dense.scatter_(1, ids.long(), probs)
+    return dense[:, :local].contiguous()
 
 
 # ---------------------------------------------------------------- cases
@@ -209,13 +346,39 @@ def permute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, devi
     row_bytes = hidden_size * hidden.element_size()
     # useful bytes: each needed token row read once, each valid row written once, the ids read
     moved = needed_tokens * row_bytes + valid_rows * row_bytes + ids.numel() * ids.element_size()
+    ours = moe_permute(hidden, ids, num_experts=num_experts, active_expert_range=active).permuted[:valid_rows]
+
+    def megablocks(modules):
+        def call(h, i):
+            indices, bin_ids, bins = megablocks_index(i, num_experts)
+            return modules["kernels"].gather(h, indices, bin_ids, None, bins, topk)
+        return PublicCall(call, (hidden, ids), lambda out: rows_equal("permuted", out, ours))
+
+    def te(modules):
+        def call(h, i):
+            row_id_map = modules["permutation"].make_row_id_map(te_routing_map(i, num_experts, local), num_tokens,
+                                                                local)
+            return modules["permutation"].permute_with_mask_map(h, row_id_map, None, None, None, num_tokens, local,
+                                                                max(valid_rows, 1), hidden_size, None)[0]
+        return PublicCall(call, (hidden, ids), lambda out: rows_equal("permuted", out[:valid_rows], ours))
+
+    no_filter = "megablocks moves all T*K rows: no expert filter"
     yield measure(name, moved,
                   lambda h, i: moe_permute(h, i, num_experts=num_experts, active_expert_range=active),
-                  lambda h, i: seed_permute(h, i, expert_map, local), (hidden, ids), device)
+                  lambda h, i: seed_permute(h, i, expert_map, local), (hidden, ids), device,
+                  public_calls(megablocks=megablocks if ep_size == 1 else no_filter, te=te))
     if num_tokens * topk > 2048:  # the index alone (H=0: no row copied), to split the time; same bytes column
+        def megablocks_index_only(modules):
+            return PublicCall(lambda h, i: megablocks_index(i, num_experts), (hidden, ids), lambda out: None)
+
+        def te_index_only(modules):
+            return PublicCall(lambda h, i: modules["permutation"].make_row_id_map(
+                te_routing_map(i, num_experts, local), num_tokens, local), (hidden, ids), lambda out: None)
+
         yield measure(f"  (index only, H=0) {name.split(' ', 1)[1]}", moved,
                       lambda h, i: moe_permute(h[:, :0], i, num_experts=num_experts, active_expert_range=active),
-                      None, (hidden, ids), device)
+                      None, (hidden, ids), device,
+                      public_calls(megablocks=megablocks_index_only if ep_size == 1 else no_filter, te=te_index_only))
 
 
 def unpermute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, device, dtype):
@@ -240,10 +403,27 @@ def unpermute_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, de
     row_bytes = hidden_size * hidden.element_size()
     # useful bytes: each valid row read once, every output row written once, indices + probs read
     moved = valid_rows * row_bytes + num_tokens * row_bytes + num_tokens * topk * 8
+    ours = moe_unpermute(permuted, row_idx, probs)
+    local = active[1]
+
+    def megablocks(modules):  # scatter: weighted sum of each token's K rows, the index from the forward
+        indices, bin_ids, bins = megablocks_index(ids, num_experts)
+        return PublicCall(lambda p, ix, b, w, bn: modules["kernels"].scatter(p, ix, b, w, bn, topk),
+                          (permuted, indices, bin_ids, probs.reshape(-1), bins), lambda out: close("out", out, ours))
+
+    def te(modules):  # unpermute_with_mask_map with merging probs, the row_id_map from the forward
+        row_id_map = modules["permutation"].make_row_id_map(te_routing_map(ids, num_experts, local), num_tokens,
+                                                            local)
+        merging = te_merging_probs(ids, probs, num_experts, local)
+        return PublicCall(lambda p, m, mp: modules["permutation"].unpermute_with_mask_map(
+            p, m, mp, None, None, num_tokens, local, hidden_size)[0],
+            (permuted, row_id_map, merging), lambda out: close("out", out, ours))
+
     return measure(name, moved,
                    lambda p, r, w, t, sw: moe_unpermute(p, r, w),
                    lambda p, r, w, t, sw: seed_unpermute(p[:valid_rows], t, sw, num_tokens),
-                   (permuted, row_idx, probs, sorted_tokens, sorted_weights), device)
+                   (permuted, row_idx, probs, sorted_tokens, sorted_weights), device,
+                   public_calls(megablocks=megablocks if ep_size == 1 else "no expert filter", te=te))
 
 
 def unpermute_backward_case(name, num_tokens, hidden_size, topk, num_experts, ep_size, device, dtype):
@@ -272,9 +452,40 @@ def unpermute_backward_case(name, num_tokens, hidden_size, topk, num_experts, ep
         grad_probs = (p[safe].view(num_tokens, topk, -1).float() * g.unsqueeze(1).float()).sum(-1)
         return grad_permuted[:dump], grad_probs * keep.view(num_tokens, topk)
 
+    ours_permuted, ours_probs = torch.ops.moe_ext.moe_unpermute_backward(grad, permuted, row_idx.view(-1), probs,
+                                                                         topk, True)
+    ours_permuted = ours_permuted[:valid_rows]
+    local = active[1]
+    kept = (ids >= active[0]) & (ids < active[1])
+
+    def megablocks(modules):  # ScatterOp.backward: gather of grad (weighted) + scatter_wgrad (the prob grads)
+        indices, bin_ids, bins = megablocks_index(ids, num_experts)
+        kernels = modules["kernels"]
+
+        def call(g, p, ix, b, w, bn):
+            return kernels.gather(g, ix, b, w, bn, topk), kernels.scatter_wgrad(p, g, ix, b, bn, topk)
+        return PublicCall(call, (grad, permuted, indices, bin_ids, probs.reshape(-1), bins),
+                          lambda out: first_problem(close("grad_permuted", out[0], ours_permuted),
+                                                    close("grad_probs", out[1].view(num_tokens, topk), ours_probs)))
+
+    def te(modules):  # unpermute_with_mask_map_bwd_with_merging_probs
+        permutation = modules["permutation"]
+        row_id_map = permutation.make_row_id_map(te_routing_map(ids, num_experts, local), num_tokens, local)
+        merging = te_merging_probs(ids, probs, num_experts, local)
+        local_ids = torch.where(kept, ids, torch.zeros_like(ids)).long()
+
+        def check(out):
+            grad_probs = torch.where(kept, out[1].gather(1, local_ids), torch.zeros_like(ours_probs))
+            return first_problem(close("grad_permuted", out[0][:valid_rows], ours_permuted),
+                                 close("grad_probs", grad_probs, ours_probs * kept))
+        return PublicCall(lambda g, p, m, mp: permutation.unpermute_with_mask_map_bwd_with_merging_probs(
+            g, m, p, mp, None, num_tokens, local, max(valid_rows, 1), hidden_size),
+            (grad, permuted, row_id_map, merging), check)
+
     return measure(name, moved,
                    lambda g, p, r, w: torch.ops.moe_ext.moe_unpermute_backward(g, p, r, w, topk, True),
-                   seed_backward, (grad, permuted, row_idx.view(-1), probs), device)
+                   seed_backward, (grad, permuted, row_idx.view(-1), probs), device,
+                   public_calls(megablocks=megablocks if ep_size == 1 else "no expert filter", te=te))
 
 
 def regroup_case(name, rows_per_group, experts_per_rank, num_ranks, hidden_size, alignment, device,
@@ -357,11 +568,54 @@ def permute_variant_case(name, num_tokens, hidden_size, topk, num_experts, ep_si
     row_bytes = hidden_size * hidden.element_size() + (scales.shape[1] * 4 if fp8 else 0)
     moved = needed_tokens * row_bytes + padded_rows * row_bytes + ids.numel() * ids.element_size()
     inputs = (hidden, ids) + ((scales,) if fp8 else ())
+    ours_rows = result.permuted[:padded_rows]
+    ours_scales = result.permuted_scales[:padded_rows] if fp8 else None
+
+    def padded_bins_of(bins):  # inclusive cumsum of the counts, each rounded up to the alignment
+        counts = torch.diff(bins, prepend=bins.new_zeros(1))
+        return torch.cumsum((counts + alignment - 1) // alignment * alignment, 0, dtype=torch.int32)
+
+    def megablocks(modules):
+        """padded_gather's body (torch.zeros of the padded rows, then _padded_copy) with the padded row count known
+        on the host, as padded_gather would read it with .item(): no host sync, so it can be graph-captured."""
+        kernels = modules["kernels"]
+
+        def call(h, i):
+            indices, bin_ids, bins = megablocks_index(i, num_experts)
+            out = torch.zeros((padded_rows, hidden_size), dtype=h.dtype, device=h.device)
+            kernels._padded_copy[(indices.shape[0],)](h, out, indices, bin_ids, None, bins, padded_bins_of(bins),
+                                                      NUM_COLUMNS=hidden_size, A_TO_B=True, TOP_K=topk, SCALE=False)
+            return out
+        return PublicCall(call, inputs, lambda out: rows_equal("permuted", out, ours_rows))
+
+    def te(modules):
+        """permute_with_mask_map: fp8 rows with their scale rows, fused padding via pad_offsets (the rows added
+        before each expert's block); num_out_tokens = the padded row count, known on the host."""
+        permutation = modules["permutation"]
+
+        def call(h, i, *s):
+            mask = te_routing_map(i, num_experts, local)
+            row_id_map = permutation.make_row_id_map(mask, num_tokens, local)
+            pad_offsets = None
+            if alignment > 1:
+                counts = mask.sum(0)
+                extra = (counts + alignment - 1) // alignment * alignment - counts
+                pad_offsets = torch.cumsum(extra, 0) - extra
+            return permutation.permute_with_mask_map(h, row_id_map, None, s[0] if s else None, pad_offsets,
+                                                     num_tokens, local, max(padded_rows, 1), hidden_size,
+                                                     s[0].shape[1] if s else None)
+
+        def check(out):
+            return first_problem(rows_equal("permuted", out[0][:padded_rows], ours_rows),
+                                 rows_equal("scales", out[1][:padded_rows], ours_scales) if fp8 else None)
+        return PublicCall(call, inputs, check)
+
+    mb_applies = "no expert filter" if ep_size > 1 else ("no scale rows" if fp8 else megablocks)
     return measure(name, moved,
                    lambda h, i, *s: moe_permute(h, i, num_experts=num_experts, active_expert_range=active,
                                                 alignment=alignment, scales=s[0] if s else None),
                    lambda h, i, *s: seed_permute_padded(h, i, expert_map, local, alignment, s[0] if s else None),
-                   inputs, device)
+                   inputs, device, public_calls(megablocks=mb_applies, te=te))
 
 
 def variant_cases(device: str, small: bool, dtype: torch.dtype):
@@ -443,6 +697,8 @@ def main() -> None:
                         help="time only the cases whose name contains SUBSTRING (case-insensitive; repeatable or "
                              "comma-separated: a case is kept if it contains any). A case's extra rows, such as "
                              "permute's '(index only, H=0)' row, are kept or dropped with it")
+    parser.add_argument("--no-public", action="store_true",
+                        help="leave the public comparator columns out (n/a; no Triton compile or autotune)")
     args = parser.parse_args()
     only = [part for value in args.only for part in value.split(",") if part]
     if args.only and not only:
@@ -454,23 +710,40 @@ def main() -> None:
         parser.error(f"--only {','.join(only)} matches no case; the cases are:\n  "
                      + "\n  ".join(case_name for case_name, _ in case_list(device, small, dtype)))
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    PUBLIC.clear()
+    if not args.no_public:
+        PUBLIC.update(public_kernels.load(device))
     print(f"# moe_ext {moe_ext.__version__} routing benchmark on {name}, torch {torch.__version__}, {args.dtype}, "
           f"L2 {l2_bytes(device) >> 20} MiB")
     print("# floors: memcpy = copy_ of the same bytes, kernel = an elementwise kernel moving them; ratio against "
           "the faster. Inputs L2-cold (rotated copies). Times per call in µs ('*' = eager loop, not a CUDA graph)")
+    for key, public in PUBLIC.items():
+        state = "timed where it applies" if public.available else f"n/a ({public.reason})"
+        print(f"# public {key}: {public.archive.label}: {state}")
+    if args.no_public:
+        print("# public: n/a (--no-public)")
+    print("# public columns: the index build is included in permute (megablocks: torch.sort + scatter_add_ + cumsum, "
+          "its own sort/histogram being CUDA-extension ops; te: topk_ids -> [T, E] mask + make_row_id_map), and "
+          "timed alone in '(index only, H=0)'; unpermute and backward take the forward's index, like ours. n/a = "
+          "not available or does not apply (megablocks: no EP filter, no scale rows); 'wrong' = output differs "
+          "from ours (stderr says how), not timed. ours/public: ours over the faster public")
     header = (f"| {'case':<46} | {'MB':>8} | {'memcpy':>8} | {'kernel':>8} | {'ours':>9} | {'seed':>9} "
-              f"| {'ours/floor':>10} | {'seed/ours':>9} |")
+              f"| {'ours/floor':>10} | {'seed/ours':>9} | {'megablocks':>10} | {'te':>9} | {'ours/public':>11} |")
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
     for row in cases(device, small, dtype, only):
         mark = lambda graph: "" if graph or device == "cpu" else "*"  # noqa: E731
         seed = f"{row.seed:8.1f}{mark(row.seed_graph)}" if row.seed is not None else "n/a"
         ratio = f"{row.seed / row.ours:9.2f}" if row.seed is not None else "n/a"
+        public = row.public or {}
+        cells = {key: (f"{value[0]:8.1f}{mark(value[1])}" if isinstance(value, tuple) else value)
+                 for key, value in public.items()}
+        times = [value[0] for value in public.values() if isinstance(value, tuple)]
+        versus = f"{row.ours / min(times):11.2f}" if times else "n/a"
         print(f"| {row.case:<46} | {row.bytes_moved / 1e6:8.2f} | {row.memcpy:8.1f} | {row.kernel:8.1f} | "
-              f"{row.ours:8.1f}{mark(row.ours_graph) or ' '} | {seed:>9} | {row.ours / row.floor:10.2f} | {ratio} |",
-              flush=True)
+              f"{row.ours:8.1f}{mark(row.ours_graph) or ' '} | {seed:>9} | {row.ours / row.floor:10.2f} | {ratio} | "
+              f"{cells.get('megablocks', 'n/a'):>10} | {cells.get('te', 'n/a'):>9} | {versus:>11} |", flush=True)
         torch.cuda.empty_cache() if device == "cuda" else None
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,10 @@
 #   scripts/gpu_check.sh            one GPU: build, pytest (CUDA included), benches
 #   scripts/gpu_check.sh nccl       two GPUs: also the multi-process suites on NCCL
 #   GPU_CHECK_TESTS="tests/x.py"    restrict pytest;  GPU_CHECK_BENCH="bench/a.py" restrict benches
+#   GPU_CHECK_BENCH_ARGS="--only unpermute"   arguments for every bench of GPU_CHECK_BENCH
+#   GPU_CHECK_BENCH_TAIL=80         lines of each bench log printed at the end (default 12; full logs in $OUT)
+#   bench_routing's public columns (megablocks, TransformerEngine Triton kernels) need .bench_public/
+#   (bash scripts/fetch_public_kernels.sh where there is network; carry the folder to this machine)
 #   GPU_CHECK_WHEEL=dist/x.whl      the binary-compatibility proof: install that wheel (built on
 #                                   the CPU machine against another torch, with _native for this
 #                                   Python: MOE_EXT_EXTRA_PYTHONS) with no rebuild at all. Logs the
@@ -54,7 +58,7 @@ if [ "$mode" = "nccl" ]; then
 fi
 for bench in ${GPU_CHECK_BENCH:-bench/bench_permute_indices.py}; do
   name=$(basename "$bench" .py)
-  step "$name" "$name.log" python3 "$bench"
+  step "$name" "$name.log" python3 "$bench" ${GPU_CHECK_BENCH_ARGS:-}
 done
 
 echo
@@ -63,7 +67,7 @@ cat "$out/gpu.txt"
 [ -f "$out/stable_abi_probe.log" ] && cat "$out/stable_abi_probe.log"
 cat "$out/info.log"
 for bench in ${GPU_CHECK_BENCH:-bench/bench_permute_indices.py}; do
-  echo; tail -n 12 "$out/$(basename "$bench" .py).log"
+  echo; tail -n "${GPU_CHECK_BENCH_TAIL:-12}" "$out/$(basename "$bench" .py).log"
 done
 echo; grep -E "passed|failed|error" "$out/pytest.log" | tail -n 5
 echo; printf '%s\n' "${summary[@]}"
