@@ -18,6 +18,8 @@
 // unspecified, like moe_permute's tail: see docs/DESIGN.md), except in the
 // padded layout of an aligned moe_permute, where they are zeroed.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
@@ -590,6 +592,22 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
             permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
       } else {
         unpermute_tile_kernel<T, P, IndexT, kVec, 8, 2, 1, 4><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      }
+      return cudaGetLastError();
+    }
+    // EXPERIMENT (removed before the final merge): MOE_EXT_UNPERMUTE_FWD_DECODE=tile1r2 / tile1r1 sends a
+    // decode-sized grid (too few tiles for the kernels above) of 16-byte rows of >= 256 packs, K <= 32,
+    // to the tiled kernel one token a block (one index load, the present rows' loads 2 / 1 at a time).
+    const char* decode = std::getenv("MOE_EXT_UNPERMUTE_FWD_DECODE");
+    if (decode != nullptr && use_vectors<T>(hidden_size, {permuted, out}) && row_packs >= kBlockThreads &&
+        topk >= 1 && topk <= kMaxTileTopk) {
+      const auto grid = static_cast<unsigned>(num_tokens);
+      if (std::strcmp(decode, "tile1r2") == 0) {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 2, 2><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      } else {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 1, 3><<<grid, kBlockThreads, 0, stream>>>(
             permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
       }
       return cudaGetLastError();
