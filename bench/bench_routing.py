@@ -501,17 +501,42 @@ def regroup_case(name, rows_per_group, experts_per_rank, num_ranks, hidden_size,
     indices_with_zero_row = torch.where(grouped.permuted_indices >= 0, grouped.permuted_indices,
                                         torch.full_like(grouped.permuted_indices, num_rows)).long()
     row_bytes = hidden_size * x.element_size()
+    # te: TransformerEngine's chunk sort (make_chunk_sort_map + sort_chunks_by_map), what Megatron's all-to-all
+    # dispatcher runs after the exchange: chunks (rank r, expert e) reordered to (e, r), no padding -- so only
+    # rows without alignment (and, as here, no empty expert: ours gives an empty expert one zero row) compare.
+    chunk_order = torch.arange(groups, device=device).view(num_ranks, experts_per_rank).t().reshape(-1)
+    empty_expert = bool((counts.view(num_ranks, experts_per_rank).sum(0) == 0).any())
+    te_applies = alignment == 1 and not empty_expert
     if not inverse:
         moved = num_rows * row_bytes + max_len * row_bytes
+        ours_rows = grouped.rows[:num_rows]
+
+        def te(modules):
+            permutation = modules["permutation"]
+
+            def call(x_, c, order):
+                row_id_map = permutation.make_chunk_sort_map(c, order, num_rows, groups)
+                return permutation.sort_chunks_by_map(x_, row_id_map, None, num_rows, hidden_size, True)[0]
+            return PublicCall(call, (x, counts, chunk_order), lambda out: rows_equal("rows", out, ours_rows))
+
         return measure(name, moved,
                        lambda x_, c, z: group_by_local_expert(x_, c, experts_per_rank, num_ranks, alignment,
                                                               max_len),
-                       lambda x_, c, z: seed_regroup(x_, z), (x, counts, indices_with_zero_row), device)
+                       lambda x_, c, z: seed_regroup(x_, z), (x, counts, indices_with_zero_row), device,
+                       public_calls(megablocks="no chunk sort", te=te if te_applies else "pads no expert block"))
     moved = 2 * num_rows * row_bytes
+
+    def te_inverse(modules):  # the forward's map, read backwards (like ours: the forward's permuted_indices)
+        permutation = modules["permutation"]
+        row_id_map = permutation.make_chunk_sort_map(counts, chunk_order, num_rows, groups)
+        return PublicCall(lambda g, m: permutation.sort_chunks_by_map(g, m, None, num_rows, hidden_size, False)[0],
+                          (grouped.rows, row_id_map), lambda out: rows_equal("rows", out, x))
+
     return measure(name, moved,
                    lambda g, i, z: ungroup_by_local_expert(g, i, num_rows),
                    lambda g, i, z: seed_ungroup(g, z, num_rows),
-                   (grouped.rows, grouped.permuted_indices, indices_with_zero_row), device)
+                   (grouped.rows, grouped.permuted_indices, indices_with_zero_row), device,
+                   public_calls(megablocks="no chunk sort", te=te_inverse if te_applies else "pads no expert block"))
 
 
 def histogram_case(name, num_tokens, topk, num_experts, device):
@@ -672,6 +697,8 @@ def case_list(device: str, small: bool, dtype: torch.dtype):
             yield single(unpermute_case, f"unpermute T={tokens} H=7168 K=8 E=256 EP{ep}", tokens, 7168, 8, 256, ep)
     yield single(regroup_case, "group_by_local_expert 8 ranks x 32 experts, 16k rows H=7168", 64, 32, 8, 7168, 128)
     yield single(regroup_case, "ungroup_by_local_expert (same)", 64, 32, 8, 7168, 128, inverse=True)
+    yield single(regroup_case, "group_by_local_expert (same) A=1", 64, 32, 8, 7168, 1)
+    yield single(regroup_case, "ungroup_by_local_expert (same) A=1", 64, 32, 8, 7168, 1, inverse=True)
     yield "expert_histogram T=8192 K=8 E=256", lambda: [histogram_case("expert_histogram T=8192 K=8 E=256", 8192, 8,
                                                                        256, device)]
     yield from variant_cases(device, small, dtype)

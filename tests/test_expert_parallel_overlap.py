@@ -9,6 +9,9 @@ the input gradients and the full parameter gradients must equal the
 unparallelised module's over every rank's rows of both micro-batches. The
 micro-batches differ in size on each rank (one is empty on rank 1), so a
 combine handed the other call's split sizes cannot pass unnoticed.
+
+Also: a bad dispatch input on one rank raises on both ranks in the same call,
+through the count exchange, and the ranks stay in step.
 """
 
 from __future__ import annotations
@@ -172,3 +175,43 @@ def _run(rank, world_size):
 
 def test_two_micro_batches_in_flight_match_the_unparallelised_module():
     assert run_distributed(_run, WORLD, timeout=90) == [4] * WORLD
+
+
+def _run_refusals(rank, world_size):
+    """Rank 1 alone passes a bad dispatch input: both ranks raise in the same call (rank 1 naming the argument,
+    rank 0 naming rank 1), no rows move, and the next good call runs on both (the ranks stayed in step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_ext.errors import ArgumentError
+    from moe_ext.parallel.expert_parallel import ExpertParallel
+
+    module = parallelize_module(_experts(41), init_device_mesh("cpu", (world_size,)), ExpertParallel())
+    plain = _experts(41)
+    good = _micro_batch(41, rank, 5)[:2]
+    bad_inputs = [
+        ((torch.randn(2, DIM, dtype=torch.float64), torch.tensor([3, -1, 0, 0])), ArgumentError,
+         r"non-negative counts summing to routed_input's 2 rows, got sum 2, smallest -1"),
+        ((torch.randn(3, DIM, dtype=torch.float64), torch.tensor([1, 1, 1, 1])), ArgumentError,
+         r"summing to routed_input's 3 rows, got sum 4"),
+        ((torch.randn(3, DIM, dtype=torch.float64), torch.tensor([1, 1, 1])), ArgumentError,
+         r"num_tokens_per_expert must be \[4\] \(every expert of the EP group\), got \[3\]"),
+        ((torch.randn(2, DIM, dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0, 0.0])), TypeError,
+         r"num_tokens_per_expert must be an integer tensor, got torch.float32"),
+        ((torch.randn(2, 5, dtype=torch.float64), torch.tensor([1, 1, 0, 0])), ArgumentError,
+         r"routed_input must be \[N, 8\] \(rows sorted by expert\), got \[2, 5\]"),
+    ]
+    for inputs, error, message in bad_inputs:
+        if rank == 1:
+            with pytest.raises(error, match=message):
+                module(*inputs)
+        else:
+            with pytest.raises(ArgumentError, match="EP group rank 1 refused its dispatch input"):
+                module(*good)
+        torch.testing.assert_close(module(*good), plain(*good), atol=TOL, rtol=TOL)
+    dist.barrier()
+    return len(bad_inputs)
+
+
+def test_a_bad_dispatch_input_on_one_rank_raises_on_every_rank():
+    assert run_distributed(_run_refusals, WORLD, timeout=60) == [5] * WORLD

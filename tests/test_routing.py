@@ -261,6 +261,9 @@ def test_unpermute_backward_named_rows_and_dropped_probs(device):
     (2049, 6, 64, (0, 8), 2056, torch.bfloat16, torch.int32),
     (8192, 1, 16, (0, 4), 2048, torch.bfloat16, torch.int32),
     (1100, 8, 64, (0, 64), 1024, torch.float64, torch.int64),
+    # Decode-sized grids (the forward's small-grid path, the backward's one-token kernel).
+    (256, 8, 64, (0, 8), 2048, torch.bfloat16, torch.int32),
+    (16, 8, 64, (0, 64), 2048, torch.float32, torch.int64),
 ])
 def test_cuda_unpermute_and_backward_large_rows(num_tokens, topk, num_experts, active, hidden_size, dtype,
                                                 index_dtype):

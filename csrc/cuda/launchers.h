@@ -26,7 +26,9 @@ cudaError_t launch_generate_permute_indices(const void* counts, bool counts_are_
 // ---------------------------------------------------------------- token routing
 // (csrc/cuda/routing_*.cu). No launcher synchronises. Value errors (an id or a
 // row index out of range, a row named twice) stop the kernel with a
-// device-side assert and the offending entry is never used as an address.
+// device-side assert and an out-of-range entry is never used as an address (a
+// row named twice is in range: moe_unpermute's backward may write it from both
+// namings before its assert stops the kernel).
 
 // Element types of the floating-point routing kernels.
 enum class FloatType { kFloat32, kFloat16, kBFloat16, kFloat64 };
@@ -132,7 +134,7 @@ cudaError_t launch_moe_unpermute(FloatType type, const void* permuted, int64_t n
 // row = row_idx[t*K+k]; rows no entry names are NOT written; grad_probs (may be
 // null) [t,k] = dot(grad_out[t], permuted[row]) or 0. inverse is int32 scratch
 // [num_rows] (its first ceil(num_rows / 32) words hold the named-row bitmask that
-// refuses a row named twice). Each row is written by one block: no atomics on data.
+// refuses a row named twice). Each named row is written by one block: no atomics on data.
 cudaError_t launch_moe_unpermute_backward(FloatType type, const void* grad_out, const void* permuted,
                                           int64_t num_rows, int64_t hidden_size, const void* row_idx,
                                           bool row_idx_is_int64, const void* probs,

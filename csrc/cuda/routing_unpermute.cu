@@ -12,12 +12,14 @@
 // a row named twice (device assert); grad_permuted[row] = probs[t,k] *
 // grad_out[t] for each named row (one writer), grad_probs[t,k] =
 // dot(grad_out[t], permuted[row]) in a fixed order; a token with no row here
-// never reads its grad_out row. Rows no entry names are NOT written (they are
+// never reads its grad_out row. Large rows: one tile of 32 / K tokens a
+// block, all its rows' loads in flight together (unpermute_backward_flat_kernel);
+// small grids and K > 32: one token a block. Rows no entry names are NOT written (they are
 // unspecified, like moe_permute's tail: see docs/DESIGN.md), except in the
 // padded layout of an aligned moe_permute, where they are zeroed.
 #include <algorithm>
 #include <cstdlib>
-#include <string>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
@@ -379,163 +381,52 @@ unpermute_backward_sparse_kernel(const T* __restrict__ grad_out, const T* __rest
   }
 }
 
-// Backward, large rows: kTile tokens per block (as the tiled forward). Warp w
-// reads token w's K (<= 32) indices and weights in one step, marks the named
-// rows in the bitmask and compacts the present ones into shared memory; then
-// the block walks its tokens: a token with no row here only writes its
-// grad_probs zeros (its grad_out row is never read); otherwise the grad_out
-// row is held in registers, kCached packs a thread a pass, and each present
-// row gets grad_permuted[row] = w * grad_out[t] and, with grad_probs, its dot
-// with permuted[row] (per-warp partials summed over the warps in a fixed
-// order: deterministic). Rows no entry names are not written.
-template <typename T, typename P, typename IndexT, int kVec, int kTile, int kCached, int kMinBlocks>
-__global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
-unpermute_backward_tile_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
-                               int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
-                               const P* __restrict__ probs, int64_t num_tokens, int64_t topk,
-                               T* __restrict__ grad_permuted, P* __restrict__ grad_probs,
-                               uint32_t* __restrict__ named) {
-  static_assert(kTile <= kBackwardWarps, "one warp per token of the tile");
-  using A = typename Acc<T>::type;
-  using PackT = Pack<T, kVec>;
-  __shared__ A partial[kBackwardWarps][kMaxTileTopk];
-  __shared__ int64_t tile_row[kTile][kMaxTileTopk];
-  __shared__ A tile_weight[kTile][kMaxTileTopk];
-  __shared__ int tile_slot[kTile][kMaxTileTopk];
-  __shared__ int tile_rows[kTile];
-  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int tokens = static_cast<int>(num_tokens - first_token < kTile ? num_tokens - first_token : kTile);
-  const int warp = static_cast<int>(threadIdx.x / 32);
-  const int lane = static_cast<int>(threadIdx.x & 31);
-  if (warp < tokens) {
-    const int64_t entry = (first_token + warp) * topk + lane;
-    int64_t row = -1;
-    A weight = A(1);
-    if (lane < topk) {
-      const int64_t r = static_cast<int64_t>(row_idx[entry]);
-      if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));
-      const bool in_range = r >= -1 && r < num_rows;
-      MOE_DEVICE_CHECK(in_range, "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
-      if (in_range && r >= 0) {
-        const uint32_t bit = 1u << static_cast<uint32_t>(r & 31);
-        const uint32_t before = atomicOr(named + (r >> 5), bit);
-        MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
-        if ((before & bit) == 0) row = r;
-      }
-    }
-    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
-    const int j = __popc(present & ((1u << lane) - 1u));
-    tile_slot[warp][lane] = row >= 0 ? j : -1;
-    if (row >= 0) {
-      tile_row[warp][j] = row;
-      tile_weight[warp][j] = weight;
-    }
-    if (lane == 0) tile_rows[warp] = __popc(present);
-  }
-  __syncthreads();
-  const int64_t packs = hidden_size / kVec;
-  const int64_t pass_packs = static_cast<int64_t>(kBackwardThreads) * kCached;
-  for (int t = 0; t < tokens; ++t) {
-    const int n = tile_rows[t];
-    const PackT* __restrict__ gradient = reinterpret_cast<const PackT*>(grad_out) + (first_token + t) * packs;
-    for (int64_t base = 0; n > 0 && base < packs; base += pass_packs) {
-      PackT g[kCached];
-#pragma unroll
-      for (int u = 0; u < kCached; ++u) {
-        const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-        if (v < packs) g[u] = gradient[v];
-      }
-      for (int j = 0; j < n; ++j) {
-        const int64_t row = tile_row[t][j];
-        const A weight = tile_weight[t][j];
-        PackT xv[kCached];
-        if (grad_probs != nullptr) {
-          const PackT* __restrict__ x = reinterpret_cast<const PackT*>(permuted) + row * packs;
-#pragma unroll
-          for (int u = 0; u < kCached; ++u) {
-            const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-            if (v < packs) xv[u] = x[v];
-          }
-        }
-        PackT* __restrict__ destination = reinterpret_cast<PackT*>(grad_permuted) + row * packs;
-        A dot = A(0);
-#pragma unroll
-        for (int u = 0; u < kCached; ++u) {
-          const int64_t v = base + static_cast<int64_t>(u) * kBackwardThreads + threadIdx.x;
-          if (v >= packs) continue;
-          PackT o;
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) o.value[i] = store_acc<T>(weight * static_cast<A>(to_acc(g[u].value[i])));
-          destination[v] = o;
-          if (grad_probs != nullptr) {
-#pragma unroll
-            for (int i = 0; i < kVec; ++i)
-              dot += static_cast<A>(to_acc(g[u].value[i])) * static_cast<A>(to_acc(xv[u].value[i]));
-          }
-        }
-        if (grad_probs != nullptr) {
-          dot = warp_sum(dot);
-          if (lane == 0) partial[warp][j] = base == 0 ? dot : partial[warp][j] + dot;
-        }
-      }
-    }
-    if (grad_probs == nullptr) continue;
-    __syncthreads();  // every warp's partials of token t are in
-    if (threadIdx.x < topk) {
-      const int j = tile_slot[t][threadIdx.x];
-      A total = A(0);
-      if (j >= 0)
-        for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][j];
-      grad_probs[(first_token + t) * topk + threadIdx.x] = to_prob<P>(total);
-    }
-    __syncthreads();  // partial is reused by the next token
-  }
-}
-
-// Backward, large rows, persistent ("flat"). The tiled kernel's latency chain
-// (index load -> a token's grad_out / permuted loads -> the next token, with
-// block barriers between) left the SM idle at EP 8 / 32, where a tile holds
-// about one row. Here a block walks tiles of 32 / K tokens (one warp-wide load
-// holds a tile's entries) with a grid-stride loop (grid: the resident blocks);
-// warp 0 loads the NEXT tile's indices and weights while the block moves the
-// current tile's rows, and marks them in the bitmask after its share of those
-// rows (atomicOr; a row named twice is skipped and a device assert fires at the
-// end), so neither latency sits between tiles. Warp 0 compacts a tile's present
-// rows (token-major, k order) into shared memory; the work is then flattened
-// over the tile: item q = pass i over row j (packs i * 256 + thread), kItems
-// items in flight a thread (a grad_out and a permuted 16-byte word each), so all
-// rows of the tile move together whatever tokens they belong to.
-// grad_permuted[row] = w * grad_out[t]; each lane sums a row's dot in item
+// Backward, large rows (issue 20 item 2): one tile of 32 / K tokens a block
+// (K <= 32; one warp-wide load holds the tile's entries). Warp 0 loads the
+// tile's indices with their weights, marks the named rows in the bitmask
+// (atomicOr, its old value checked only at the end, so the atomic is not on
+// the block's critical path) and compacts the present rows (token-major, k
+// order) into shared memory. The work is then flattened over the tile: item q
+// = pass i over row j (packs i * kThreads + thread), kItems items in flight a
+// thread (a grad_out and a permuted 16-byte word each), so all rows of the tile
+// move together whatever tokens they belong to, with no barrier between
+// tokens; a block's chain is the index load, then its rows' loads. Each row
+// gets grad_permuted[row] = w * grad_out[t]; each lane sums a row's dot in item
 // order, each warp's total goes to its own shared slot (the item sequence is
 // the same for every thread, so every warp visits every row), and warp 0 sums
-// the 8 slots in warp order: grad_probs are deterministic. A token with no row
-// here never reads its grad_out row; rows no entry names are not written.
-template <typename T, typename P, typename IndexT, int kVec, int kItems, int kMinBlocks, int kWords>
-__global__ void __launch_bounds__(kBackwardThreads, kMinBlocks)
-unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted,
-                               int64_t num_rows, int64_t hidden_size, const IndexT* __restrict__ row_idx,
-                               const P* __restrict__ probs, int64_t num_tokens, int64_t topk,
-                               T* __restrict__ grad_permuted, P* __restrict__ grad_probs,
-                               uint32_t* __restrict__ named) {
+// the slots in warp order: grad_probs are deterministic. A token with no row
+// here never reads its grad_out row; rows no entry names are not written. An
+// out-of-range index is never used; a row named twice is written by both
+// namings (in bounds) and the device assert fires when the block ends.
+// Measured on an H200 (bf16, T=8192 H=7168 K=8 E=256; issue 20): against the
+// previous 4-token tile kernel (one token at a time, block barriers between),
+// 1.13 / 1.12 / 1.15 / 1.15 / 1.33x the floor at EP 1 / 2 / 4 / 8 / 32 instead
+// of 1.11 / 1.14 / 1.23 / 1.29 / 1.59x. A persistent grid that prefetched the
+// next tile's indices was slower (1.17-1.71x: the block scheduler balances the
+// uneven tiles better), and so were 128-thread blocks, 8 items a thread, and
+// 4 blocks per SM (64 registers spill the atomic's result: it is then waited for).
+template <typename T, typename P, typename IndexT, int kVec, int kItems, int kMinBlocks, int kThreads>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restrict__ permuted, int64_t num_rows,
+                              int64_t hidden_size, const IndexT* __restrict__ row_idx, const P* __restrict__ probs,
+                              int64_t num_tokens, int64_t topk, T* __restrict__ grad_permuted,
+                              P* __restrict__ grad_probs, uint32_t* __restrict__ named) {
   using A = typename Acc<T>::type;
   using PackT = Pack<T, kVec>;
-  constexpr int kEntries = 32 * kWords;  // entries of a tile: kWords a lane of warp 0
-  __shared__ A partial[kBackwardWarps][kEntries];
-  // The tile's present rows j (token-major, k order): pack offsets of the row and of its token's
-  // grad_out row, and the weight.
-  __shared__ int64_t tile_offset[kEntries];
-  __shared__ int64_t tile_gradient[kEntries];
-  __shared__ A tile_weight[kEntries];
+  constexpr int kWarps = kThreads / 32;
+  __shared__ A partial[kWarps][kMaxTileTopk];
+  __shared__ int64_t tile_offset[kMaxTileTopk];
+  __shared__ int64_t tile_gradient[kMaxTileTopk];
+  __shared__ A tile_weight[kMaxTileTopk];
+  __shared__ int tile_slot[kMaxTileTopk];  // entry (lane of warp 0) -> row j, or -1
   __shared__ int tile_rows;
   const int warp = static_cast<int>(threadIdx.x / 32);
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const int tile_tokens = static_cast<int>(kEntries / topk);
+  const int tile_tokens = static_cast<int>(kMaxTileTopk / topk);
   const int tile_entries = tile_tokens * static_cast<int>(topk);
-  const int64_t total_entries = num_tokens * topk;
-  const int64_t num_tiles = ceil_div(num_tokens, tile_tokens);
+  const int64_t tile = blockIdx.x;
   const int64_t packs = hidden_size / kVec;
-  // Passes of the block over one row; int: launch_backward sends rows of 2^31 packs or more elsewhere.
-  const int passes = static_cast<int>(ceil_div(packs, kBackwardThreads));
+  const int passes = static_cast<int>(ceil_div(packs, kThreads));
   static_assert(sizeof(PackT) == sizeof(uint4), "16-byte packs");
   const uint4* __restrict__ gradient = reinterpret_cast<const uint4*>(grad_out);
   const uint4* __restrict__ source = reinterpret_cast<const uint4*>(permuted);
@@ -546,163 +437,103 @@ unpermute_backward_flat_kernel(const T* __restrict__ grad_out, const T* __restri
     return pack;
   };
 
-  // Warp 0's lane l holds entries l + 32 s (s < kWords) of the pending tile: raw index and weight
-  // (loads in flight), then the checked row and the bitmask word before this naming.
-  IndexT raw_row[kWords];
-  P raw_weight[kWords];
-  bool active[kWords];
-  int64_t pending_row[kWords];
-  uint32_t before[kWords];
-  int slot[kWords];  // entry -> row j of the current tile, or -1
-#pragma unroll
-  for (int s = 0; s < kWords; ++s) {
-    raw_row[s] = IndexT(-1);
-    raw_weight[s] = P(0);
-    active[s] = false;
-    pending_row[s] = -1;
-    before[s] = 0;
-    slot[s] = -1;
-  }
-  // A bad entry is never used (skipped); its device assert fires after the loop, so that no call sits
-  // inside the loop (a call makes the compiler keep the loop's live registers on the stack).
-  bool out_of_range = false;
-  bool named_twice = false;
-  auto fetch = [&](int64_t tile) {
-#pragma unroll
-    for (int s = 0; s < kWords; ++s) {
-      const int e = lane + 32 * s;
-      const int64_t entry = tile * tile_entries + e;
-      active[s] = e < tile_entries && entry < total_entries;
-      if (active[s]) {
-        raw_row[s] = row_idx[entry];
-        if (probs != nullptr) raw_weight[s] = probs[entry];
-      }
-    }
-  };
-  auto mark = [&]() {
-#pragma unroll
-    for (int s = 0; s < kWords; ++s) {
-      pending_row[s] = -1;
-      if (!active[s]) continue;
-      const int64_t r = static_cast<int64_t>(raw_row[s]);
-      const bool in_range = r >= -1 && r < num_rows;
-      out_of_range |= !in_range;
+  bool in_range = true;
+  uint32_t before = 0;
+  uint32_t bit = 0;
+  if (warp == 0) {
+    const int64_t entry = tile * tile_entries + lane;
+    int64_t row = -1;
+    A weight = A(1);
+    if (lane < tile_entries && entry < num_tokens * topk) {
+      const int64_t r = static_cast<int64_t>(row_idx[entry]);
+      if (probs != nullptr) weight = static_cast<A>(to_acc(probs[entry]));  // loaded with the index
+      in_range = r >= -1 && r < num_rows;
       if (in_range && r >= 0) {
-        before[s] = atomicOr(named + (r >> 5), 1u << static_cast<uint32_t>(r & 31));
-        pending_row[s] = r;
+        row = r;
+        bit = 1u << static_cast<uint32_t>(r & 31);
+        before = atomicOr(named + (r >> 5), bit);  // checked at the end, not waited for here
       }
     }
+    const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
+    const int j = __popc(present & ((1u << lane) - 1u));
+    tile_slot[lane] = row >= 0 ? j : -1;
+    if (row >= 0) {
+      tile_offset[j] = row * packs;
+      tile_gradient[j] = (tile * tile_tokens + lane / static_cast<int>(topk)) * packs;
+      tile_weight[j] = weight;
+    }
+    if (lane == 0) tile_rows = __popc(present);
+  }
+  __syncthreads();
+  const int items = tile_rows * passes;
+  int j = 0;
+  int i = 0;
+  int current = -1;
+  A dot = A(0);
+  auto flush = [&]() {
+    if (grad_probs == nullptr || current < 0) return;
+    const A total = warp_sum(dot);
+    if (lane == 0) partial[warp][current] = total;
   };
-
-  int64_t tile = blockIdx.x;
-  if (warp == 0 && tile < num_tiles) {
-    fetch(tile);
-    mark();
-  }
-  for (; tile < num_tiles; tile += gridDim.x) {
-    const int64_t next = tile + gridDim.x;
-    if (warp == 0) {
-      int count = 0;
+  for (int q = 0; q < items; q += kItems) {
+    uint4 g[kItems];
+    uint4 x[kItems];
+    int item_row[kItems];
+    int item_pass[kItems];
 #pragma unroll
-      for (int s = 0; s < kWords; ++s) {
-        int64_t row = pending_row[s];
-        if (row >= 0 && (before[s] & (1u << static_cast<uint32_t>(row & 31))) != 0) {
-          named_twice = true;
-          row = -1;
-        }
-        const unsigned present = __ballot_sync(0xffffffffu, row >= 0);
-        const int j = count + __popc(present & ((1u << lane) - 1u));
-        slot[s] = row >= 0 ? j : -1;
-        if (row >= 0) {
-          tile_offset[j] = row * packs;
-          tile_gradient[j] = (tile * tile_tokens + (lane + 32 * s) / static_cast<int>(topk)) * packs;
-          tile_weight[j] = probs != nullptr ? static_cast<A>(to_acc(raw_weight[s])) : A(1);
-        }
-        count += __popc(present);
+    for (int u = 0; u < kItems; ++u) {
+      item_row[u] = q + u < items ? j : -1;
+      item_pass[u] = i;
+      g[u] = make_uint4(0, 0, 0, 0);
+      x[u] = make_uint4(0, 0, 0, 0);
+      const int64_t v = static_cast<int64_t>(i) * kThreads + threadIdx.x;
+      if (item_row[u] >= 0 && v < packs) {
+        g[u] = gradient[tile_gradient[j] + v];
+        if (grad_probs != nullptr) x[u] = source[tile_offset[j] + v];
       }
-      if (lane == 0) tile_rows = count;
-      if (next < num_tiles) fetch(next);  // in flight while the rows below move
-    }
-    __syncthreads();  // the tile's rows are in shared memory
-    const int n = tile_rows;
-    // Item q is pass i over row j (packs i * kBackwardThreads + threadIdx.x): the same sequence for
-    // every thread, so j and i are uniform over the block and every warp visits every row.
-    const int items = n * passes;
-    int j = 0;
-    int i = 0;
-    int current = -1;  // the row whose dot this lane is summing
-    A dot = A(0);
-    auto flush = [&]() {
-      if (grad_probs == nullptr || current < 0) return;
-      const A total = warp_sum(dot);
-      if (lane == 0) partial[warp][current] = total;
-    };
-    for (int q = 0; q < items; q += kItems) {
-      // Raw 16-byte words, not PackT: a conditionally loaded bf16/fp16 pack would be tracked as eight
-      // 16-bit values (twice the registers, and spills at 4 blocks per SM).
-      uint4 g[kItems];
-      uint4 x[kItems];
-      int item_row[kItems];
-      int item_pass[kItems];
-#pragma unroll
-      for (int u = 0; u < kItems; ++u) {
-        item_row[u] = q + u < items ? j : -1;
-        item_pass[u] = i;
-        g[u] = make_uint4(0, 0, 0, 0);
-        x[u] = make_uint4(0, 0, 0, 0);
-        const int64_t v = static_cast<int64_t>(i) * kBackwardThreads + threadIdx.x;
-        if (item_row[u] >= 0 && v < packs) {
-          g[u] = gradient[tile_gradient[j] + v];
-          if (grad_probs != nullptr) x[u] = source[tile_offset[j] + v];
-        }
-        if (++i == passes) {
-          i = 0;
-          ++j;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kItems; ++u) {
-        if (item_row[u] < 0) continue;  // uniform over the block
-        if (item_row[u] != current) {
-          flush();
-          current = item_row[u];
-          dot = A(0);
-        }
-        const int64_t v = static_cast<int64_t>(item_pass[u]) * kBackwardThreads + threadIdx.x;
-        if (v >= packs) continue;
-        const A weight = tile_weight[current];
-        const PackT gp = as_pack(g[u]);
-        PackT o;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) o.value[e] = store_acc<T>(weight * static_cast<A>(to_acc(gp.value[e])));
-        destination[tile_offset[current] + v] = o;
-        if (grad_probs != nullptr) {
-          const PackT xp = as_pack(x[u]);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e)
-            dot += static_cast<A>(to_acc(gp.value[e])) * static_cast<A>(to_acc(xp.value[e]));
-        }
+      if (++i == passes) {
+        i = 0;
+        ++j;
       }
     }
-    flush();
-    if (warp == 0 && next < num_tiles) mark();  // the next tile's loads have landed by now
-    __syncthreads();  // every warp's row totals are in; the tile's shared rows are consumed
-    if (warp == 0 && grad_probs != nullptr) {
 #pragma unroll
-      for (int s = 0; s < kWords; ++s) {
-        const int e = lane + 32 * s;
-        const int64_t entry = tile * tile_entries + e;
-        if (e < tile_entries && entry < total_entries) {
-          A total = A(0);
-          if (slot[s] >= 0)
-            for (int w = 0; w < kBackwardWarps; ++w) total += partial[w][slot[s]];
-          grad_probs[entry] = to_prob<P>(total);
-        }
+    for (int u = 0; u < kItems; ++u) {
+      if (item_row[u] < 0) continue;  // uniform over the block
+      if (item_row[u] != current) {
+        flush();
+        current = item_row[u];
+        dot = A(0);
+      }
+      const int64_t v = static_cast<int64_t>(item_pass[u]) * kThreads + threadIdx.x;
+      if (v >= packs) continue;
+      const A weight = tile_weight[current];
+      const PackT gp = as_pack(g[u]);
+      PackT o;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) o.value[e] = store_acc<T>(weight * static_cast<A>(to_acc(gp.value[e])));
+      destination[tile_offset[current] + v] = o;
+      if (grad_probs != nullptr) {
+        const PackT xp = as_pack(x[u]);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+          dot += static_cast<A>(to_acc(gp.value[e])) * static_cast<A>(to_acc(xp.value[e]));
       }
     }
   }
-  MOE_DEVICE_CHECK(!out_of_range, "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
-  MOE_DEVICE_CHECK(!named_twice, "moe_unpermute_backward: expanded_row_idx names a row twice");
+  flush();
+  __syncthreads();  // every warp's row totals are in
+  if (warp == 0) {
+    const int64_t entry = tile * tile_entries + lane;
+    if (grad_probs != nullptr && lane < tile_entries && entry < num_tokens * topk) {
+      const int slot = tile_slot[lane];
+      A total = A(0);
+      if (slot >= 0)
+        for (int w = 0; w < kWarps; ++w) total += partial[w][slot];
+      grad_probs[entry] = to_prob<P>(total);
+    }
+    MOE_DEVICE_CHECK(in_range, "moe_unpermute_backward: expanded_row_idx out of range [-1, rows of permuted)");
+    MOE_DEVICE_CHECK((before & bit) == 0, "moe_unpermute_backward: expanded_row_idx names a row twice");
+  }
 }
 
 // Zeroes the rows of out that the named-row bitmask does not mark (the padded
@@ -765,6 +596,22 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
       }
       return cudaGetLastError();
     }
+    // EXPERIMENT (removed before the final merge): MOE_EXT_UNPERMUTE_FWD_DECODE=tile1r2 / tile1r1 sends a
+    // decode-sized grid (too few tiles for the kernels above) of 16-byte rows of >= 256 packs, K <= 32,
+    // to the tiled kernel one token a block (one index load, the present rows' loads 2 / 1 at a time).
+    const char* decode = std::getenv("MOE_EXT_UNPERMUTE_FWD_DECODE");
+    if (decode != nullptr && use_vectors<T>(hidden_size, {permuted, out}) && row_packs >= kBlockThreads &&
+        topk >= 1 && topk <= kMaxTileTopk) {
+      const auto grid = static_cast<unsigned>(num_tokens);
+      if (std::strcmp(decode, "tile1r2") == 0) {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 2, 2><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      } else {
+        unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 1, 3><<<grid, kBlockThreads, 0, stream>>>(
+            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
+      }
+      return cudaGetLastError();
+    }
   }
   const bool vectors = use_vectors<T>(hidden_size, {permuted, out});
   const int64_t packs = vectors ? hidden_size / kVec : hidden_size;
@@ -798,83 +645,22 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
   return cudaGetLastError();
 }
 
-// Blocks of `kernel` (kBackwardThreads threads) resident on one SM of the current device, times the SMs:
-// the grid of a persistent kernel. Cached per device (the occupancy query is host-only and capture-safe).
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel) {
-  static int cached[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
-  int sms = 0;
-  int per_sm = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBackwardThreads, 0) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  const int blocks = std::max(1, sms * per_sm);
-  if (device >= 0 && device < 64) cached[device] = blocks;
-  return blocks;
-}
-
-// EXPERIMENT (issue 20 item 2, removed before the final merge): MOE_EXT_UNPERMUTE_BWD picks the backward
-// kernel for the large-row case so that one GPU run measures the variants: "tile" (default: the 4-token
-// tile kernel), "flat" (the persistent flat kernel, 4 items a thread), "flat1" (the flat kernel, one
-// tile a block: no prefetch), "flat8" (8 items a thread, >= 2 blocks per SM), "flat2" (2 items, >= 5),
-// "flat64" / "flat64x8" (tiles of 64 entries, 4 / 8 items).
-int backward_variant() {
-  const char* value = std::getenv("MOE_EXT_UNPERMUTE_BWD");
-  if (value == nullptr) return 0;  // main keeps the measured tile kernel until the H200 run decides
-  const std::string v(value);
-  if (v == "flat") return 1;
-  if (v == "flat1") return 2;
-  if (v == "flat8") return 3;
-  if (v == "flat2") return 4;
-  if (v == "flat64") return 5;
-  if (v == "flat64x8") return 6;
-  return 0;
-}
-
 template <typename T, typename P, typename IndexT>
 cudaError_t launch_backward(const T* grad_out, const T* permuted, int64_t num_rows, int64_t hidden_size,
                             const IndexT* row_idx, const P* probs, int64_t num_tokens, int64_t topk,
                             T* grad_permuted, P* grad_probs, uint32_t* named, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vectors = use_vectors<T>(hidden_size, {grad_out, permuted, grad_permuted});
-  // Measured on an H200 (bf16, docs/PERFORMANCE.md): 4 tokens a block, 2 cached packs a thread, >= 4
-  // blocks per SM beat one token a block (by 4-13%), 8 tokens a block and 4 cached packs at 2 blocks per SM.
-  constexpr int kTile = 4;
-  if (tile_applies(vectors, hidden_size / kVec, topk, num_tokens, kTile) &&
+  // The flat kernel: 256 threads, 4 items a thread, >= 3 blocks per SM (72 registers, no spill); see
+  // its comment for the measured alternatives. Small grids (decode), K > 32 and odd rows: one token a block.
+  if (tile_applies(vectors, hidden_size / kVec, topk, num_tokens, 4) &&
       hidden_size / kVec < (int64_t{1} << 31)) {  // the flat kernel counts passes over a row in int
-    const int variant = backward_variant();
-    if (variant == 0) {
-      unpermute_backward_tile_kernel<T, P, IndexT, kVec, kTile, 2, 4>
-          <<<static_cast<unsigned>(ceil_div(num_tokens, kTile)), kBackwardThreads, 0, stream>>>(
-              grad_out, permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, grad_permuted,
-              grad_probs, named);
-      return cudaGetLastError();
-    }
-    auto run = [&](auto kernel, bool persistent, int words) {
-      int64_t blocks = ceil_div(num_tokens, 32 * words / topk);
-      if (persistent) {
-        const int64_t resident = resident_blocks(kernel);
-        if (resident > 0) blocks = std::min(blocks, resident);
-      }
-      blocks = std::min<int64_t>(blocks, 0x7fffffff);
-      kernel<<<static_cast<unsigned>(blocks), kBackwardThreads, 0, stream>>>(
-          grad_out, permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, grad_permuted, grad_probs,
-          named);
-      return cudaGetLastError();
-    };
-    switch (variant) {
-      case 2: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 1>, false, 1);
-      case 3: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 8, 2, 1>, true, 1);
-      case 4: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 2, 5, 1>, true, 1);
-      case 5: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 2>, true, 2);
-      case 6: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 8, 2, 2>, true, 2);
-      default: return run(unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 4, 1>, true, 1);
-    }
+    constexpr int kThreads = 256;
+    unpermute_backward_flat_kernel<T, P, IndexT, kVec, 4, 3, kThreads>
+        <<<static_cast<unsigned>(ceil_div(num_tokens, kMaxTileTopk / topk)), kThreads, 0, stream>>>(
+            grad_out, permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, grad_permuted, grad_probs,
+            named);
+    return cudaGetLastError();
   }
   const auto blocks = static_cast<unsigned>(num_tokens);
   if (vectors) {

@@ -192,27 +192,92 @@ def padded_rows(num_rows: int, experts_per_rank: int, alignment: int) -> int:
     return -(-total // alignment) * alignment
 
 
+def _dispatch_input_problem(routed_input: Any, num_tokens_per_expert: Any, ep: int, num_experts: Optional[int],
+                            hidden_size: Optional[int]) -> Optional[Exception]:
+    """What is wrong with a dispatch's arguments that needs no tensor values (None: nothing)."""
+    for name, value in (("routed_input", routed_input), ("num_tokens_per_expert", num_tokens_per_expert)):
+        if not isinstance(value, torch.Tensor):
+            return TypeError(f"ExpertParallel: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if num_tokens_per_expert.dtype.is_floating_point or num_tokens_per_expert.dtype.is_complex \
+            or num_tokens_per_expert.dtype == torch.bool:
+        return TypeError(f"ExpertParallel: num_tokens_per_expert must be an integer tensor, got "
+                         f"{num_tokens_per_expert.dtype}")
+    expected = f"[{num_experts}] (every expert of the EP group)" if num_experts is not None else \
+        f"1-D with a multiple of the EP size {ep} entries"
+    if num_tokens_per_expert.dim() != 1 or (num_experts is not None and num_tokens_per_expert.shape[0] != num_experts) \
+            or num_tokens_per_expert.shape[0] % ep or num_tokens_per_expert.shape[0] == 0:
+        return ArgumentError(f"ExpertParallel: num_tokens_per_expert must be {expected}, got "
+                             f"{list(num_tokens_per_expert.shape)}")
+    columns = f", {hidden_size}" if hidden_size is not None else ", D"
+    if routed_input.dim() != 2 or (hidden_size is not None and routed_input.shape[1] != hidden_size):
+        return ArgumentError(f"ExpertParallel: routed_input must be [N{columns}] (rows sorted by expert), got "
+                             f"{list(routed_input.shape)}")
+    if routed_input.device != num_tokens_per_expert.device and num_tokens_per_expert.device.type != "cpu":
+        return ArgumentError(f"ExpertParallel: num_tokens_per_expert must be on routed_input's device "
+                             f"({routed_input.device}) or the CPU, got {num_tokens_per_expert.device}")
+    return None
+
+
 def dispatch_tokens(routed_input: torch.Tensor, num_tokens_per_expert: torch.Tensor, group: Any,
-                    alignment: int) -> tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
+                    alignment: int, *, num_experts: Optional[int] = None,
+                    hidden_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
     """Expert-parallel dispatch: rows sorted by global expert go to the rank owning the expert.
 
     ``routed_input`` ``[N, D]`` sorted by global expert (contiguous experts per rank),
-    ``num_tokens_per_expert`` int ``[E]`` (E = experts over the whole group). Exchanges the
-    counts (one all-to-all; the row splits then need one host read, as in the seed),
-    exchanges the rows (differentiable), and regroups them by local expert with each block
-    padded to ``alignment`` rows. Returns ``(rows [M, D], m_sizes int32 [E / ep], metadata)``.
-    Every rank enters the same two collectives whatever its counts (zero rows included).
+    ``num_tokens_per_expert`` int ``[E]`` (E = experts over the whole group, non-negative,
+    summing to N). Exchanges the counts (one all-to-all; the row splits then need one host
+    read, as in the seed), exchanges the rows (differentiable), and regroups them by local
+    expert with each block padded to ``alignment`` rows. Returns ``(rows [M, D], m_sizes
+    int32 [E / ep], metadata)``. Every rank enters the same two collectives whatever its
+    counts (zero rows included).
+
+    Bad input: with ``num_experts`` (E, the same on every rank; the styles and the
+    torchtitan dispatcher pass it) a rank whose arguments are wrong (type, shape, ``D`` !=
+    ``hidden_size`` when given, negative counts, counts not summing to N) sends counts of
+    -1 in the count exchange instead of its counts: it raises its own error naming the
+    argument, and every other rank raises ``ArgumentError`` naming the refusing rank,
+    before any row moves and with no collective added (the ranks stay in step for the next
+    call). Without ``num_experts`` a shape / type problem raises on that rank only, before
+    the exchange (the others then wait in it until the group's timeout).
     """
     ep = dfn.group_size(group)
-    if num_tokens_per_expert.dim() != 1 or num_tokens_per_expert.shape[0] % ep:
-        raise ArgumentError(f"ExpertParallel: num_tokens_per_expert must be 1-D with a multiple of the EP "
-                            f"size {ep} entries, got {list(num_tokens_per_expert.shape)}")
-    experts_per_rank = num_tokens_per_expert.shape[0] // ep
-    counts = num_tokens_per_expert.to(torch.int64)
+    if num_experts is not None:
+        num_experts = check_int("dispatch_tokens: num_experts", num_experts, minimum=ep)
+        if num_experts % ep:  # the same on every rank, so every rank raises here
+            raise ArgumentError(f"dispatch_tokens: num_experts must be a multiple of the EP size {ep}, got "
+                                f"{num_experts}")
+    if hidden_size is not None:
+        hidden_size = check_int("dispatch_tokens: hidden_size", hidden_size, minimum=1)
+    problem = _dispatch_input_problem(routed_input, num_tokens_per_expert, ep, num_experts, hidden_size)
+    if problem is not None and (num_experts is None or ep == 1):
+        raise problem
+    total_experts = num_experts if num_experts is not None else num_tokens_per_expert.shape[0]
+    experts_per_rank = total_experts // ep
+    device = routed_input.device if isinstance(routed_input, torch.Tensor) else torch.device("cpu")
     with torch.no_grad():
-        counts_group = dfn.all_to_all_single(counts.contiguous(), None, None, group) if ep > 1 else counts
-        splits = torch.stack([counts.view(ep, -1).sum(1), counts_group.view(ep, -1).sum(1)]).cpu()
-    input_splits, output_splits = splits[0].tolist(), splits[1].tolist()
+        if problem is None:
+            counts = num_tokens_per_expert.to(device=device, dtype=torch.int64)
+            own = torch.stack([counts.sum(), counts.min()])
+            refused = (own[1] < 0) | (own[0] != routed_input.shape[0])
+            sent = torch.where(refused, torch.full_like(counts, -1), counts)  # on the device: no host read here
+        else:
+            own = torch.zeros(2, dtype=torch.int64, device=device)
+            sent = torch.full((total_experts,), -1, dtype=torch.int64, device=device)
+        counts_group = dfn.all_to_all_single(sent.contiguous(), None, None, group) if ep > 1 else sent
+        by_rank = counts_group.view(ep, experts_per_rank)
+        host = torch.cat([own, sent.view(ep, -1).sum(1), by_rank.sum(1), by_rank.amin(1)]).cpu().tolist()
+    own_sum, own_min = host[0], host[1]
+    input_splits, output_splits, arrived_min = host[2:2 + ep], host[2 + ep:2 + 2 * ep], host[2 + 2 * ep:]
+    if problem is not None:
+        raise problem
+    if own_min < 0 or own_sum != routed_input.shape[0]:
+        raise ArgumentError(f"ExpertParallel: num_tokens_per_expert must be non-negative counts summing to "
+                            f"routed_input's {routed_input.shape[0]} rows, got sum {own_sum}, smallest {own_min}")
+    refusing = [rank for rank, smallest in enumerate(arrived_min) if smallest < 0]
+    if refusing:
+        raise ArgumentError(f"ExpertParallel: EP group rank{'s' if len(refusing) > 1 else ''} "
+                            f"{', '.join(map(str, refusing))} refused {'their' if len(refusing) > 1 else 'its'} "
+                            f"dispatch input (the error there names the argument); no rows were exchanged")
     arrived = dfn.all_to_all_single(routed_input.contiguous(), output_splits, input_splits, group)
     grouped = group_by_local_expert(arrived, counts_group, experts_per_rank, ep, alignment,
                                     padded_rows(arrived.shape[0], experts_per_rank, alignment))
@@ -264,6 +329,21 @@ def _distribute_with_hooks(style: str, module: nn.Module, mesh: DeviceMesh, part
     module.register_forward_pre_hook(pre_hook)
     module.register_forward_hook(forward_hook)
     return module
+
+
+def _global_experts(module: nn.Module) -> Optional[int]:
+    """E over the whole EP group: dim 0 of the (DTensor, global-shaped) ``w1``, else ``num_experts``."""
+    weight = getattr(module, "w1", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+        return int(weight.shape[0])
+    experts = getattr(module, "num_experts", None)
+    return experts if isinstance(experts, int) else None
+
+
+def _hidden_size(module: nn.Module) -> Optional[int]:
+    """D of the rows the experts take (dim 2 of ``w1 [E, hidden, D]``), or None if the module has no w1."""
+    weight = getattr(module, "w1", None)
+    return int(weight.shape[2]) if isinstance(weight, torch.Tensor) and weight.dim() == 3 else None
 
 
 def _check_mesh(style: str, mesh: DeviceMesh, ndim: int) -> None:
@@ -332,7 +412,8 @@ class ExpertParallel(ParallelStyle):
     def _dispatch(self, module, inputs, mesh) -> tuple[tuple, DispatchMetadata]:
         routed_input, num_tokens_per_expert = inputs
         rows, counts, metadata = dispatch_tokens(routed_input, num_tokens_per_expert, mesh.get_group(),
-                                                 self.alignment)
+                                                 self.alignment, num_experts=_global_experts(module),
+                                                 hidden_size=_hidden_size(module))
         return (rows, counts), metadata
 
     def _combine(self, module, routed_output, metadata: DispatchMetadata, mesh):

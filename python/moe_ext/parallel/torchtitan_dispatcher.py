@@ -92,7 +92,8 @@ class MoeExtTokenDispatcher(BaseEPTokenDispatcher):
                                               expert_parallel=None)
             return permuted, num_local_tokens_per_expert_E, metadata
         rows, counts, ep_metadata = dispatch_tokens(permuted, num_local_tokens_per_expert_E,
-                                                    self.ep_mesh.get_group(), self.alignment)
+                                                    self.ep_mesh.get_group(), self.alignment,
+                                                    num_experts=self.num_experts)
         metadata = MoeExtDispatchMetadata(expanded_row_idx=expanded_row_idx, topk_scores=topk_scores_TK,
                                           expert_parallel=ep_metadata)
         return rows, counts, metadata
