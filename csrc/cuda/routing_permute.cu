@@ -4,9 +4,11 @@
 // keys: a radix sort over 32 bits would be wasted work), stable because every
 // warp walks its own contiguous segment of rows in order, 32 rows a step,
 // ranking equal keys inside a step with __match_any_sync:
-//   - decode sizes (<= 2048 routed rows, with a row to copy): index AND copy in
+//   - decode sizes (<= 1024 routed rows, with a row to copy): index AND copy in
 //     one launch - every block builds the whole index in shared memory, block 0
 //     writes it, each block copies its share of the valid rows;
+//   - 1025-2048 rows: the one-launch permute (routing_permute_onepass.cu;
+//     routing_geometry.h onepass_preferred has the measurements);
 //   - <= kSingleBlockRows rows: one block counts per warp, scans, places;
 //   - larger inputs: count per block -> scan (one block: a coalesced scan of
 //     each expert's row of the [experts][blocks] table for large tables) ->
@@ -426,7 +428,7 @@ row_copy_kernel(const uint8_t* __restrict__ hidden, int64_t num_rows, int64_t to
   copy_row(source, destination, lane, threads_per_row_, vectors_per_row);
 }
 
-// Decode sizes (<= kFusedDecodeRows routed rows): index and copy in ONE launch.
+// Decode sizes (<= kFusedDecodeOnlyRows routed rows): index and copy in ONE launch.
 // Every block builds the whole stable index itself (the single-block kernel's
 // count / scan / place, into shared memory: a few KB of ids, L2 hits after the
 // first block), block 0 writes expanded_row_idx and expert_tokens, and each
