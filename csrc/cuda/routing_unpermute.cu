@@ -5,8 +5,9 @@
 // deterministic, no atomics, and rows no index names (the unwritten tail of
 // moe_permute) are never read. Large rows: tiles of 4 or 8 tokens a block,
 // one index step per tile, a token with no row here writes only zeros (under
-// expert parallelism most tokens; memset speed). Small grids (decode) and
-// K > 32: one thread group per token, rows split over grid.y.
+// expert parallelism most tokens; memset speed); decode grids of >= 128
+// tokens: the same kernel one token a block. Fewer tokens, K > 32 and odd
+// rows: one thread group per token, rows split over grid.y.
 //
 // Backward: a bitmask of named rows (memset, then atomicOr per entry) refuses
 // a row named twice (device assert); grad_permuted[row] = probs[t,k] *
@@ -18,8 +19,6 @@
 // unspecified, like moe_permute's tail: see docs/DESIGN.md), except in the
 // padded layout of an aligned moe_permute, where they are zeroed.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/device_check.cuh"
@@ -38,6 +37,9 @@ constexpr int kBackwardThreads = 256;
 constexpr int kHoistedRows = 8;
 constexpr int64_t kSmallGridBlocks = 256;
 constexpr int64_t kMinUnpermuteBlocks = 1024;  // ~8 blocks per SM of an H100
+// Forward: a decode grid of at least this many tokens runs one token a block (about one block per SM of an
+// H100/H200 and more; measured better at T=256, worse at T=16, the threshold between is a judgment).
+constexpr int64_t kDecodeTileMinTokens = 128;
 
 template <typename P, typename A>
 __device__ __forceinline__ P to_prob(A value) {
@@ -596,20 +598,17 @@ cudaError_t launch_forward(const T* permuted, int64_t num_rows, int64_t hidden_s
       }
       return cudaGetLastError();
     }
-    // EXPERIMENT (removed before the final merge): MOE_EXT_UNPERMUTE_FWD_DECODE=tile1r2 / tile1r1 sends a
-    // decode-sized grid (too few tiles for the kernels above) of 16-byte rows of >= 256 packs, K <= 32,
-    // to the tiled kernel one token a block (one index load, the present rows' loads 2 / 1 at a time).
-    const char* decode = std::getenv("MOE_EXT_UNPERMUTE_FWD_DECODE");
-    if (decode != nullptr && use_vectors<T>(hidden_size, {permuted, out}) && row_packs >= kBlockThreads &&
-        topk >= 1 && topk <= kMaxTileTopk) {
-      const auto grid = static_cast<unsigned>(num_tokens);
-      if (std::strcmp(decode, "tile1r2") == 0) {
-        unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 2, 2><<<grid, kBlockThreads, 0, stream>>>(
-            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
-      } else {
-        unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 1, 3><<<grid, kBlockThreads, 0, stream>>>(
-            permuted, num_rows, hidden_size, row_idx, probs, num_tokens, topk, out);
-      }
+    // Decode-sized grids (too few tiles for the kernels above) of >= kDecodeTileMinTokens tokens: the
+    // tiled kernel one token a block (one index load, then the present rows, one at a time, 4 packs a
+    // thread). Measured on an H200 (bf16, H=7168 K=8 E=256): T=256 EP 8 4.9 vs 7.6 µs for the row-split
+    // kernel below (floor 3.5), EP 1 10.6 vs 13.0 (floor 9.8); two rows in flight were slower (5.2, 11.0).
+    // At T=16 the row-split kernel stays: one token a block leaves most SMs idle and reads a token's K
+    // rows one after another (EP 1: 6.8 vs 3.9 µs; EP 8: 2.9 vs 3.2).
+    if (num_tokens >= kDecodeTileMinTokens && use_vectors<T>(hidden_size, {permuted, out}) &&
+        row_packs >= kBlockThreads && topk >= 1 && topk <= kMaxTileTopk) {
+      unpermute_tile_kernel<T, P, IndexT, kVec, 1, 4, 1, 3><<<static_cast<unsigned>(num_tokens), kBlockThreads, 0,
+                                                             stream>>>(permuted, num_rows, hidden_size, row_idx,
+                                                                       probs, num_tokens, topk, out);
       return cudaGetLastError();
     }
   }
