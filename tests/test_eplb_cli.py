@@ -192,3 +192,17 @@ def test_unknown_or_abbreviated_flags_are_refused_with_the_commands_usage(tmp_pa
     with pytest.raises(SystemExit):
         main(["eplb", loads, "--replicas", "24", "--gpu", "8"])
     assert "required: --gpus" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`moe-ext eplb ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "sglang_logical_count.json"
+    command = (f"{sys.executable} -c 'from moe_ext.cli import main; raise SystemExit(main())' eplb {example} "
+               "--replicas 24 --gpus 8 --nodes 2 --groups 4 | head -c 1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.stdout  # head got its byte

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from typing import Sequence
 
 COMMANDS = ["info", "eplb", "demo"]
@@ -61,4 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # bare `moe-ext`: the help, not an error
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`moe-ext eplb ... | head`): stop quietly, like other
+        # command-line tools, instead of a traceback. stdout is pointed at devnull so
+        # the interpreter's final flush cannot raise again (the Python docs' recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

@@ -586,8 +586,12 @@ class MoELayer(nn.Module):
                 # One host read: an id outside the experts would otherwise index the placement tables out of range.
                 low, high = (int(v) for v in torch.stack([topk_ids.min(), topk_ids.max()]).tolist())
                 if low < 0 or high >= num_experts:
+                    # -1 ("no expert", engines' padding) is taken by the routing ops, not by the layer: its
+                    # placement lookup, load recorder and comm methods need a real expert per slot.
+                    hint = (" (-1 padding is not taken by the layer: leave padded tokens out, or give their slots "
+                            "any valid id with topk_weights 0)" if low == -1 else "")
                     return ArgumentError(f"MoELayer: topk_ids must be logical expert ids in [0, {num_experts}), got "
-                                         f"values in [{low}, {high}]")
+                                         f"values in [{low}, {high}]{hint}")
         return None
 
     def _weights_problem(self) -> Optional[Exception]:
