@@ -146,29 +146,27 @@ __device__ __forceinline__ void write_expert_tokens(int64_t* expert_tokens, int6
   expert_tokens[e] = cumulative ? prefix + count : count;
 }
 
-// Decode sizes: count, scan and place in one block.
+// One block indexes rows [0, rows): counts them per warp into counters
+// ([warps][range]), scans the expert totals and turns each expert's per-warp
+// counters into the warps' first positions (expert-major, then warp order);
+// block 0 writes expert_tokens. Returns the number of placed rows. Ends with a
+// barrier, so the block can place its rows from counters next. Shared by the
+// one-block index kernel and the fused decode permute.
 template <typename IdT, typename MapT>
-__global__ void __launch_bounds__(kSingleBlockThreads)
-single_block_index_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
-                          int warps, int64_t num_experts, int64_t start, int32_t range,
-                          bool cumulative, int64_t* __restrict__ expert_tokens,
-                          int32_t* __restrict__ expanded_row_idx) {
+__device__ long long block_first_positions(const IdT* ids, const MapT* map, int64_t rows, int64_t warp_rows,
+                                           int warps, int64_t num_experts, int64_t start, int32_t range,
+                                           bool cumulative, int64_t* expert_tokens, int32_t* counters) {
   using BlockScan = cub::BlockScan<long long, kSingleBlockThreads>;
   __shared__ typename BlockScan::TempStorage temp;
-  extern __shared__ int32_t counters[];  // [warps][range]
-  const int64_t warp_rows = rows_per_warp(rows, warps);
   count_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters);
-
-  // Exclusive scan of the expert totals; each expert's per-warp counters
-  // become the warps' first positions (expert-major, then warp order).
   const int64_t per_thread = ceil_div(range, kSingleBlockThreads);
   const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
   const int64_t last = std::min<int64_t>(range, first + per_thread);
   long long local_sum = 0;
   for (int64_t e = first; e < last; ++e)
     for (int w = 0; w < warps; ++w) local_sum += counters[w * range + e];
-  long long prefix = 0;
-  BlockScan(temp).ExclusiveSum(local_sum, prefix);
+  long long prefix = 0, valid = 0;
+  BlockScan(temp).ExclusiveSum(local_sum, prefix, valid);
   for (int64_t e = first; e < last; ++e) {
     long long run = prefix;
     for (int w = 0; w < warps; ++w) {
@@ -176,10 +174,24 @@ single_block_index_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ 
       counters[w * range + e] = static_cast<int32_t>(run);
       run += count;
     }
-    write_expert_tokens(expert_tokens, e, prefix, run - prefix, cumulative);
+    if (blockIdx.x == 0) write_expert_tokens(expert_tokens, e, prefix, run - prefix, cumulative);
     prefix = run;
   }
   __syncthreads();
+  return valid;
+}
+
+// Decode sizes: count, scan and place in one block.
+template <typename IdT, typename MapT>
+__global__ void __launch_bounds__(kSingleBlockThreads)
+single_block_index_kernel(const IdT* __restrict__ ids, const MapT* __restrict__ map, int64_t rows,
+                          int warps, int64_t num_experts, int64_t start, int32_t range,
+                          bool cumulative, int64_t* __restrict__ expert_tokens,
+                          int32_t* __restrict__ expanded_row_idx) {
+  extern __shared__ int32_t counters[];  // [warps][range]
+  const int64_t warp_rows = rows_per_warp(rows, warps);
+  block_first_positions(ids, map, rows, warp_rows, warps, num_experts, start, range, cumulative, expert_tokens,
+                        counters);
   place_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters,
                    expanded_row_idx);
 }
@@ -451,32 +463,12 @@ decode_permute_kernel(const uint8_t* __restrict__ hidden, int64_t vectors_per_ro
                       int64_t* __restrict__ expert_tokens, int32_t* __restrict__ expanded_row_idx,
                       uint8_t* __restrict__ permuted) {
   using V = typename Unit<kBytes>::type;
-  using BlockScan = cub::BlockScan<long long, kSingleBlockThreads>;
-  __shared__ typename BlockScan::TempStorage temp;
   __shared__ int32_t position[kFusedDecodeRows];
   __shared__ int32_t source_token[kFusedDecodeRows];
   extern __shared__ int32_t counters[];  // [warps][range]
   const int64_t warp_rows = rows_per_warp(rows, warps);
-  count_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters);
-  const int64_t per_thread = ceil_div(range, kSingleBlockThreads);
-  const int64_t first = std::min<int64_t>(range, threadIdx.x * per_thread);
-  const int64_t last = std::min<int64_t>(range, first + per_thread);
-  long long local_sum = 0;
-  for (int64_t e = first; e < last; ++e)
-    for (int w = 0; w < warps; ++w) local_sum += counters[w * range + e];
-  long long prefix = 0, valid = 0;
-  BlockScan(temp).ExclusiveSum(local_sum, prefix, valid);
-  for (int64_t e = first; e < last; ++e) {
-    long long run = prefix;
-    for (int w = 0; w < warps; ++w) {
-      const int32_t count = counters[w * range + e];
-      counters[w * range + e] = static_cast<int32_t>(run);
-      run += count;
-    }
-    if (blockIdx.x == 0) write_expert_tokens(expert_tokens, e, prefix, run - prefix, cumulative);
-    prefix = run;
-  }
-  __syncthreads();
+  const long long valid = block_first_positions(ids, map, rows, warp_rows, warps, num_experts, start, range,
+                                                cumulative, expert_tokens, counters);
   place_block_rows(ids, map, 0, rows, warp_rows, warps, num_experts, start, range, counters, position);
   __syncthreads();
   for (int64_t f = threadIdx.x; f < rows; f += blockDim.x) {
